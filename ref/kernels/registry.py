@@ -16,6 +16,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
 # preset name -> op name -> implementation name (ops a preset leaves out use "reference")
 PRESETS: dict[str, dict[str, str]] = {
     "reference": {},
+    # the loss ops chunked over tokens: never the full [tokens x vocab] logits (ref/kernels/cross_entropy.py, kl.py)
+    "chunked": {"linear_cross_entropy": "chunked", "linear_kl": "chunked"},
 }
 
 

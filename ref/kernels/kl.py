@@ -1,0 +1,119 @@
+"""Linear + forward KL from the original model to the current one: the utility term of the unlearning loss.
+
+    log p_orig = log_softmax(ref_hidden @ weight^T)           (N, V), float32; the original model, a constant
+    log p_cur  = log_softmax(hidden @ weight^T)               (N, V), float32; the model being trained
+    kl_i       = sum_v p_orig(v) (log p_orig(v) - log p_cur(v))
+    loss       = sum_{i: mask_i} kl_i / n_masked   ("mean")    or    sum_{i: mask_i} kl_i   ("sum")
+
+hidden (N, D) are the current model's final-normed hidden states at response positions (requires grad); ref_hidden
+(N, D) the original model's at the same positions (the same 4-bit base with adapters off, under no_grad); weight (V, D)
+the lm_head weight, shared by both because the lm_head is not adapted. mask (N,) bool, True for tokens that count, or
+None for all. The original distribution is a target, not a path for gradients: nothing flows into ref_hidden, and
+the weight gets gradient only through the current logits.
+
+Averaging: "mean" is per token, over all masked tokens of the batch, the same rule as the NLL terms in
+`cross_entropy.py`; an empty mask gives 0 with zero gradients.
+
+Exactly 0 at identical inputs: both log-softmaxes are computed by the same code on logits from the same matmul of
+same-shaped float32 operands, so equal hidden states give bitwise-equal log-probabilities and every term
+p * (a - a) is exactly 0 (what "KL = 0 at step 0" of training relies on).
+
+Gradient with respect to the current logits z_i (p_orig fixed, sum_v p_orig = 1):
+    d kl_i / d z_i = softmax(z_i) - p_orig_i
+The `chunked` implementation computes that, and from it d/d hidden and d/d weight, in the forward pass chunk by chunk
+(the same store-gradients design as `linear_cross_entropy_chunked`, see there for why); backward scales by the
+upstream scalar.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ref.kernels.cross_entropy import LossInputError, check_linear_inputs, default_chunk_rows
+from ref.kernels.registry import register
+
+
+def check_kl_inputs(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor,
+                    mask: torch.Tensor | None, reduction: str) -> None:
+    check_linear_inputs("linear_kl", hidden, weight, reduction)
+    if ref_hidden.shape != hidden.shape:
+        raise LossInputError(f"linear_kl: ref_hidden must have hidden's shape {tuple(hidden.shape)}, "
+                             f"got {tuple(ref_hidden.shape)}")
+    if mask is not None and (mask.shape != hidden.shape[:1] or mask.dtype != torch.bool):
+        raise LossInputError(f"linear_kl: mask must be a bool tensor of shape (N={hidden.shape[0]},), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+@register("linear_kl", "reference")
+def linear_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor,
+              mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """hidden, ref_hidden (N, D), weight (V, D), mask (N,) bool or None -> scalar float32 KL(p_orig || p_cur)."""
+    check_kl_inputs(hidden, ref_hidden, weight, mask, reduction)
+    if mask is not None:
+        hidden, ref_hidden = hidden[mask], ref_hidden[mask]  # (M, D): only the tokens that count
+    with torch.no_grad():  # the original model is a fixed target
+        ref_logprobs = torch.log_softmax(ref_hidden.float() @ weight.float().T, dim=-1)  # (M, V)
+    cur_logprobs = torch.log_softmax(hidden.float() @ weight.float().T, dim=-1)  # (M, V)
+    per_token = (ref_logprobs.exp() * (ref_logprobs - cur_logprobs)).sum(-1)  # (M,)
+    total = per_token.sum()
+    return total if reduction == "sum" else total / max(hidden.shape[0], 1)
+
+
+class ChunkedLinearKL(torch.autograd.Function):
+    """Forward computes the KL and, when asked, d/d hidden and d/d weight chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, ref_hidden, weight, mask, reduction, chunk_size, need_hidden_grad, need_weight_grad):
+        n = hidden.shape[0]
+        rows = torch.arange(n, device=hidden.device) if mask is None else mask.nonzero().squeeze(1)  # (M,)
+        x = hidden[rows].float()  # (M, D) current
+        r = ref_hidden[rows].float()  # (M, D) original; a fresh copy like x, so both matmuls see alike operands
+        w = weight.detach().float()  # (V, D)
+        n_valid = x.shape[0]
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_x = torch.zeros_like(x) if need_hidden_grad else None  # (M, D)
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_weight_grad else None  # (V, D)
+        for start in range(0, n_valid, chunk_size):
+            xc, rc = x[start:start + chunk_size], r[start:start + chunk_size]  # (C, D) each
+            ref_logprobs = torch.log_softmax(rc @ w.T, dim=-1)  # (C, V)
+            cur_logprobs = torch.log_softmax(xc @ w.T, dim=-1)  # (C, V)
+            ref_probs = ref_logprobs.exp()  # (C, V)
+            total += (ref_probs * (ref_logprobs - cur_logprobs)).sum()
+            if grad_x is None and grad_w is None:
+                continue
+            del ref_logprobs  # free one (C, V) block before building the gradient
+            grad_logits = cur_logprobs.exp_().sub_(ref_probs).mul_(scale)  # (C, V) (p_cur - p_orig) * scale
+            if grad_x is not None:
+                grad_x[start:start + chunk_size] = grad_logits @ w  # (C, D)
+            if grad_w is not None:
+                grad_w.addmm_(grad_logits.T, xc)  # (V, D)
+
+        if grad_x is not None:  # back to all N rows: unmasked rows get exactly zero gradient
+            full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # (N, D)
+            grad_x = full.index_copy_(0, rows, grad_x.to(hidden.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        ctx.save_for_backward(grad_x, grad_w)
+        return total * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        grad_hidden = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)
+        grad_weight = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        return grad_hidden, None, grad_weight, None, None, None, None, None
+
+
+@register("linear_kl", "chunked")
+def linear_kl_chunked(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor,
+                      mask: torch.Tensor | None = None, reduction: str = "mean",
+                      chunk_size: int | None = None) -> torch.Tensor:
+    """Same contract as `linear_kl`; never builds more than (chunk_size, V) logits of either model at a time."""
+    check_kl_inputs(hidden, ref_hidden, weight, mask, reduction)
+    chunk_size = chunk_size or default_chunk_rows(weight.shape[0])
+    grad_on = torch.is_grad_enabled()  # ctx.needs_input_grad ignores grad mode
+    return ChunkedLinearKL.apply(hidden, ref_hidden.detach(), weight, mask, reduction, chunk_size,
+                                 grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
