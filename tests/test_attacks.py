@@ -104,7 +104,8 @@ def test_figstep_falls_back_to_default_font_with_warning(tmp_path):
 
 def test_figstep_requires_instruction_column(tmp_path):
     path = write_csv(tmp_path / "sb.csv", ["question"], [["How?"]])
-    with pytest.raises(SuiteError, match=r"sb.csv: missing column\(s\) \['instruction'\]; columns found: \['question'\]"):
+    expected = r"sb.csv: missing column\(s\) \['instruction'\]; columns found: \['question'\]"
+    with pytest.raises(SuiteError, match=expected):
         load_figstep(path)
 
 

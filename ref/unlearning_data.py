@@ -1,0 +1,259 @@
+"""Unlearning data: a JSONL schema, a strict reader, converters from PKU-SafeRLHF and TruthfulQA, and a writer.
+
+Schema: one JSON object per line, with a "kind" and no other keys than those listed (a misspelt key is an error).
+
+    {"kind": "harmful", "prompt": str, "harmful_response": str | null, "helpful_response": str | null,
+     "image": str (optional)}
+    {"kind": "normal", "prompt": str, "response": str, "image": str (optional)}
+
+- harmful: a harmful prompt with the unsafe answer to unlearn (gradient ascent, L_harm) and a safe, helpful answer to
+  match (L_helpful_match). Either response may be null when the source has none, but not both: the trainer uses a
+  record in the terms whose response it has.
+- normal: ordinary data whose output distribution must not move (L_utility, the KL to the original model).
+- image: a path relative to the JSONL file's folder, for multimodal baselines; text-only unlearning ignores it. The
+  reader checks that the file exists and returns it as an absolute path.
+
+Converters:
+
+- PKU-SafeRLHF rows carry two responses, each labelled safe or unsafe (`is_response_{0,1}_safe`). A row gives one
+  harmful record, "as far as it goes":
+    one unsafe + one safe  -> harmful_response = the unsafe one, helpful_response = the safe one
+    both unsafe            -> harmful_response = the less safe one (the one that is not `safer_response_id`),
+                              helpful_response = null (no safe answer to match)
+    both safe              -> harmful_response = null (nothing to unlearn), helpful_response = the safer one
+                              (`safer_response_id`)
+  `pairs_only=True` (CLI: --pairs-only) keeps only the first case.
+- TruthfulQA rows: (Question, Best Answer) -> a normal record.
+
+Command line (writes harmful records first, then normal ones, and prints the counts):
+
+    python -m ref.unlearning_data --pku pku.jsonl --truthfulqa truthfulqa.csv --out unlearning.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from ref.attacks import SuiteError, load_truthfulqa
+
+
+class UnlearningDataError(ValueError):
+    """A malformed unlearning data file or source row; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class HarmfulRecord:
+    prompt: str
+    harmful_response: str | None       # to unlearn (gradient ascent)
+    helpful_response: str | None       # to match (the safe answer to the same prompt)
+    image: str | None = None
+    kind: str = "harmful"
+
+
+@dataclass(frozen=True)
+class NormalRecord:
+    prompt: str
+    response: str
+    image: str | None = None
+    kind: str = "normal"
+
+
+Record = HarmfulRecord | NormalRecord
+
+# kind -> (required keys besides "kind", keys whose value may be null)
+SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "harmful": (("prompt", "harmful_response", "helpful_response"), ("harmful_response", "helpful_response")),
+    "normal": (("prompt", "response"), ()),
+}
+OPTIONAL_KEYS = ("image",)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+
+def _parse_record(obj: object, where: str, folder: Path) -> Record:
+    if not isinstance(obj, dict):
+        raise UnlearningDataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind not in SCHEMA:
+        raise UnlearningDataError(f"{where}: unknown kind {kind!r}; expected one of {sorted(SCHEMA)}")
+    required, nullable = SCHEMA[kind]
+    missing = [key for key in required if key not in obj]
+    if missing:
+        raise UnlearningDataError(f"{where}: {kind} record missing field(s) {missing}")
+    unknown = sorted(set(obj) - set(required) - set(OPTIONAL_KEYS) - {"kind"})
+    if unknown:
+        raise UnlearningDataError(f"{where}: unknown field(s) {unknown} in a {kind} record; "
+                                  f"allowed: {['kind', *required, *OPTIONAL_KEYS]}")
+    for key in (*required, *OPTIONAL_KEYS):
+        value = obj.get(key)
+        if value is None and (key in nullable or key in OPTIONAL_KEYS):
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise UnlearningDataError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    if kind == "harmful" and obj["harmful_response"] is None and obj["helpful_response"] is None:
+        raise UnlearningDataError(f"{where}: harmful record has neither a harmful_response nor a helpful_response")
+    image = obj.get("image")
+    if image is not None:
+        image_path = (folder / image).resolve()
+        if not image_path.is_file():
+            raise UnlearningDataError(f"{where}: image {image!r} not found ({image_path})")
+        image = str(image_path)
+    fields = {key: obj[key] for key in required}
+    return HarmfulRecord(**fields, image=image) if kind == "harmful" else NormalRecord(**fields, image=image)
+
+
+def read_unlearning_jsonl(path: str | Path) -> list[Record]:
+    """All records of an unlearning JSONL file, in file order; blank lines are skipped, anything else malformed is an
+    error naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UnlearningDataError(f"{path}: cannot read: {err}") from err
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UnlearningDataError(f"{where}: not valid JSON: {err}") from err
+        records.append(_parse_record(obj, where, path.parent))
+    if not records:
+        raise UnlearningDataError(f"{path}: no records")
+    return records
+
+
+def split_records(records: Iterable[Record]) -> tuple[list[HarmfulRecord], list[NormalRecord]]:
+    records = list(records)
+    return ([r for r in records if isinstance(r, HarmfulRecord)], [r for r in records if isinstance(r, NormalRecord)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+def record_to_dict(record: Record) -> dict:
+    """The record as its JSON object: "kind" first, "image" only when set (paths are written as given)."""
+    if isinstance(record, HarmfulRecord):
+        obj = {"kind": "harmful", "prompt": record.prompt, "harmful_response": record.harmful_response,
+               "helpful_response": record.helpful_response}
+    else:
+        obj = {"kind": "normal", "prompt": record.prompt, "response": record.response}
+    if record.image is not None:
+        obj["image"] = record.image
+    return obj
+
+
+def write_unlearning_jsonl(records: Iterable[Record], path: str | Path) -> int:
+    """Write records one per line (UTF-8, non-ASCII kept); returns how many were written."""
+    path = Path(path)
+    lines = [json.dumps(record_to_dict(record), ensure_ascii=False) for record in records]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Converters
+
+PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe", "safer_response_id")
+
+
+def pku_row_to_record(row: dict, where: str) -> HarmfulRecord:
+    """One PKU-SafeRLHF row -> one harmful record, as far as its safety labels go (see the module docstring)."""
+    missing = [key for key in PKU_FIELDS if key not in row]
+    if missing:
+        raise UnlearningDataError(f"{where}: PKU-SafeRLHF row missing field(s) {missing}")
+    responses = (row["response_0"], row["response_1"])
+    is_safe = (row["is_response_0_safe"], row["is_response_1_safe"])
+    safer = row["safer_response_id"]
+    if not all(isinstance(flag, bool) for flag in is_safe) or safer not in (0, 1):
+        raise UnlearningDataError(f"{where}: is_response_*_safe must be true/false and safer_response_id 0 or 1, "
+                                  f"got {is_safe}, {safer!r}")
+    if is_safe[0] != is_safe[1]:                  # one unsafe, one safe: the full pair
+        unsafe_index = is_safe.index(False)
+        return HarmfulRecord(row["prompt"], responses[unsafe_index], responses[1 - unsafe_index])
+    if not is_safe[0]:                            # both unsafe: unlearn the less safe one, nothing to match
+        return HarmfulRecord(row["prompt"], responses[1 - safer], None)
+    return HarmfulRecord(row["prompt"], None, responses[safer])   # both safe: match the safer one, nothing to unlearn
+
+
+def pku_saferlhf_to_records(path: str | Path, max_samples: int | None = None,
+                            pairs_only: bool = False) -> list[HarmfulRecord]:
+    """Harmful records from a PKU-SafeRLHF JSONL (the data set's own schema), in file order.
+
+    `max_samples` counts records kept (after `pairs_only` filtering).
+    """
+    path = Path(path)
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise UnlearningDataError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UnlearningDataError(f"{path}: cannot read: {err}") from err
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if max_samples is not None and len(records) >= max_samples:
+            break
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UnlearningDataError(f"{where}: not valid JSON: {err}") from err
+        if not isinstance(row, dict):
+            raise UnlearningDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        record = pku_row_to_record(row, where)
+        if pairs_only and (record.harmful_response is None or record.helpful_response is None):
+            continue
+        records.append(record)
+    if not records:
+        raise UnlearningDataError(f"{path}: no usable PKU-SafeRLHF rows" + (" (pairs_only)" if pairs_only else ""))
+    return records
+
+
+def truthfulqa_to_records(path: str | Path, max_samples: int | None = None) -> list[NormalRecord]:
+    """Normal records from TruthfulQA: prompt = Question, response = Best Answer."""
+    try:
+        pairs = load_truthfulqa(path, max_samples)
+    except SuiteError as err:
+        raise UnlearningDataError(str(err)) from err
+    return [NormalRecord(pair.question, pair.answer) for pair in pairs]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ref.unlearning_data",
+                                     description="Build an unlearning JSONL from PKU-SafeRLHF and TruthfulQA.")
+    parser.add_argument("--pku", required=True, type=Path, help="PKU-SafeRLHF JSONL (harmful records)")
+    parser.add_argument("--truthfulqa", required=True, type=Path, help="TruthfulQA CSV (normal records)")
+    parser.add_argument("--out", required=True, type=Path, help="output JSONL")
+    parser.add_argument("--max-pku", type=int, default=None, help="keep the first N harmful records")
+    parser.add_argument("--max-truthfulqa", type=int, default=None, help="keep the first N normal records")
+    parser.add_argument("--pairs-only", action="store_true",
+                        help="keep only PKU rows with both an unsafe and a safe response")
+    args = parser.parse_args(argv)
+    try:
+        harmful = pku_saferlhf_to_records(args.pku, args.max_pku, args.pairs_only)
+        normal = truthfulqa_to_records(args.truthfulqa, args.max_truthfulqa)
+    except UnlearningDataError as err:
+        parser.error(str(err))
+    written = write_unlearning_jsonl([*harmful, *normal], args.out)
+    full = sum(r.harmful_response is not None and r.helpful_response is not None for r in harmful)
+    ascent_only = sum(r.helpful_response is None for r in harmful)
+    print(f"wrote {written} records to {args.out}: {len(harmful)} harmful ({full} full pairs, {ascent_only} "
+          f"harmful-only, {len(harmful) - full - ascent_only} helpful-only), {len(normal)} normal")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
