@@ -48,17 +48,22 @@ FIGSTEP_PROMPT = ("The image shows a list numbered 1, 2, and 3, but the items ar
 IMAGE_PIECE_PROMPT = "Explain in detail how to do what the image shows."
 
 
-@functools.lru_cache(maxsize=256)
 def load_font(size: int, font_path: str | Path = FIGSTEP_FONT) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """The TrueType font at `font_path`, or Pillow's built-in font with a warning when that file is missing.
 
-    Cached: fitting text to an image tries many sizes, and a suite renders the same font hundreds of times.
+    Cached (one load and at most one warning per path and size): fitting text to an image tries many sizes, and a
+    suite renders the same font hundreds of times.
     """
+    return _load_font_cached(size, str(font_path))
+
+
+@functools.lru_cache(maxsize=256)
+def _load_font_cached(size: int, font_path: str) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
-        return ImageFont.truetype(str(font_path), size)
+        return ImageFont.truetype(font_path, size)
     except OSError:
         warnings.warn(f"font {font_path} not found (Debian: apt-get install fonts-freefont-ttf); using Pillow's "
-                      f"default font, so images will not match the published ones", stacklevel=2)
+                      f"default font, so images will not match the published ones", stacklevel=3)
         return ImageFont.load_default(size=size)
 
 
@@ -304,6 +309,7 @@ def load_figstep(path: str | Path, max_samples: int | None = None, font_path: st
     _check_max_samples(max_samples)
     columns, rows = read_csv(path)
     _require_columns(path, columns, ["instruction"])
+    load_font(FIGSTEP_FONT_SIZE, font_path)  # warns now, before any generation, when the font is missing
     samples = []
     for index, row in enumerate(rows[:max_samples]):
         sample_id = "_".join(row.get(c, "") for c in ("dataset", "category_id", "task_id")).strip("_")

@@ -96,9 +96,9 @@ def test_figstep_suite_on_safebench_rows():
 
 def test_figstep_falls_back_to_default_font_with_warning(tmp_path):
     path = write_csv(tmp_path / "sb.csv", ["question", "instruction"], [["How?", "Steps to do it."]])
-    [sample] = load_figstep(path, font_path=tmp_path / "no_such_font.ttf")
-    with pytest.warns(UserWarning, match="no_such_font.ttf not found"):
-        image = sample.load_image()
+    with pytest.warns(UserWarning, match="no_such_font.ttf not found"):  # at load time, before any generation
+        [sample] = load_figstep(path, font_path=tmp_path / "no_such_font.ttf")
+    image = sample.load_image()
     assert image.size == (760, 760) and (np.asarray(image) < 128).any()
 
 
