@@ -150,7 +150,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupted?): {err}") from err
 
 
-def _read_index(index_file: Path) -> dict[str, str]:
+def read_index(index_file: Path) -> dict[str, str]:
     try:
         index = json.loads(index_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -166,7 +166,7 @@ def read_headers(folder: str | Path) -> dict[str, TensorInfo]:
     folder = Path(folder)
     index_file, single_file = folder / INDEX_FILE, folder / SINGLE_FILE
     if index_file.is_file():
-        weight_map = _read_index(index_file)
+        weight_map = read_index(index_file)
         infos: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
             path = folder / shard
@@ -274,23 +274,32 @@ def open_checkpoint(path: str | Path, vision_dir: str | Path | None = None,
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (no such directory)")
     config = load_config(folder, vision_dir)  # ConfigError (a ValueError) for a missing or bad config.json
+    if config.source_format != "original" and vision_dir is not None:
+        raise CheckpointError(f"{folder}: vision_dir is only for original-format LLaVA checkpoints; this llava-hf "
+                              f"checkpoint holds its own vision tower")
+    vision_infos = read_headers(vision_dir) if config.source_format == "original" else None
+    layout, entries, ignored = match_checkpoint(config, read_headers(folder), str(folder), vision_infos,
+                                                str(vision_dir), kernels)
+    return Checkpoint(folder, None if vision_dir is None else Path(vision_dir), config, layout, entries, ignored)
+
+
+def match_checkpoint(config: LlavaConfig, infos: dict[str, TensorInfo], where: str,
+                     vision_infos: dict[str, TensorInfo] | None = None, vision_where: str = "",
+                     kernels: Kernels | None = None) -> tuple[str, dict[str, TensorInfo], list[str]]:
+    """`match_keys` for a whole model: one folder (llava-hf formats), or the original release's folder + CLIP folder."""
     expected = expected_shapes(config, kernels)
+    optional = _optional(config)
     if config.source_format != "original":
-        if vision_dir is not None:
-            raise CheckpointError(f"{folder}: vision_dir is only for original-format LLaVA checkpoints; this "
-                                  f"llava-hf checkpoint holds its own vision tower")
-        layout, entries, ignored = match_keys(read_headers(folder), expected, LAYOUTS, str(folder),
-                                              optional=_optional(config))
-        return Checkpoint(folder, None, config, layout, _untie(entries, config), ignored)
+        layout, entries, ignored = match_keys(infos, expected, LAYOUTS, where, optional=optional)
+        return layout, _untie(entries, config), ignored
     # The original release: decoder + projector here, the vision tower in the CLIP folder.
     vision = {name: shape for name, shape in expected.items() if name.startswith("vision_tower.")}
     rest = {name: shape for name, shape in expected.items() if name not in vision}
-    _, text_entries, text_ignored = match_keys(read_headers(folder), rest, {"original": LAYOUTS["original"]},
-                                               str(folder), optional=_optional(config))
-    _, vision_entries, vision_ignored = match_keys(read_headers(vision_dir), vision, CLIP_LAYOUTS, str(vision_dir),
+    _, text_entries, text_ignored = match_keys(infos, rest, {"original": LAYOUTS["original"]}, where,
+                                               optional=optional)
+    _, vision_entries, vision_ignored = match_keys(vision_infos, vision, CLIP_LAYOUTS, vision_where,
                                                    ignored_prefixes=CLIP_IGNORED_PREFIXES)
-    return Checkpoint(folder, Path(vision_dir), config, "original", {**_untie(text_entries, config), **vision_entries},
-                      text_ignored + vision_ignored)
+    return "original", {**_untie(text_entries, config), **vision_entries}, text_ignored + vision_ignored
 
 
 def _optional(config: LlavaConfig) -> frozenset[str]:
