@@ -1,0 +1,366 @@
+"""LoRA adapters over any base linear (dense nn.Linear or 4-bit `ref.quant.Linear4bit`).
+
+A frozen base y = base(x) gets a trainable low-rank update (Hu et al. 2021):
+
+    y = base(x) + s * B A dropout(x)        A (r, in), B (out, r), s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+A starts kaiming-uniform (a = sqrt(5), as nn.Linear and peft do) and B at zero, so a fresh adapter changes nothing.
+The adapter has its own dtype (float32 by default, whatever the base): x is cast to it on the way in and the update is
+cast back to the base output's dtype, as peft does, so bf16 bases still train fp32 adapters.
+
+Wrapping a module keeps the base as a child named `base_layer` (peft's name), so quantizing the base and adding LoRA are
+independent steps. Also here: switching every adapter off (`adapters_disabled`, how the unlearning losses get the
+original model without a second copy), merging into the base, our own adapter files (safetensors + a small JSON), and
+export to peft's adapter format for transformers' LlavaForConditionalGeneration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ref.quant import Linear4bit, set_submodule
+
+
+class LoraError(ValueError):
+    """A LoRA setting, adapter file or model that do not fit together."""
+
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_SCOPE = "language_model.layers."  # only the decoder's linears: not the vision tower, projector or lm_head
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+ADAPTER_WEIGHTS = "lora.safetensors"  # our own adapter files
+ADAPTER_CONFIG = "lora.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"  # peft's
+PEFT_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # last component of the module name (e.g. "q_proj")
+    scope: str = DEFAULT_SCOPE  # module names must start with this
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
+    dtype: str = "float32"  # the adapter weights' dtype
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise LoraError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise LoraError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise LoraError(f"LoRA targets must be a non-empty list of module names, got {self.targets!r}")
+        if self.dtype not in DTYPES:
+            raise LoraError(f"LoRA dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))  # JSON gives lists
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "LoRA config") -> "LoraConfig":
+        if not isinstance(raw, dict):
+            raise LoraError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in raw]
+        unknown = sorted(set(raw) - set(names))
+        if missing:
+            raise LoraError(f"{where}: missing field(s) {missing} (a LoRA config needs {names})")
+        if unknown:
+            raise LoraError(f"{where}: unknown field(s) {unknown} (expected {names})")
+        try:
+            return cls(**raw)
+        except LoraError as err:
+            raise LoraError(f"{where}: {err}") from None
+
+
+def _weight_of(base: nn.Module) -> torch.Tensor:
+    """Any tensor of the base that tells its device (the dense weight, or the 4-bit packed codes)."""
+    return base.weight
+
+
+class LoraLinear(nn.Module):
+    """base(x) + scaling * lora_B(lora_A(dropout(x))), with the base frozen."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if r <= 0:
+            raise LoraError(f"LoRA rank r must be positive, got {r}")
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = _weight_of(base).device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # False: behave exactly as the base (see adapters_disabled)
+        self.merged = False  # True: the update lives inside the base weight
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if self.lora_A.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and peft
+        nn.init.zeros_(self.lora_B.weight)  # so the adapted model starts as the base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (..., out)
+        if not self.enabled or self.merged:
+            return out
+        adapter_dtype = self.lora_A.weight.dtype
+        update = self.lora_B(self.lora_A(self.dropout(x.to(adapter_dtype)))) * self.scaling  # (..., out)
+        return out + update.to(out.dtype)
+
+    # --- merging ----------------------------------------------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A (out, in), in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _add_to_base(self, sign: float) -> None:
+        base = self.base_layer
+        with torch.no_grad():
+            if isinstance(base, Linear4bit):
+                warnings.warn("merging a LoRA update into a 4-bit base dequantizes, adds and re-quantizes the weight: "
+                              "the result is rounded to 4 bits again and differs from the adapted model", stacklevel=3)
+                dense = base.dequantize(torch.float32) + sign * self.delta_weight()  # (out, in)
+                base.set_weight(dense.to(base.weight_dtype))
+            elif isinstance(base, nn.Linear):
+                merged = base.weight.float() + sign * self.delta_weight().to(base.weight.device)
+                base.weight.copy_(merged.to(base.weight.dtype))
+            else:
+                raise LoraError(f"cannot merge into a base of type {type(base).__name__} (nn.Linear or Linear4bit)")
+
+    def merge(self) -> None:
+        """W <- W + s B A; the adapter then adds nothing in forward."""
+        if self.merged:
+            raise LoraError("adapter is already merged")
+        self._add_to_base(+1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - s B A (exact up to the base dtype's rounding for dense bases)."""
+        if not self.merged:
+            raise LoraError("adapter is not merged")
+        self._add_to_base(-1.0)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dtype={self.lora_A.weight.dtype}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adding adapters to a model, switching them off, merging
+
+
+def lora_target_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules `config` puts adapters on; every target name must match at least one."""
+    names, matched = [], set()
+    for name, module in model.named_modules():
+        last = name.rpartition(".")[2]
+        if name.startswith(config.scope) and last in config.targets and hasattr(module, "in_features") \
+                and not isinstance(module, LoraLinear):
+            names.append(name)
+            matched.add(last)
+    unmatched = [t for t in config.targets if t not in matched]
+    if unmatched:
+        raise LoraError(f"LoRA target(s) {unmatched} match no linear module under {config.scope!r} "
+                        f"(targets are last name components such as 'q_proj')")
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> list[str]:
+    """Wrap the target linears in LoraLinear (in place); freeze everything but the adapters; return their names."""
+    if lora_modules(model):
+        raise LoraError("the model already has LoRA adapters")
+    names = lora_target_names(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        set_submodule(model, name, LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout,
+                                              config.use_rslora, DTYPES[config.dtype]))
+    return names
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only: {"<module>.lora_A.weight": (r, in), "<module>.lora_B.weight": (out, r)}."""
+    state = {}
+    for name, module in lora_modules(model).items():
+        state[f"{name}.lora_A.weight"] = module.lora_A.weight.detach()
+        state[f"{name}.lora_B.weight"] = module.lora_B.weight.detach()
+    return state
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block the model is its base: every adapter is switched off (and back on afterwards)."""
+    modules = list(lora_modules(model).values())
+    if any(m.merged for m in modules):
+        raise LoraError("cannot switch adapters off while they are merged into the base; unmerge first")
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.enabled = was
+
+
+def merge_lora(model: nn.Module) -> None:
+    for module in lora_modules(model).values():
+        module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for module in lora_modules(model).values():
+        module.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Merge every adapter into its base and put the bases back in place of the wrappers (in place)."""
+    names = list(lora_modules(model))
+    for name in names:
+        module = model.get_submodule(name)
+        if not module.merged:
+            module.merge()
+        set_submodule(model, name, module.base_layer)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Our adapter files: <folder>/lora.safetensors + <folder>/lora.json
+
+
+def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    if not state:
+        raise LoraError("the model has no LoRA adapters to save")
+    save_file(state, str(folder / ADAPTER_WEIGHTS))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> LoraConfig:
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise LoraError(f"{path}: no such file (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LoraError(f"{path}: not valid JSON ({err})") from err
+    return LoraConfig.from_dict(raw, str(path))
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
+    """Add the adapters described in `folder` to `model` and load their weights; checks everything first.
+
+    The file must hold exactly the tensors that the config's targets give on this model, with matching shapes:
+    an adapter trained for another base fails here, naming the key, before the model is touched.
+    """
+    config = read_adapter_config(folder)
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise LoraError(f"{path}: no such file")
+    expected = {}
+    for name in lora_target_names(model, config):
+        base = model.get_submodule(name)
+        expected[f"{name}.lora_A.weight"] = (config.r, base.in_features)
+        expected[f"{name}.lora_B.weight"] = (base.out_features, config.r)
+    with safe_open(str(path), framework="pt") as f:
+        found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or unexpected:
+            raise LoraError(f"{path}: adapter does not fit this model: {len(missing)} tensor(s) missing "
+                            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        for key, shape in expected.items():
+            if found[key] != shape:
+                raise LoraError(f"{path}: {key} has shape {found[key]}, this model needs {shape} "
+                                f"(adapter trained for another base?)")
+        add_lora(model, config)
+        with torch.no_grad():
+            for name, module in lora_modules(model).items():
+                for part in ("lora_A", "lora_B"):
+                    weight = getattr(module, part).weight
+                    weight.copy_(f.get_tensor(f"{name}.{part}.weight").to(weight.dtype))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# peft's adapter format, for transformers' LlavaForConditionalGeneration (transformers 5.x module names)
+
+
+def hf_module_name(name: str) -> str:
+    """Our module name -> transformers 5.x LlavaForConditionalGeneration's (everything but lm_head is under `model.`)."""
+    return name if name == "lm_head" or name.startswith("lm_head.") else f"model.{name}"
+
+
+def peft_target_regex(config: LoraConfig) -> str:
+    """A regex (peft full-matches it against module names) selecting the same modules as `config` does on ours."""
+    prefix = re.escape(hf_module_name(config.scope)) if config.scope else ""
+    targets = "|".join(re.escape(t) for t in config.targets)
+    return rf"{prefix}(?:.*\.)?(?:{targets})"
+
+
+def export_peft(model: nn.Module, folder: str | Path, config: LoraConfig,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors that peft loads onto transformers' LLaVA.
+
+    peft stores `base_model.model.<module>.lora_{A,B}.weight` (the adapter name "default" left out).
+    """
+    if config.scope.startswith("lm_head"):
+        raise LoraError("export of lm_head-only scopes is not supported")
+    state = {f"base_model.model.{hf_module_name(name)}.{part}.weight": tensor.contiguous().cpu()
+             for name, module in lora_modules(model).items()
+             for part, tensor in (("lora_A", module.lora_A.weight.detach()),
+                                  ("lora_B", module.lora_B.weight.detach()))}
+    if not state:
+        raise LoraError("the model has no LoRA adapters to export")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": peft_target_regex(config),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    (folder / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return folder
