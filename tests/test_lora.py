@@ -1,0 +1,371 @@
+"""LoRA (ref.lora) against the formula computed by hand, against the base it wraps, and against peft on transformers.
+
+The peft test is the independent check of the whole adapter: trained by our code, exported, loaded by peft onto
+transformers' LlavaForConditionalGeneration holding the same dense weights, the logits must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ref import lora, quant, weights
+from ref.config import LlavaConfig, TextConfig, VisionConfig, parse_llava_hf
+from ref.llava import Llava
+from ref.lora import LoraConfig, LoraError, LoraLinear
+from ref.quant import Linear4bit
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def random_linear(in_features: int, out_features: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.05)
+    return linear
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
+    """B starts at zero (the adapter adds nothing); give it values so that the update is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora.lora_modules(model).values():
+            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 0.1)
+
+
+# --- one LoraLinear -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base_kind", ["dense", "4bit"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_output_is_base_plus_scaled_BAx_by_hand(base_kind, use_rslora):
+    dense = random_linear(64, 48)
+    base = dense if base_kind == "dense" else Linear4bit.from_linear(dense)
+    module = LoraLinear(base, r=4, alpha=8, use_rslora=use_rslora)
+    with torch.no_grad():
+        module.lora_B.weight.normal_()
+    x = torch.randn(2, 5, 64)
+    scaling = 8 / math.sqrt(4) if use_rslora else 8 / 4
+    w = dense.weight if base_kind == "dense" else base.dequantize()
+    a, b = module.lora_A.weight, module.lora_B.weight
+    by_hand = F.linear(x, w, dense.bias) + scaling * (x @ a.T @ b.T)  # (2, 5, 48)
+    torch.testing.assert_close(module(x), by_hand)
+
+
+def test_initialisation_kaiming_A_zero_B_and_fresh_adapter_changes_nothing():
+    base = random_linear(256, 32)
+    module = LoraLinear(base, r=16, alpha=32)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)): sqrt(6 / ((1 + 5) * fan_in))
+    a = module.lora_A.weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+    assert abs(a.std().item() - bound / math.sqrt(3)) < 0.1 * bound  # uniform(-b, b) has std b / sqrt(3)
+    assert torch.count_nonzero(module.lora_B.weight) == 0
+    x = torch.randn(3, 256)
+    assert torch.equal(module(x), base(x))
+
+
+def test_adapter_dtype_is_its_own():
+    """bf16 base, fp32 adapter: x is cast to fp32 for the adapter and the update back to bf16."""
+    base = random_linear(64, 32).to(torch.bfloat16)
+    module = LoraLinear(base, r=4, alpha=4, dtype=torch.float32)
+    with torch.no_grad():
+        module.lora_B.weight.normal_()
+    assert module.lora_A.weight.dtype == torch.float32
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    y = module(x)
+    assert y.dtype == torch.bfloat16
+    update = (x.float() @ module.lora_A.weight.T @ module.lora_B.weight.T).to(torch.bfloat16)
+    torch.testing.assert_close(y, base(x) + update)
+
+
+def test_merge_unmerge_dense_restores_weights_and_merged_equals_adapted():
+    base = random_linear(64, 48)
+    original = base.weight.detach().clone()
+    module = LoraLinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        module.lora_B.weight.normal_()
+    x = torch.randn(3, 64)
+    adapted = module(x)
+    module.merge()
+    torch.testing.assert_close(base(x), adapted)  # the base alone now carries the update
+    torch.testing.assert_close(module(x), adapted)  # and the wrapper does not add it twice
+    module.unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-6)
+    with pytest.raises(LoraError, match="not merged"):
+        module.unmerge()
+
+
+def test_merge_into_4bit_warns_and_requantizes():
+    dense = random_linear(128, 64)
+    base = Linear4bit.from_linear(dense)
+    module = LoraLinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        module.lora_B.weight.normal_()
+    x = torch.randn(3, 128)
+    adapted = module(x)
+    expected_weight = base.dequantize() + module.delta_weight()
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        module.merge()
+    assert isinstance(module.base_layer, Linear4bit)
+    # the merged weight is the 4-bit rounding of W_dq + s B A: bitsandbytes' own quantization of it
+    assert torch.equal(base.weight, quant.quantize_weight(expected_weight)[0])
+    error = ((module(x) - adapted).norm() / adapted.norm()).item()
+    assert 0 < error < 0.2  # rounded again to 4 bits: close, not equal
+
+
+# --- on a tiny LLaVA ------------------------------------------------------------------------------------------------------
+
+
+def tiny_config() -> LlavaConfig:
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=30, patch_size=6),
+        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+        image_token_index=126, pad_token_id=127)
+
+
+def tiny_llava(seed: int = 0, config: LlavaConfig | None = None) -> Llava:
+    torch.manual_seed(seed)
+    model = Llava(config or tiny_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model
+
+
+def token_batch(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, 120, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def train_steps(model: nn.Module, steps: int = 3, lr: float = 1e-2) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        ids = token_batch(seed=100 + step)
+        logits = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def test_targets_are_the_decoder_linears_only():
+    model = tiny_llava()
+    names = lora.add_lora(model, LoraConfig(r=4))
+    assert len(names) == 2 * 7
+    assert all(n.startswith("language_model.layers.") and n.rpartition(".")[2] in TARGETS for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{part}.weight" for n in names for part in ("lora_A", "lora_B")}
+
+
+def test_only_adapter_tensors_change_when_training_over_a_4bit_base():
+    model = tiny_llava()
+    quant.quantize_model(model)
+    lora.add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    adapter_keys = set(lora.lora_state_dict(model))
+    assert changed == adapter_keys  # every adapter tensor moved, nothing else did
+
+
+@torch.no_grad()
+def test_adapters_disabled_is_the_base_exactly():
+    base = tiny_llava()
+    model = tiny_llava()
+    quant.quantize_model(base)
+    quant.quantize_model(model)
+    lora.add_lora(model, LoraConfig(r=4))
+    randomize_adapters(model)
+    ids = token_batch()
+    adapted = model(ids)
+    with lora.adapters_disabled(model):
+        assert torch.equal(model(ids), base(ids))
+    assert torch.equal(model(ids), adapted)  # switched back on
+    assert not torch.allclose(adapted, base(ids))
+
+
+@torch.no_grad()
+def test_merged_dense_model_equals_adapted_model_and_unmerge_restores():
+    model = tiny_llava()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.add_lora(model, LoraConfig(r=4, alpha=16))
+    randomize_adapters(model)
+    ids = token_batch()
+    adapted = model(ids)
+    lora.merge_lora(model)
+    with pytest.raises(LoraError, match="merged"):
+        with lora.adapters_disabled(model):
+            pass
+    torch.testing.assert_close(model(ids), adapted)
+    lora.unmerge_lora(model)
+    for key, value in model.state_dict().items():
+        if "lora_" not in key:
+            torch.testing.assert_close(value, original[key.replace(".base_layer", "")], rtol=0, atol=1e-6)
+    lora.merge_and_unload(model)
+    assert not lora.lora_modules(model)
+    assert set(model.state_dict()) == set(original)  # a plain Llava again
+    torch.testing.assert_close(model(ids), adapted)
+
+
+# --- adapter files ------------------------------------------------------------------------------------------------------
+
+
+def test_save_and_load_adapter_round_trip(tmp_path):
+    config = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True)
+    model = tiny_llava()
+    lora.add_lora(model, config)
+    randomize_adapters(model)
+    lora.save_adapter(model, tmp_path, config)
+    loaded = tiny_llava()
+    assert lora.load_adapter(loaded, tmp_path) == config
+    for key, value in lora.lora_state_dict(model).items():
+        assert torch.equal(lora.lora_state_dict(loaded)[key], value)
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.fixture()
+def saved_adapter(tmp_path):
+    config = LoraConfig(r=4, alpha=8)
+    model = tiny_llava()
+    lora.add_lora(model, config)
+    lora.save_adapter(model, tmp_path, config)
+    return tmp_path
+
+
+def test_adapter_for_another_base_is_refused(saved_adapter):
+    wider = tiny_config()
+    wider = LlavaConfig(vision=wider.vision, image_token_index=126, pad_token_id=127,
+                        text=TextConfig(**{**wider.text.__dict__, "intermediate_size": 128}))
+    model = tiny_llava(config=wider)
+    with pytest.raises(LoraError, match=r"gate_proj.lora_B.weight has shape \(96, 4\), this model needs \(128, 4\)"):
+        lora.load_adapter(model, saved_adapter)
+    assert not lora.lora_modules(model)  # refused before the model was touched
+    # target names that disagree with the tensors in the file
+    config_file = saved_adapter / lora.ADAPTER_CONFIG
+    raw = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**raw, "targets": ["q_proj", "k_proj"]}))
+    with pytest.raises(LoraError, match="does not fit this model.*unexpected"):
+        lora.load_adapter(tiny_llava(), saved_adapter)
+
+
+def test_adapter_config_missing_or_unknown_fields_are_refused(saved_adapter):
+    config_file = saved_adapter / lora.ADAPTER_CONFIG
+    raw = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in raw.items() if k != "alpha"}))
+    with pytest.raises(LoraError, match=r"lora.json: missing field\(s\) \['alpha'\]"):
+        lora.load_adapter(tiny_llava(), saved_adapter)
+    config_file.write_text(json.dumps({**raw, "rank": 4}))
+    with pytest.raises(LoraError, match=r"unknown field\(s\) \['rank'\]"):
+        lora.load_adapter(tiny_llava(), saved_adapter)
+    config_file.write_text(json.dumps({**raw, "r": 0}))
+    with pytest.raises(LoraError, match="rank r must be a positive integer, got 0"):
+        lora.load_adapter(tiny_llava(), saved_adapter)
+    config_file.write_text("{not json")
+    with pytest.raises(LoraError, match="not valid JSON"):
+        lora.load_adapter(tiny_llava(), saved_adapter)
+    (saved_adapter / lora.ADAPTER_WEIGHTS).unlink()
+    config_file.write_text(json.dumps(raw))
+    with pytest.raises(LoraError, match="lora.safetensors: no such file"):
+        lora.load_adapter(tiny_llava(), saved_adapter)
+
+
+def test_bad_settings_are_refused():
+    for bad in (dict(r=0), dict(r=-2), dict(r=2.5), dict(alpha=0), dict(dropout=1.0), dict(targets=()),
+                dict(targets="q_proj"), dict(dtype="float64")):
+        with pytest.raises(LoraError):
+            LoraConfig(**bad)
+    with pytest.raises(LoraError, match=r"\['qproj'\] match no linear module"):
+        lora.add_lora(tiny_llava(), LoraConfig(targets=("q_proj", "qproj")))
+    with pytest.raises(LoraError, match="match no linear module under 'vision'"):
+        lora.add_lora(tiny_llava(), LoraConfig(scope="vision"))
+    model = tiny_llava()
+    lora.add_lora(model)
+    with pytest.raises(LoraError, match="already has LoRA adapters"):
+        lora.add_lora(model)
+
+
+# --- peft interoperability ------------------------------------------------------------------------------------------------
+
+
+def test_exported_adapter_loads_in_peft_on_transformers_llava_with_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    ours = tiny_llava(seed=3)
+    # transformers' LLaVA with the same weights: our internal names are its in-memory names minus "model."
+    hf = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(**{k: v for k, v in ours.config.to_llava_hf_dict().items()
+                                    if k not in ("architectures", "model_type")})).eval()
+    hf.set_attn_implementation("eager")
+    missing, unexpected = hf.load_state_dict({lora.hf_module_name(k.rpartition(".")[0]) + "." + k.rpartition(".")[2]: v
+                                              for k, v in ours.state_dict().items()}, strict=False)
+    assert not unexpected and not missing
+    config = LoraConfig(r=4, alpha=8, dropout=0.05)
+    names = lora.add_lora(ours, config)
+    train_steps(ours, steps=3)
+    lora.export_peft(ours, tmp_path, config)
+
+    stored = load_file(tmp_path / lora.PEFT_WEIGHTS)
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in stored
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert wrapped == {lora.hf_module_name(n) for n in names}  # the regex picks exactly our modules
+    ids = token_batch(seed=7)
+    with torch.no_grad():
+        ours_logits = ours(ids)
+        peft_logits = peft_model(input_ids=ids).logits
+        with lora.adapters_disabled(ours):
+            base_logits = ours(ids)
+    assert (ours_logits - base_logits).abs().max() > 1e-3  # the trained adapter does change the logits
+    torch.testing.assert_close(ours_logits, peft_logits)
+
+
+# --- weights_tools: merge an adapter into a dense checkpoint, quantize ahead of time -----------------------------------
+
+
+def test_merge_adapter_tool_writes_a_dense_checkpoint_equal_to_the_adapted_model(tmp_path):
+    from weights_tools import merge_adapter
+
+    model = tiny_llava()
+    weights.save_model(model, tmp_path / "base")
+    config = LoraConfig(r=4, alpha=8)
+    lora.add_lora(model, config)
+    randomize_adapters(model)
+    lora.save_adapter(model, tmp_path / "adapter", config)
+    merge_adapter.main([str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                        "--dtype", "float32", "--peft-out", str(tmp_path / "peft")])
+    merged = weights.load_model(tmp_path / "merged")
+    assert not lora.lora_modules(merged)
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids))
+    assert (tmp_path / "peft" / lora.PEFT_CONFIG).is_file()
+
+
+def test_quantize_tool_matches_quantize_on_load(tmp_path):
+    from weights_tools import quantize
+
+    weights.save_model(tiny_llava(), tmp_path / "dense")
+    quantize.main([str(tmp_path / "dense"), str(tmp_path / "q4"), "--dtype", "float32"])
+    assert quant.is_quantized_checkpoint(tmp_path / "q4")
+    streamed = quant.load_quantized_model(tmp_path / "dense", "nf4")
+    loaded = quant.load_quantized_model(tmp_path / "q4", None)
+    for key, value in streamed.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # an adapter trains on the pre-quantized model as on any other
+    lora.add_lora(loaded, LoraConfig(r=2))
+    train_steps(loaded, steps=1)
