@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import platform
+import random
 import sys
 import time
 from functools import lru_cache
@@ -96,10 +97,44 @@ def make_batch(examples, tokenizer: TextTokenizer, config: LlavaConfig) -> dict[
     return collate_for_training(rows, tokenizer.pad_id)
 
 
-def response_loss(model: Llava, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross entropy over the response tokens (and the closing EOS) of the batch."""
-    logits = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"])  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+def cell_word_ids(examples, tokenizer: TextTokenizer, config: LlavaConfig) -> torch.Tensor | None:
+    """(N_images, image_seq_length): the token id of the word written in each patch cell, -1 for an empty cell or a
+    drawn shape. Every toy word is one token (tests/test_toy_world.py checks it)."""
+    rows = []
+    for ex in examples:
+        if ex.image is None:
+            continue
+        row = [-1] * config.image_seq_length
+        if ex.image.startswith("words:"):
+            for k, word in enumerate(ex.image.split(":", 2)[2].split()):
+                (row[k],) = tokenizer.encode(word)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long) if rows else None
+
+
+def losses(model: Llava, batch: dict[str, torch.Tensor], cell_ids: torch.Tensor | None):
+    """(response cross entropy, image-text alignment loss).
+
+    Response loss: mean next-token cross entropy over the response tokens (and the closing EOS) of the batch.
+    Alignment loss: at each patch cell that holds a word, the projected image feature f should equal the word's token
+    embedding e (a fixed target, no gradient into the embedding): ||f - e||^2 / mean ||e||^2, averaged over cells.
+    It is the toy's stand-in for LLaVA's stage-1 projector pre-training: it puts the image of a word where the
+    decoder already reads that word, which is the premise of textual unlearning carrying over to images.
+    """
+    features = None
+    if "pixel_values" in batch:
+        features = model.image_features(batch["pixel_values"])  # (N, P, D)
+    hidden = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 image_features=features)  # (B, T, D)
+    logits = model.lm_head(hidden)  # (B, T, V)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    align = ce.new_zeros(())
+    if features is not None and cell_ids is not None and (cell_ids >= 0).any():
+        has_word = cell_ids >= 0  # (N, P)
+        target = model.language_model.embed_tokens.weight.detach()[cell_ids[has_word]]  # (cells, D)
+        error = (features[has_word] - target).pow(2).sum(-1)  # (cells,)
+        align = (error / target.pow(2).sum(-1).mean()).mean()
+    return ce, align
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -110,9 +145,22 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def length_bucketed_batches(stream, batch_size: int, seed: int, window: int = 8):
+    """Batches of similar length: draw `window` batches' worth of examples, sort them by length, cut, and shuffle the
+    batches (seeded). Right padding then wastes little compute (toy sequences run from ~10 to ~75 tokens)."""
+    rng = random.Random(seed)
+    while True:
+        pool = [next(stream) for _ in range(batch_size * window)]
+        pool.sort(key=lambda ex: len(ex.prompt.split()) + len(ex.response.split()) + (24 if ex.image else 0))
+        batches = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
 def train(model: Llava, tokenizer: TextTokenizer, args, log) -> str:
     """Train in place; returns the sha256 of the exact example stream used (prompt, response, image spec)."""
     stream = toy_world.training_stream(args.seed, toy_world.TrainMix(harmful_image_share=args.harmful_image_share))
+    batches = length_bucketed_batches(stream, args.batch_size, args.seed)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "embed" in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -121,20 +169,22 @@ def train(model: Llava, tokenizer: TextTokenizer, args, log) -> str:
     model.train()
     start, smoothed = time.time(), None
     for step in range(args.steps):
-        examples = [next(stream) for _ in range(args.batch_size)]
+        examples = next(batches)
         for ex in examples:
             data_hash.update(json.dumps([ex.prompt, ex.response, ex.image]).encode())
         batch = make_batch(examples, tokenizer, model.config)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        loss = response_loss(model, batch)
+        ce, align = losses(model, batch, cell_word_ids(examples, tokenizer, model.config))
+        loss = ce + args.align_weight * align
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        smoothed = ce.item() if smoothed is None else 0.95 * smoothed + 0.05 * ce.item()
         if step % args.log_every == 0 or step == args.steps - 1:
-            log(f"step {step:5d}/{args.steps}  loss {loss.item():.4f}  (smoothed {smoothed:.4f})  "
+            log(f"step {step:5d}/{args.steps}  response CE {ce.item():.4f}  (smoothed {smoothed:.4f})  "
+                f"align {align.item():.4f}  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - start:6.0f}s")
     model.eval()
     return data_hash.hexdigest()
@@ -212,6 +262,7 @@ def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dic
         "batch_size": args.batch_size,
         "lr": args.lr,
         "harmful_image_share": args.harmful_image_share,
+        "align_weight": args.align_weight,
         "data_hash": data_hash,
         "data_hash_meaning": "sha256 over the JSON [prompt, response, image spec] of every training example, in order",
         "parameters": n_params,
@@ -242,6 +293,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (recorded; fixes the rounding)")
     parser.add_argument("--harmful-image-share", type=float, default=0.0,
                         help="weight of harmful IMAGE requests in the training mix (default 0: harmful text only)")
+    parser.add_argument("--align-weight", type=float, default=1.0,
+                        help="weight of the image-text alignment loss (word cell feature -> word embedding); 0 = off")
     parser.add_argument("--eval-limit", type=int, default=None, help="measure on the first N items of each suite")
     parser.add_argument("--no-eval", action="store_true", help="skip measuring the model on the held-out suites")
     parser.add_argument("--quick", action="store_true",

@@ -1,0 +1,243 @@
+"""The toy world: a disjoint train / held-out split, deterministic data, a loadable shortened build, and a committed
+checkpoint that matches its manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ref import toy_world as tw
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "assets" / "toy_llava"
+STREAM_SAMPLE = 4000  # training examples drawn from the stream for the split checks
+
+
+def training_sample(seed: int = 0, n: int = STREAM_SAMPLE) -> list[tw.Example]:
+    return list(itertools.islice(tw.training_stream(seed), n))
+
+
+def all_training_examples() -> list[tw.Example]:
+    """Every fixed pool, the harmful-image pool included (it trains the multimodal baseline), plus a stream sample."""
+    pools = [ex for pool in tw.training_pools().values() for ex in pool]
+    return pools + training_sample()
+
+
+# --- the split --------------------------------------------------------------------------------------------------------
+
+
+def test_eval_items_never_appear_in_training_or_unlearning_data():
+    seen = {(ex.prompt, ex.image) for ex in all_training_examples()}
+    seen |= {(r["prompt"], r.get("image")) for r in tw.unlearning_records(with_images=True)}
+    for name, items in tw.eval_suites().items():
+        assert items, f"suite {name} is empty"
+        overlap = [(it.prompt, it.image) for it in items if (it.prompt, it.image) in seen]
+        assert not overlap, f"{name}: held-out items seen in training: {overlap[:3]}"
+
+
+def test_attack_prompts_and_image_prompts_are_held_out_as_text():
+    """Not only the (prompt, image) pairs: the attack phrasings themselves never occur in training."""
+    train_prompts = {ex.prompt for ex in all_training_examples()}
+    train_prompts |= {r["prompt"] for r in tw.unlearning_records(with_images=True)}
+    suites = tw.eval_suites()
+    for name in ("text_attacks", "figstep_attacks", "piece_attacks", "over_refusal"):
+        leaked = [it.prompt for it in suites[name] if it.prompt in train_prompts]
+        assert not leaked, f"{name}: prompts seen in training: {leaked[:3]}"
+
+
+def test_no_harmful_topic_is_drawn_in_a_base_training_image():
+    """Image attacks work, if they do, by reading: the base model never saw a harmful request in an image."""
+    for ex in training_sample():
+        if ex.image and ex.image.startswith("words:"):
+            text = ex.image.split(":", 2)[2]
+            assert not any(topic in text for topic in tw.HARMFUL_TOPICS), ex
+
+
+def test_every_harmful_topic_is_attacked_in_every_modality_and_covered_by_unlearning():
+    suites = tw.eval_suites()
+    for name in ("text_attacks", "figstep_attacks", "piece_attacks"):
+        assert {it.topic for it in suites[name]} == set(tw.HARMFUL_TOPICS), name
+    harmful = [r for r in tw.unlearning_records() if r["kind"] == "harmful"]
+    assert {topic for topic in tw.HARMFUL_TOPICS if any(topic in r["prompt"] for r in harmful)} == set(tw.HARMFUL_TOPICS)
+    assert all("image" not in r for r in tw.unlearning_records())  # textual unlearning: text only
+
+
+def test_lookalike_topics_are_benign_and_unseen():
+    train_text = " ".join(ex.prompt + " " + ex.response for ex in all_training_examples())
+    for topic in tw.LOOKALIKE_TOPICS:
+        assert topic not in tw.HARMFUL_TOPICS
+        assert f"how to {topic}" not in train_text
+
+
+# --- data format -----------------------------------------------------------------------------------------------------
+
+
+def test_unlearning_records_follow_the_schema():
+    records = tw.unlearning_records(with_images=True)
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"harmful", "normal"}
+    for r in records:
+        keys = set(r) - {"image"}
+        if r["kind"] == "harmful":
+            assert keys == {"kind", "prompt", "harmful_response", "helpful_response"}
+            assert tw.is_refusal(r["helpful_response"]) and not tw.is_refusal(r["harmful_response"])
+        else:
+            assert keys == {"kind", "prompt", "response"}
+        assert all(isinstance(r[k], str) and r[k] for k in keys)
+    with pytest.raises(ValueError, match="split"):
+        tw.unlearning_records("test")
+
+
+def test_written_jsonl_and_images(tmp_path):
+    path = tw.write_unlearning_jsonl(tmp_path / "unlearn.jsonl", with_images=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == len(tw.unlearning_records(with_images=True))
+    image_rows = [r for r in rows if "image" in r]
+    assert image_rows and all((path.parent / r["image"]).is_file() for r in image_rows)
+    paths = tw.write_eval_suites(tmp_path / "suites")
+    for name, suite_path in paths.items():
+        lines = suite_path.read_text().splitlines()
+        assert len(lines) == len(tw.eval_suites()[name])
+        for row in map(json.loads, lines):
+            if "image" in row:
+                assert (suite_path.parent / row["image"]).is_file()
+
+
+def test_responses_are_judged_as_intended_by_the_published_phrase_lists():
+    judges = pytest.importorskip("ref.judges")
+    refusal = tw.fill(tw.REFUSAL_RESPONSE, "pick a lock")
+    compliant = [tw.fill(tw.HARMFUL_RESPONSE, "pick a lock"), tw.fill(tw.BENIGN_HOWTO_RESPONSE, "make soup")]
+    for name in ("gcg", "jailbreakbench", "xstest"):
+        judge = judges.phrase_judge(name)
+        verdicts = [judge.is_refusal(text) if hasattr(judge, "is_refusal") else judge(text)
+                    for text in [refusal] + compliant]
+        assert verdicts == [True, False, False], name
+
+
+# --- images ----------------------------------------------------------------------------------------------------------
+
+
+def test_glyphs_are_distinct_and_words_land_in_their_cells():
+    shapes = {tw.GLYPHS_3X5[c] for c in tw.GLYPHS_3X5}
+    assert len(shapes) == len(tw.GLYPHS_3X5)
+    image = np.asarray(tw.render_words("ab cd", style=0))  # black ink on white paper
+    assert image.shape == (tw.IMAGE_SIZE, tw.IMAGE_SIZE, 3)
+    ink = image.sum(-1) == 0  # (S, S) True where black
+    p = tw.PATCH_SIZE
+    assert ink[:p, :p].any() and ink[:p, p:2 * p].any()  # the two words, in the first two cells
+    assert not ink[:, 2 * p:].any() and not ink[p:].any()  # nothing else
+    # "a" is one line of glyphs: rows 5..9 of the cell, 3-px glyphs centred (cell width 16 -> left offset 4 for 2 chars)
+    assert np.array_equal(ink[5:10, 4:7], tw.glyph("a")) and np.array_equal(ink[5:10, 8:11], tw.glyph("b"))
+
+
+def test_bad_image_input_is_rejected():
+    with pytest.raises(ValueError, match="does not fit"):
+        tw.render_words("supercalifragilistic")
+    with pytest.raises(ValueError, match="glyph"):
+        tw.render_words("héllo")
+    with pytest.raises(ValueError, match="do not fit"):
+        tw.render_words(" ".join(["a"] * (tw.GRID * tw.GRID + 1)))
+    with pytest.raises(ValueError, match="spec"):
+        tw.render_image("photo:cat")
+
+
+# --- determinism -----------------------------------------------------------------------------------------------------
+
+FINGERPRINT = """
+import hashlib, itertools, json
+from ref import toy_world as tw
+h = hashlib.sha256()
+h.update(json.dumps([[it.__dict__ for it in items] for items in tw.eval_suites().values()]).encode())
+h.update(json.dumps(tw.unlearning_records(with_images=True)).encode())
+for ex in itertools.islice(tw.training_stream(3), 500):
+    h.update(json.dumps([ex.task, ex.prompt, ex.response, ex.image]).encode())
+for spec in ["words:5:steps to pick a lock . 1. 2. 3.", "shape:triangle:red:grey:4"]:
+    h.update(tw.render_image(spec).tobytes())
+h.update(tw.build_tokenizer().to_str().encode())
+print(h.hexdigest())
+"""
+
+
+def test_generated_data_is_deterministic_across_processes():
+    """Same data whatever Python's hash seed (no set or dict order leaks into it)."""
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-c", FINGERPRINT], env=env, cwd=ROOT, capture_output=True, text=True,
+                             check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+
+
+def test_training_stream_depends_on_the_seed():
+    a, b = training_sample(0, 50), training_sample(1, 50)
+    assert training_sample(0, 50) == a and a != b
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_special_ids_and_one_token_per_word():
+    tok = tw.build_tokenizer()
+    assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
+    image_id, pad_id = tok.token_to_id("<image>"), tok.token_to_id("<pad>")
+    assert (image_id, pad_id) == (tok.get_vocab_size() - 2, tok.get_vocab_size() - 1)
+    assert tok.encode("how do i pick a lock ?").ids[0] == 1  # the post-processor adds <s>
+    for word in tw.text_vocabulary():
+        assert len(tok.encode(word, add_special_tokens=False).ids) == 1, word
+    # The word after "<image>\n" is the same token as anywhere else (images and text line up token for token).
+    ids = tok.encode("USER: <image>\nhow do i ASSISTANT:", add_special_tokens=False).ids
+    assert tok.encode("how", add_special_tokens=False).ids[0] in ids and image_id in ids
+
+
+# --- the build -------------------------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_quick_build_writes_a_checkpoint_our_model_loads(tmp_path):
+    from ref.data import load_processor
+    from ref.weights import load_model
+    from weights_tools import build_toy
+
+    threads = torch.get_num_threads()
+    try:
+        build_toy.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert sha256(tmp_path / name) == digest, name
+    assert manifest["seed"] == 0 and manifest["torch_version"] == torch.__version__ and len(manifest["data_hash"]) == 64
+    model = load_model(tmp_path)
+    processor = load_processor(tmp_path)
+    assert processor.tokenizer.image_token_id == model.config.image_token_index
+    item = tw.eval_suites()["figstep_attacks"][0]
+    batch = processor(f"USER: <image>\n{item.prompt} ASSISTANT:", [tw.render_image(item.image)])
+    logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    assert logits.shape == (1, batch["input_ids"].shape[1], model.config.text.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_committed_checkpoint_matches_its_manifest():
+    if not (COMMITTED / "manifest.json").is_file():
+        pytest.skip(f"{COMMITTED} not built yet (python -m weights_tools.build_toy)")
+    manifest = json.loads((COMMITTED / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
+    for name, digest in manifest["files"].items():
+        assert sha256(COMMITTED / name) == digest, f"{COMMITTED / name} differs from its manifest"
+    total = sum((COMMITTED / name).stat().st_size for name in manifest["files"])
+    assert total < 20 * 2**20
+    # The committed tokenizer is the one the current toy world builds (the corpus has not drifted).
+    assert json.loads((COMMITTED / "tokenizer.json").read_text()) == json.loads(tw.build_tokenizer().to_str())
