@@ -4,12 +4,14 @@ A model folder holds `config.json` and either one `model.safetensors` or shards 
 `model.safetensors.index.json`. The same weights circulate under several key layouts (the sub-names below each prefix
 are the same everywhere); each maps onto our INTERNAL names (`Llava().state_dict()` keys):
 
-    layout            vision tower                    projector                  decoder                  lm_head
-    llava-hf          vision_tower.vision_model.*     multi_modal_projector.*    language_model.model.*   language_model.lm_head.*
-    hf-5-saved        vision_tower.*                  multi_modal_projector.*    language_model.model.*   language_model.lm_head.*
-    hf-4.52-memory    model.vision_tower.vision_model.* model.multi_modal_projector.* model.language_model.* lm_head.*
-    hf-5-memory       model.vision_tower.*            model.multi_modal_projector.* model.language_model.*  lm_head.*
-    original          (CLIP folder: vision_model.*)   model.mm_projector.{0,2}.* model.{embed_tokens,layers,norm}.*  lm_head.*
+    layout          vision tower                      projector                       decoder / lm_head
+    llava-hf        vision_tower.vision_model.*       multi_modal_projector.*         language_model.model.*
+                                                                                      language_model.lm_head.*
+    hf-5-saved      vision_tower.*                    multi_modal_projector.*         (as llava-hf)
+    hf-4.52-memory  model.vision_tower.vision_model.* model.multi_modal_projector.*   model.language_model.*, lm_head.*
+    hf-5-memory     model.vision_tower.*              model.multi_modal_projector.*   (as hf-4.52-memory)
+    original        CLIP folder: vision_model.*       model.mm_projector.{0,2}.*      model.{embed_tokens,layers,norm}.*
+                    (or bare embeddings.*, ...)                                       lm_head.*
 
 "llava-hf" is the published llava-hf/llava-1.5-7b-hf (and what transformers <= 4.51 `save_pretrained` writes);
 "hf-5-saved" is what the installed transformers 5.x `LlavaForConditionalGeneration.save_pretrained` writes (checked:

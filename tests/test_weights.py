@@ -497,5 +497,6 @@ def test_state_left_on_meta_is_an_error(layouts):
     def prepare(model):
         model.language_model.layers[1].mlp.up_proj = Lazy()
 
-    with pytest.raises(CheckpointError, match=r"never filled, e\.g\. 'language_model\.layers\.1\.mlp\.up_proj\.weight'"):
+    never_filled = r"never filled, e\.g\. 'language_model\.layers\.1\.mlp\.up_proj\.weight'"
+    with pytest.raises(CheckpointError, match=never_filled):
         load_model(layouts["llava-hf"][0], prepare=prepare)

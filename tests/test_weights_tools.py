@@ -37,8 +37,8 @@ def test_make_tiny_writes_a_checkpoint_our_loader_and_transformers_read(tiny_dir
     ours = model.state_dict()
     for key, tensor in hf.state_dict().items():
         assert torch.equal(ours[key.removeprefix("model.")], tensor), key
-    logits = model(torch.tensor([[1] + [model.config.image_token_index] * model.config.image_seq_length + [5, 6]]),
-                   pixel_values=torch.randn(1, 3, 28, 28))
+    image_tokens = [model.config.image_token_index] * model.config.image_seq_length
+    logits = model(torch.tensor([[1] + image_tokens + [5, 6]]), pixel_values=torch.randn(1, 3, 28, 28))
     assert logits.shape == (1, 1 + model.config.image_seq_length + 2, model.config.text.vocab_size)
     assert torch.isfinite(logits).all()
 
@@ -165,8 +165,8 @@ def original_folders(root: Path, fmt: str) -> tuple[Path, Path, dict[str, torch.
         p = f"vision_model.encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             clip.update({p + f"self_attn.{proj}.weight": rand(dv, dv), p + f"self_attn.{proj}.bias": rand(dv)})
-        clip.update({p + "mlp.fc1.weight": rand(mv, dv), p + "mlp.fc1.bias": rand(mv), p + "mlp.fc2.weight": rand(dv, mv),
-                     p + "mlp.fc2.bias": rand(dv)})
+        clip.update({p + "mlp.fc1.weight": rand(mv, dv), p + "mlp.fc1.bias": rand(mv),
+                     p + "mlp.fc2.weight": rand(dv, mv), p + "mlp.fc2.bias": rand(dv)})
         for norm in ("layer_norm1", "layer_norm2"):
             clip.update({p + f"{norm}.weight": rand(dv), p + f"{norm}.bias": rand(dv)})
     text_extras = {"text_model.embeddings.token_embedding.weight": rand(10, 8), "logit_scale": torch.tensor(2.5),
@@ -223,7 +223,8 @@ def test_convert_original_keeps_every_weight_and_pads_the_vocab_with_the_mean(tm
     assert torch.equal(state["language_model.norm.weight"], llava["model.norm.weight"])
     for index, linear in (("0", "linear_1"), ("2", "linear_2")):
         for part in ("weight", "bias"):
-            assert torch.equal(state[f"multi_modal_projector.{linear}.{part}"], llava[f"model.mm_projector.{index}.{part}"])
+            stored = llava[f"model.mm_projector.{index}.{part}"]
+            assert torch.equal(state[f"multi_modal_projector.{linear}.{part}"], stored)
     for key, tensor in clip.items():
         if not key.endswith("position_ids"):
             assert torch.equal(state["vision_tower." + key.removeprefix("vision_model.")], tensor), key

@@ -28,9 +28,9 @@ from ref.weights import save_model
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in LLaMA
 ADDED_TOKENS = ["<image>", "<pad>"]  # appended after the vocabulary, as llava-hf does
 # Words that get merged into single tokens ("Ġ" is the byte-level symbol for a leading space).
-WORDS = ["USER", "What", "ĠASSISTANT", "ĠUSER", "ĠWhat", "Ġwhat", "Ġthe", "Ġimage", "Ġthis", "Ġis", "Ġa", "Ġof", "Ġand",
-         "Ġto", "Ġin", "Ġhow", "ĠHow", "Ġmake", "ĠI", "Ġcan", "Ġnot", "Ġhelp", "Ġwith", "Ġthat", "ĠSorry", "Ġsorry",
-         "Ġyou", "Ġdo", "Ġit", "Ġpicture", "Ġshow", "Ġdescribe", "ĠDescribe"]
+WORDS = ["USER", "What", "ĠASSISTANT", "ĠUSER", "ĠWhat", "Ġwhat", "Ġthe", "Ġimage", "Ġthis", "Ġis", "Ġa", "Ġof",
+         "Ġand", "Ġto", "Ġin", "Ġhow", "ĠHow", "Ġmake", "ĠI", "Ġcan", "Ġnot", "Ġhelp", "Ġwith", "Ġthat", "ĠSorry",
+         "Ġsorry", "Ġyou", "Ġdo", "Ġit", "Ġpicture", "Ġshow", "Ġdescribe", "ĠDescribe"]
 
 DEFAULT_SIZES = dict(
     vision_hidden_size=32, vision_intermediate_size=64, vision_layers=2, vision_heads=2, image_size=28, patch_size=14,
