@@ -128,16 +128,16 @@ def llava_model_dir(llava_tokenizer_dirs, tmp_path_factory):
     return folder
 
 
-def _hf_llava_processor(folder: Path, image_size: int = 336, patch_size: int = 14, pad: bool = False):
+@pytest.fixture(scope="module")
+def hf_llava_processor(llava_model_dir):
+    """transformers' LlavaProcessor configured as llava-hf/llava-1.5-7b-hf's processor_config (CLIP 336, no pad)."""
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    image_processor = LlavaImageProcessorPil(size={"shortest_edge": image_size},
-                                             crop_size={"height": image_size, "width": image_size}, do_pad=pad)
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     # llava-hf's processor_config: patch 14, strategy "default", one additional (CLS) token -> 24 * 24 = 576 tokens
-    return LlavaProcessor(image_processor=image_processor, tokenizer=_hf_tokenizer(folder, legacy=True),
-                          patch_size=patch_size, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=_hf_tokenizer(llava_model_dir, legacy=True),
+                          patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
 def _random_image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -195,22 +195,22 @@ def test_vicuna_v1_ids_match_original_llava_tokenizer_image_token(llava_tokenize
 
 
 @pytest.mark.parametrize("prompt", [p for p in PROMPTS if "<image>" in p])
-def test_processor_single_prompt_matches_llava_processor(llava_model_dir, prompt):
+def test_processor_single_prompt_matches_llava_processor(llava_model_dir, hf_llava_processor, prompt):
     n_images = prompt.count("<image>")
     images = [_random_image(40 + 13 * i, 90 - 7 * i, seed=i) for i in range(n_images)]
     ours = load_processor(llava_model_dir)(prompt, images)
-    theirs = _hf_llava_processor(llava_model_dir)(text=prompt, images=images, return_tensors="pt")
+    theirs = hf_llava_processor(text=prompt, images=images, return_tensors="pt")
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
     assert int((ours["input_ids"] == 32000).sum()) == 576 * n_images
     torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], rtol=0, atol=1e-5)
 
 
-def test_processor_batch_is_left_padded_like_llava_processor(llava_model_dir):
+def test_processor_batch_is_left_padded_like_llava_processor(llava_model_dir, hf_llava_processor):
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]  # 1, 0 and 2 images: different lengths
     images = [_random_image(50, 30, seed=1), _random_image(20, 70, seed=2), _random_image(64, 64, seed=3)]
     ours = load_processor(llava_model_dir)(prompts, images)
-    theirs = _hf_llava_processor(llava_model_dir)(text=prompts, images=images, padding=True, return_tensors="pt")
+    theirs = hf_llava_processor(text=prompts, images=images, padding=True, return_tensors="pt")
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
     assert ours["input_ids"][1, 0] == 32001 and ours["attention_mask"][1, 0] == 0  # the short row is padded left
@@ -240,6 +240,15 @@ def test_training_example_equals_joint_tokenization(tokenizer_pair, response, pr
     n_prompt = len(generation_input)
     assert example.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert example.labels[n_prompt:] == joint[n_prompt:] and example.labels[-1] == 2
+
+
+def test_training_example_drops_leading_space_of_response(tokenizer_pair):
+    """The format already puts one space after "ASSISTANT:"; a response written with its own leading spaces gives
+    the same ids as the joint text with a single space (otherwise SentencePiece would emit extra "▁" tokens)."""
+    ours, hf = tokenizer_pair
+    prompt = build_prompt("Hi?")
+    example = build_training_example(ours, prompt, "   Sure thing.")
+    assert example.input_ids == hf(prompt + " Sure thing.</s>").input_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,3 +430,17 @@ def test_processor_rejects_too_long_prompt_and_image_count_mismatch(llava_model_
         processor("USER: " + "<image>" * 4 + " ASSISTANT:", [_random_image(8, 8)] * 4)  # 4 * 576 > 2048
     with pytest.raises(DataError, match=r"1 <image> marker\(s\) but 2 image\(s\)"):
         processor(PROMPTS[0], [_random_image(8, 8)] * 2)
+
+
+def test_vocabulary_without_image_token_gets_it_added_after_the_last_id(tmp_path):
+    """The original release's 32000-piece vocabulary has no <image>: it is added as one special token right after
+    the last id (where llava-hf puts it), and the pad id falls back to the config's value."""
+    words = ["<unk>", "<s>", "</s>", "hi"]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, image_token_id=4, pad_token_id=5)
+    assert (tok.image_token_id, tok.pad_id) == (4, 5)
+    assert tok.encode("hi <image> hi", add_bos=True) == [1, 3, 4, 3]
+    assert load_tokenizer(tmp_path).pad_id == 0  # no <pad>, no config value: <unk>, as the original LLaVA pads
