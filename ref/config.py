@@ -280,7 +280,8 @@ def parse_original(raw: dict, vision_raw: dict, where: str) -> LlavaConfig:
         # The original code splices images in at a placeholder id (-200) that never reaches the embedding table; we use
         # the id llava-hf gives `<image>`, which is always just past the 32000-piece LLaMA vocabulary.
         image_token_index=32000,
-        pad_token_id=_first_int(raw.get("pad_token_id"), 32001),
+        # Its vocabulary has no <pad> (32000 rows); it pads with <unk> = 0 where its config says nothing.
+        pad_token_id=_first_int(raw.get("pad_token_id"), 0),
         vision_feature_layer=_feature_layer(raw.get("mm_vision_select_layer", -2), where),
         vision_feature_select_strategy="default" if feature == "patch" else "full",
         source_format="original",
