@@ -29,9 +29,9 @@ Which linears are quantized is explicit (`QuantConfig.scope`): by default every 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,6 @@ import bitsandbytes.functional as bnbF
 import torch
 import torch.nn as nn
 from bitsandbytes.utils import unpack_tensor_to_dict
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ref import weights  # layouts, headers, streaming (ref.weights.load_model calls back here for quantize=...)
@@ -76,15 +75,43 @@ class QuantConfig:
             raise QuantError(f"compute_dtype must be one of {COMPUTE_DTYPES} or None, got {self.compute_dtype}")
 
 
-def quantize_weight(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True) -> tuple[torch.Tensor, bnbF.QuantState]:
-    """Dense (out, in) -> packed uint8 codes ((out * in + 1) // 2, 1) and their QuantState."""
+# bitsandbytes' CPU quantizer makes about 20 bytes of temporaries per weight (a float32 copy, |W|, the scaled values,
+# int32 bucket indices): a 4096 x 11008 weight would need ~0.9 GB at once. Quantizing a few rows at a time bounds that.
+QUANTIZE_CHUNK_ELEMENTS = 1 << 22
+
+
+def quantize_weight(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    chunk_elements: int = QUANTIZE_CHUNK_ELEMENTS) -> tuple[torch.Tensor, bnbF.QuantState]:
+    """Dense (out, in) -> packed uint8 codes ((out * in + 1) // 2, 1) and their QuantState.
+
+    Bit-identical to `bnbF.quantize_4bit(weight, blocksize, compress_statistics=double_quant, quant_type)`, computed
+    in row chunks: the 4-bit blocks run over the row-major weight and each depends on its own 64 values only, so chunks
+    that hold whole blocks quantize independently. Double quantization then runs on all the per-block maxima at once,
+    exactly as quantize_4bit does it: offset = mean(absmax); 8-bit blockwise codes of absmax - offset, blocks of 256.
+    """
     if weight.dim() != 2:
         raise QuantError(f"can only quantize a 2-D (out_features, in_features) weight, got shape {tuple(weight.shape)}")
     if weight.dtype not in COMPUTE_DTYPES:
         raise QuantError(f"can only quantize float32/float16/bfloat16 weights, got {weight.dtype}")
-    return bnbF.quantize_4bit(weight.detach().contiguous(), blocksize=blocksize, compress_statistics=double_quant,
-                              quant_type=quant_type)
+    weight = weight.detach()
+    out_features, in_features = weight.shape
+    rows_per_block_multiple = blocksize // math.gcd(in_features, blocksize)  # chunks must end on a block boundary
+    rows = max(1, chunk_elements // (in_features * rows_per_block_multiple)) * rows_per_block_multiple
+    packed_parts, absmax_parts = [], []
+    for start in range(0, out_features, rows):
+        packed, state = bnbF.quantize_4bit(weight[start:start + rows].contiguous(), blocksize=blocksize,
+                                           compress_statistics=False, quant_type=quant_type)
+        packed_parts.append(packed)  # (rows * in / 2, 1)
+        absmax_parts.append(state.absmax)  # (rows * in / blocksize,) float32
+    packed, absmax = torch.cat(packed_parts), torch.cat(absmax_parts)
+    code = state.code
+    if not double_quant:
+        return packed, bnbF.QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                                       code=code, quant_type=quant_type)
+    offset = absmax.mean()
+    quantized_absmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return packed, bnbF.QuantState(absmax=quantized_absmax, shape=weight.shape, dtype=weight.dtype,
+                                   blocksize=blocksize, code=code, quant_type=quant_type, offset=offset, state2=state2)
 
 
 def _n_blocks(numel: int, blocksize: int) -> int:
@@ -363,19 +390,76 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
 
 
 def load_quantized_model(path: str | Path, quantize: str | QuantConfig | None = "nf4",
-                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kwargs) -> nn.Module:
+                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                         vision_dir: str | Path | None = None, kernels=None) -> nn.Module:
     """A Llava whose decoder linears are 4-bit, streamed: meta model, then one tensor at a time.
 
     A dense checkpoint is quantized as it arrives (each decoder weight is cast to `dtype`, quantized on `device`, and
     dropped): peak memory is the 4-bit model plus about one tensor. A checkpoint written by `save_quantized` is read
-    as stored (no quantization; `quantize` is then ignored but for its compute_dtype).
+    as stored (no quantization; `quantize` then only sets the compute_dtype).
     """
     if is_quantized_checkpoint(path):
         compute_dtype = as_quant_config(quantize).compute_dtype if quantize is not None else None
-        return _load_prequantized(path, dtype, device, compute_dtype, kwargs.get("kernels"))
+        return _load_prequantized(path, dtype, device, compute_dtype, kernels)
     config = as_quant_config(quantize or "nf4")
-    return weights.load_model(path, dtype=dtype, device=device, prepare=lambda model: quantize_model(model, config),
-                              **kwargs)
+    checkpoint = weights.open_checkpoint(path, vision_dir, kernels)  # every key, shape and dtype checked first
+    with torch.device("meta"):
+        model = Llava(checkpoint.config, kernels)
+    quantize_model(model, config)  # empty 4-bit shells in place of the decoder linears
+    with TensorReader() as reader:
+        for name, info in checkpoint.entries.items():
+            owner, _, param_name = name.rpartition(".")
+            tensor = reader.read(info.file, info.key).to(device=device, dtype=dtype)
+            weights.place_tensor_default(model.get_submodule(owner), param_name, tensor)  # -> Linear4bit.load_weight_
+            del tensor  # a quantized weight's full-precision copy goes here
+    return _finish(model, checkpoint.folder)
+
+
+class TensorReader:
+    """Reads safetensors tensors with plain file reads into fresh memory, one at a time.
+
+    safetensors' `safe_open` memory-maps the file: each tensor read maps its pages into the process, and they stay
+    mapped (and counted in its resident memory) until the file is closed, so streaming a whole checkpoint through one
+    `safe_open` shows the whole file in the peak RSS. Reading each tensor with `readinto` keeps only the tensor itself.
+    """
+
+    def __init__(self):
+        self.files: dict[Path, tuple] = {}  # path -> (open file, data start, header)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle, _, _ in self.files.values():
+            handle.close()
+        self.files.clear()
+
+    def read(self, file: Path, key: str) -> torch.Tensor:
+        if file not in self.files:
+            handle = open(file, "rb")
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            self.files[file] = (handle, 8 + header_len, json.loads(handle.read(header_len)))
+        handle, data_start, header = self.files[file]
+        entry = header[key]
+        start, end = entry["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        handle.seek(data_start + start)
+        if handle.readinto(buffer.numpy()) != end - start:
+            raise QuantError(f"{file}: tensor {key!r} is truncated")
+        return buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
+def _finish(model: nn.Module, folder) -> nn.Module:
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise QuantError(f"{folder}: {len(still_meta)} tensor(s) never filled, e.g. {still_meta[0]!r}")
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def _split_quant_keys(infos: dict) -> tuple[dict, dict[str, dict]]:
@@ -424,26 +508,19 @@ def _load_prequantized(path, dtype, device, compute_dtype, kernels) -> nn.Module
         set_submodule(model, owner, Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                                                state["quant_type"], state["blocksize"], "nested_blocksize" in state,
                                                compute_dtype, getattr(torch, state["dtype"]), device="meta"))
-    for name, tensor in weights.iter_tensors(checkpoint):
-        owner, _, param_name = name.rpartition(".")
-        weights.place_tensor_default(model.get_submodule(owner), param_name, tensor.to(device=device, dtype=dtype))
-    with contextlib.ExitStack() as stack:  # each file opened once; tensors read one 4-bit linear at a time
-        handles = {file: stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                   for file in sorted({info.file for info in infos.values()})}
-        for name, key in sorted(quantized_names.items()):
-            packed = handles[infos[key].file].get_tensor(key).to(device)
-            parts = {suffix: handles[info.file].get_tensor(info.key).to(device)
-                     for suffix, info in quant_infos[key].items()}
+    with TensorReader() as reader:
+        for name, info in checkpoint.entries.items():
+            owner, _, param_name = name.rpartition(".")
+            tensor = reader.read(info.file, info.key).to(device=device, dtype=dtype)
+            weights.place_tensor_default(model.get_submodule(owner), param_name, tensor)
+        for name, key in sorted(quantized_names.items()):  # one 4-bit linear at a time
+            packed = reader.read(infos[key].file, key).to(device)
+            parts = {suffix: reader.read(info.file, info.key).to(device) for suffix, info in quant_infos[key].items()}
             try:
                 model.get_submodule(name.removesuffix(".weight"))._load_packed(packed, parts)
             except (QuantError, ValueError, KeyError, AssertionError) as err:
                 raise QuantError(f"{infos[key].file}: {key!r}: {err}") from err
-    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise QuantError(f"{folder}: {len(still_meta)} tensor(s) never filled, e.g. {still_meta[0]!r}")
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return _finish(model, folder)
 
 
 def _read_quant_state(file, key: str, parts: dict) -> dict:
@@ -453,8 +530,8 @@ def _read_quant_state(file, key: str, parts: dict) -> dict:
         raise QuantError(f"{file}: 4-bit weight {key!r} needs exactly one {key}.quant_state.bitsandbytes__<nf4|fp4> "
                          f"tensor, found {keys}")
     info = parts[keys[0]]
-    with safe_open(str(info.file), framework="pt", device="cpu") as f:
-        state = unpack_tensor_to_dict(f.get_tensor(info.key))
+    with TensorReader() as reader:
+        state = unpack_tensor_to_dict(reader.read(info.file, info.key))
     missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in state]
     if missing:
         raise QuantError(f"{info.file}: {info.key!r} lacks {missing}")

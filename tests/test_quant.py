@@ -76,6 +76,23 @@ def test_packing_equals_bitsandbytes_called_directly(quant_type, blocksize, doub
     torch.testing.assert_close(module.dequantize(), bnbF.dequantize_4bit(packed, state), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(40, 192), (70, 130), (3, 100)])  # whole blocks per row, 32 rows per block, ...
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_chunked_quantization_is_bit_identical_to_one_call(quant_type, shape, double_quant):
+    weight = torch.randn(*shape) * 0.05
+    packed, state = quant.quantize_weight(weight, quant_type, 64, double_quant, chunk_elements=200)  # many chunks
+    packed_bnb, state_bnb = bnbF.quantize_4bit(weight, blocksize=64, quant_type=quant_type,
+                                               compress_statistics=double_quant)
+    assert torch.equal(packed, packed_bnb)
+    assert torch.equal(state.absmax, state_bnb.absmax)
+    if double_quant:
+        assert torch.equal(state.offset, state_bnb.offset)
+        assert torch.equal(state.state2.absmax, state_bnb.state2.absmax)
+        assert torch.equal(state.state2.code, state_bnb.state2.code)
+    assert state == state_bnb  # bitsandbytes' own comparison of every remaining field
+
+
 # --- forward and backward -----------------------------------------------------------------------------------------------
 
 
