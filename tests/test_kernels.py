@@ -342,7 +342,7 @@ def test_linear_kl_rejects_bad_inputs(impl_id, fn):
 
 
 def test_default_chunk_rows():
-    assert default_chunk_rows(32064) == 2**22 // 32064 == 130
+    assert default_chunk_rows(32064) == 2**23 // 32064 == 261
     assert default_chunk_rows(2**30) == 1  # never zero rows
 
 

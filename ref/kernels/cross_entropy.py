@@ -37,9 +37,11 @@ from ref.kernels.registry import register
 
 REDUCTIONS = ("mean", "sum")
 
-# Rows per chunk when the caller does not choose: a chunk's logits hold about 2**22 float32 values (16 MiB), so the
-# working set is a few such blocks whatever the vocabulary; 130 rows at LLaVA's V = 32064.
-CHUNK_ELEMENTS = 2**22
+# Rows per chunk when the caller does not choose: a chunk's logits hold about 2**23 float32 values (32 MiB), so the
+# working set is a few such blocks whatever the vocabulary; 261 rows at LLaVA's V = 32064. Measured on 2 CPU cores
+# (benchmarks/bench_loss_kernels.py, D=512, N=2048): 64 or 130 rows make the matmuls too thin and run 1.3-2x slower
+# than the reference; 256-512 rows match it.
+CHUNK_ELEMENTS = 2**23
 
 
 def default_chunk_rows(vocab_size: int) -> int:

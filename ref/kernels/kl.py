@@ -80,10 +80,10 @@ class ChunkedLinearKL(torch.autograd.Function):
             ref_logprobs = torch.log_softmax(rc @ w.T, dim=-1)  # (C, V)
             cur_logprobs = torch.log_softmax(xc @ w.T, dim=-1)  # (C, V)
             ref_probs = ref_logprobs.exp()  # (C, V)
-            total += (ref_probs * (ref_logprobs - cur_logprobs)).sum()
+            # p_orig * (log p_orig - log p_cur), in place in the ref_logprobs buffer: no further (C, V) block
+            total += ref_logprobs.sub_(cur_logprobs).mul_(ref_probs).sum()
             if grad_x is None and grad_w is None:
                 continue
-            del ref_logprobs  # free one (C, V) block before building the gradient
             grad_logits = cur_logprobs.exp_().sub_(ref_probs).mul_(scale)  # (C, V) (p_cur - p_orig) * scale
             if grad_x is not None:
                 grad_x[start:start + chunk_size] = grad_logits @ w  # (C, D)
