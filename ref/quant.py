@@ -76,8 +76,8 @@ class QuantConfig:
 
 
 # bitsandbytes' CPU quantizer makes about 20 bytes of temporaries per weight (a float32 copy, |W|, the scaled values,
-# int32 bucket indices): a 4096 x 11008 weight would need ~0.9 GB at once. Quantizing a few rows at a time bounds that.
-QUANTIZE_CHUNK_ELEMENTS = 1 << 22
+# int32 bucket indices): a 4096 x 11008 weight would need ~0.9 GB at once; 2^20 weights at a time need ~20 MB.
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20
 
 
 def quantize_weight(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
