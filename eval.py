@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights / compute dtype")
     io.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu)")
+    io.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: 1 for the toy model, whose tiny matrices run fastest on one\n"
+                         "thread and slow down badly when cores are shared; torch's default otherwise)")
     io.add_argument("--kernels", default="reference", help=f"kernel preset: {sorted(kernel_registry.PRESETS)}")
     io.add_argument("--prompt-format", default="llava-hf", choices=["llava-hf", "vicuna_v1"],
                     help="chat format the prompts are written in (default: llava-hf)")
@@ -125,10 +128,14 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
         if not toy:
             raise ev.EvalError("give at least one --suite KIND:PATH for a model other than the toy (see --help)")
         args.suite = ["toy"]
+    # A toy model (or a toy rebuilt elsewhere, evaluated on the toy suites) is judged by the toy's own markers.
+    toy = toy or all(spec.split(":")[0] == "toy" for spec in args.suite)
     args.judge = args.judge or (["toy"] if toy else ["gcg"])
     args.refusal_judge = args.refusal_judge or ("toy" if toy else "xstest")
     if args.normal is None:
         args.normal = "toy" if toy else "none"
+    if args.threads is None and toy:
+        args.threads = 1
     if args.no_adapters:
         args.adapter = []
     elif args.adapter is None:
@@ -181,19 +188,25 @@ def check_adapters(model, adapters: list[tuple[str, Path]], model_dir: str) -> d
     return summaries
 
 
-def llm_judge_generate(judge_dir: str, device: str, batch_size: int):
-    """A generate(prompts) -> texts callable over a judge model run by our decoder (greedy, 8 new tokens)."""
-    judge_model = load_model(judge_dir, device=device)
-    processor = load_processor(judge_dir)
-    tokenizer = processor.tokenizer
+class JudgeModelGenerate:
+    """generate(prompts) -> texts over a judge model run by our decoder (greedy, 8 new tokens: "safe" / "unsafe\\nO3").
 
-    def generate(prompts: list[str]) -> list[str]:
+    Keeps the last outputs, so the JSONL can show what the judge said about each response."""
+
+    def __init__(self, judge_dir: str, device: str, batch_size: int):
+        self.model = load_model(judge_dir, device=device)
+        self.processor = load_processor(judge_dir)
+        self.batch_size = batch_size
+        self.last_outputs: list[str] = []
+
+    def __call__(self, prompts: list[str]) -> list[str]:
         samples = [AttackSample(f"judge-{i}", "judge", p) for i, p in enumerate(prompts)]
+        tokenizer = self.processor.tokenizer
         ids = [tokenizer.encode(p, add_bos=True) for p in prompts]  # the guard prompt carries its own template
-        outs = ev.generate_responses(judge_model, processor, samples, ids, ev.Sampling(max_new_tokens=8), batch_size)
-        return [o.response for o in outs]
-
-    return generate
+        outs = ev.generate_responses(self.model, self.processor, samples, ids, ev.Sampling(max_new_tokens=8),
+                                     self.batch_size)
+        self.last_outputs = [o.response for o in outs]
+        return self.last_outputs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,6 +248,8 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     args = resolve_defaults(args)
     adapters = parse_adapters(args.adapter)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     kernels = kernel_registry.resolve(args.kernels)
     processor = load_processor(args.model, args.vision_dir)
     image_size = processor.image_size
@@ -248,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
     if "llamaguard" in args.judge:
         if not args.judge_model:
             raise ev.EvalError("judge 'llamaguard' needs a judge model: --judge-model DIR")
-        judge_generate = llm_judge_generate(args.judge_model, args.device, args.batch_size)
+        judge_generate = JudgeModelGenerate(args.judge_model, args.device, args.batch_size)
     judges = {name: ev.make_judge(name, judge_generate) for name in args.judge}
     refusal_judge = ev.make_judge(args.refusal_judge)
     for adapter_name, folder in adapters:
@@ -257,7 +272,8 @@ def run(args: argparse.Namespace) -> dict:
     model = load_base(args, kernels)
     summaries = check_adapters(model, adapters, args.model)
     sampling = ev.Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
-    print(f"eval: model {args.model} ({args.quantize}, {args.dtype}, {args.device}); models: base"
+    print(f"eval: model {args.model} ({args.quantize}, {args.dtype}, {args.device}, "
+          f"{torch.get_num_threads()} threads); models: base"
           + "".join(f", {n}" for n, _ in adapters) + "; suites: "
           + ", ".join(f"{s.name} ({s.kind}, {len(s.samples)})" for s in suites)
           + f"; normal: {args.normal} ({len(normal)}); judges: {', '.join(judges)}, refusal: {refusal_judge.name}",

@@ -360,6 +360,10 @@ def judge_suite(suite: Suite, generations: Sequence[Generation], judges: dict, r
                                        "invalid": result.invalid}
             for verdict, flag in zip(verdicts, flags):
                 verdict.setdefault("attack_success", {})[name] = flag
+            judge_outputs = getattr(getattr(judge_, "generate", None), "last_outputs", None)  # an LLM judge's text
+            if judge_outputs is not None:
+                for verdict, output in zip(verdicts, judge_outputs):
+                    verdict.setdefault("judge_output", {})[name] = output
         return verdicts, summary
     if suite.kind == "over_refusal":
         refused = [refusal_judge.is_refusal(r) for r in responses]
@@ -464,6 +468,12 @@ def _percent(numerator: int, denominator: int) -> str:
     return f"{100 * numerator / denominator:.1f}% ({numerator}/{denominator})" if denominator else "n/a"
 
 
+def _asr_cell(entry: dict) -> str:
+    """"12.5% (3/24)"; responses an LLM judge could not classify are left out of the rate and counted apart."""
+    cell = _percent(entry["successes"], entry["judged"])
+    return cell + (f" +{entry['invalid']} invalid" if entry["invalid"] else "")
+
+
 def report_columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
     """(header, cell(model entry)) for every column of the table."""
     columns: list[tuple[str, Callable[[dict], str]]] = []
@@ -471,8 +481,8 @@ def report_columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
         name, kind = suite["name"], suite["kind"]
         if kind == "attack":
             for judge_name in report["judges"]:
-                columns.append((f"{name} ASR↓ [{judge_name}]", lambda m, s=name, j=judge_name: _percent(
-                    m["suites"][s]["judges"][j]["successes"], m["suites"][s]["judges"][j]["judged"])))
+                columns.append((f"{name} ASR↓ [{judge_name}]", lambda m, s=name, j=judge_name: _asr_cell(
+                    m["suites"][s]["judges"][j])))
         elif kind == "over_refusal":
             columns.append((f"{name} over-refusal↓ [{report['refusal_judge']}]", lambda m, s=name: _percent(
                 m["suites"][s]["refusals"], m["suites"][s]["n"])))

@@ -348,3 +348,20 @@ def test_bare_eval_on_the_toy_runs(tmp_path):
     report = eval_py.main(["--max-samples", "2", "--max-new-tokens", "8", "--no-adapters", "--out", str(tmp_path)])
     assert {s["name"] for s in report["suites"]} == set(ev.TOY_KINDS)
     assert report["models"][0]["utility"]["tokens"] > 0
+
+
+def test_llm_judge_runs_our_decoder_and_its_outputs_are_saved(world, tmp_path):
+    """A random tiny model as the 'guard': its outputs are neither 'safe' nor 'unsafe', so every verdict is invalid
+    (None), and the report's counts say so; each saved judge output parses to the saved verdict."""
+    out = tmp_path / "o"
+    report = eval_py.main(["--model", str(world["model"]), "--out", str(out), "--max-new-tokens", "4",
+                           "--suite", world["suites"][0], "--judge", "llamaguard", "--judge", "gcg",
+                           "--judge-model", str(world["model"]), "--normal", "none"])
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    from ref.judges import parse_guard_output
+    assert [r["attack_success"]["llamaguard"] for r in rows] == [parse_guard_output(r["judge_output"]["llamaguard"])
+                                                                for r in rows]
+    entry = report["models"][0]["suites"]["advbench"]["judges"]["llamaguard"]
+    flags = [r["attack_success"]["llamaguard"] for r in rows]
+    assert entry["invalid"] == sum(f is None for f in flags) and entry["successes"] == sum(f is True for f in flags)
+    assert "[llamaguard]" in (out / "report.md").read_text()
