@@ -351,15 +351,24 @@ def place_tensor_default(module: nn.Module, param_name: str, tensor: torch.Tenso
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                vision_dir: str | Path | None = None, kernels: Kernels | None = None,
                place_tensor: PlaceTensor | None = None,
-               prepare: Callable[[nn.Module], None] | None = None) -> Llava:
+               prepare: Callable[[nn.Module], None] | None = None, quantize=None) -> Llava:
     """Load a LLaVA checkpoint folder into `ref.llava.Llava`, in eval mode, every parameter requires_grad=False.
 
     path: a folder with config.json and safetensors (any layout in the module docstring); vision_dir: the CLIP folder
     for an original-format checkpoint. dtype: float32, bfloat16 or float16 (every tensor is cast to it). `prepare` and
-    `place_tensor` are the quantization hooks described in the module docstring.
+    `place_tensor` are the quantization hooks described in the module docstring. quantize: "nf4", "fp4" or a
+    `ref.quant.QuantConfig`: the decoder's linears become 4-bit as they stream in (`ref.quant.load_quantized_model`);
+    a folder written by `ref.quant.save_quantized` is read as stored, quantize given or not.
     """
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"loading dtype must be one of {LOAD_DTYPES}, got {dtype}")
+    from ref import quant  # imported here: ref.quant builds on this module
+
+    if quantize is not None or quant.is_quantized_checkpoint(path):
+        if prepare is not None or place_tensor is not None:
+            raise ValueError("quantize= sets the prepare/place_tensor hooks itself; pass one or the other")
+        return quant.load_quantized_model(path, quantize, dtype=dtype, device=device, vision_dir=vision_dir,
+                                          kernels=kernels)
     checkpoint = open_checkpoint(path, vision_dir, kernels)  # every check that needs no tensor data, first
     with torch.device("meta"):
         model = Llava(checkpoint.config, kernels)
