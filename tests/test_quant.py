@@ -332,7 +332,7 @@ def dense_folder(tmp_path_factory):
 
 
 def test_streaming_load_quantizes_each_decoder_linear(dense_folder):
-    model = quant.load_quantized_model(dense_folder, "nf4")
+    model = weights.load_model(dense_folder, quantize="nf4")  # the public entry point
     reference = tiny_llava()
     quant.quantize_model(reference)
     assert {n for n, m in model.named_modules() if isinstance(m, Linear4bit)} == DECODER_LINEARS
@@ -351,7 +351,7 @@ def test_prequantized_round_trip_is_bit_identical_and_skips_quantization(dense_f
         raise AssertionError("a pre-quantized checkpoint must not be quantized again")
 
     monkeypatch.setattr(quant, "quantize_weight", no_quantization)
-    loaded = quant.load_quantized_model(tmp_path, None)
+    loaded = weights.load_model(tmp_path)  # recognised as pre-quantized by its config.json
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert set(state) == set(loaded_state)
     for key, t in state.items():

@@ -8,8 +8,7 @@ to disk one tensor at a time, so writing it costs little memory). Then each of t
 reports its own peak resident memory (VmHWM from /proc/self/status) and its RSS right before loading (Python, torch and
 imports):
 
-    ours-4bit     ref.quant.load_quantized_model(folder, "nf4", dtype=float16) (what load_model(quantize="nf4")
-                  runs): the decoder linears NF4, the rest float16
+    ours-4bit     ref.weights.load_model(folder, quantize="nf4", dtype=float16): decoder linears NF4, rest float16
     ours-dense    ref.weights.load_model(folder, dtype=float16)
     transformers  LlavaForConditionalGeneration.from_pretrained(folder, dtype=float16)
 
@@ -91,7 +90,7 @@ def run_child(kind: str, folder: Path) -> dict:
     baseline = proc_status("VmRSS")
     start = time.perf_counter()
     if kind == "ours-4bit":
-        model = quant.load_quantized_model(folder, "nf4", dtype=torch.float16)  # = load_model(quantize="nf4")
+        model = weights.load_model(folder, quantize="nf4", dtype=torch.float16)
     elif kind == "ours-dense":
         model = weights.load_model(folder, dtype=torch.float16)
     elif kind == "transformers":
