@@ -60,9 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "evaluated too.\nName defaults to the run folder (runs/textual/adapter -> textual). "
                          "Default: none,\nor with the toy model every runs/*/adapter that exists")
     io.add_argument("--no-adapters", action="store_true", help="evaluate the base model only (ignore the defaults)")
-    io.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4"],
-                    help="load the decoder linears in 4 bit, as QLoRA trained them (default: none, dense)")
-    io.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights / compute dtype")
+    io.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4"],
+                    help="the base's decoder linears: dense (none) or 4 bit. auto (default): what the adapters' train.py\n"
+                         "runs used (args.json next to each adapter), so an adapter meets the base it was trained on;\n"
+                         "none when no adapter records it")
+    io.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights / compute dtype (default float32)")
     io.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu)")
     io.add_argument("--threads", type=int, default=None,
@@ -141,6 +143,25 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
     elif args.adapter is None:
         args.adapter = [str(p) for p in sorted((root / "runs").glob("*/adapter")) if p.is_dir()] if toy else []
     return args
+
+
+def resolve_quantize(requested: str, adapters: list[tuple[str, Path]]) -> str:
+    """--quantize auto -> the quantization every adapter's train.py run recorded (they must agree), else none."""
+    if requested != "auto":
+        return requested
+    recorded = {}
+    for name, folder in adapters:
+        run_args = folder.parent / "args.json"
+        if folder.name == "adapter" and run_args.is_file():
+            try:
+                recorded[name] = json.loads(run_args.read_text()).get("quantize")
+            except (OSError, json.JSONDecodeError) as err:
+                raise ev.EvalError(f"{run_args}: not valid JSON ({err})") from err
+    choices = {q for q in recorded.values() if q}
+    if len(choices) > 1:
+        raise ev.EvalError(f"the adapters were trained on differently quantized bases {recorded}; choose one with "
+                           f"--quantize none|nf4|fp4")
+    return choices.pop() if choices else "none"
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -248,6 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     args = resolve_defaults(args)
     adapters = parse_adapters(args.adapter)
+    args.quantize = resolve_quantize(args.quantize, adapters)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kernels = kernel_registry.resolve(args.kernels)

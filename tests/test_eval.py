@@ -365,3 +365,26 @@ def test_llm_judge_runs_our_decoder_and_its_outputs_are_saved(world, tmp_path):
     flags = [r["attack_success"]["llamaguard"] for r in rows]
     assert entry["invalid"] == sum(f is None for f in flags) and entry["successes"] == sum(f is True for f in flags)
     assert "[llamaguard]" in (out / "report.md").read_text()
+
+
+def test_quantize_auto_follows_the_adapters_runs(world, tmp_path):
+    adapter = world["adapter"]  # runs/textual/adapter, no args.json yet
+    assert eval_py.resolve_quantize("auto", [("textual", adapter)]) == "none"
+    other = tmp_path / "runs" / "sft" / "adapter"
+    other.mkdir(parents=True)
+    (other.parent / "args.json").write_text(json.dumps({"quantize": "nf4"}))
+    assert eval_py.resolve_quantize("auto", [("textual", adapter), ("sft", other)]) == "nf4"
+    assert eval_py.resolve_quantize("none", [("sft", other)]) == "none"
+    third = tmp_path / "runs" / "multimodal" / "adapter"
+    third.mkdir(parents=True)
+    (third.parent / "args.json").write_text(json.dumps({"quantize": "fp4"}))
+    with pytest.raises(ev.EvalError, match="--quantize"):
+        eval_py.resolve_quantize("auto", [("sft", other), ("multimodal", third)])
+
+
+def test_nf4_base_with_adapter_runs(world, tmp_path):
+    report = eval_py.main(["--model", str(world["model"]), "--out", str(tmp_path), "--max-new-tokens", "3",
+                           "--suite", world["suites"][0], "--normal", f"truthfulqa:{world['data'] / 'truthfulqa.csv'}",
+                           "--quantize", "nf4", "--adapter", str(world["adapter"])])
+    assert report["quantize"] == "nf4"
+    assert report["models"][1]["utility"]["kl_from_base"] > 0  # adapters off = the same 4-bit base
