@@ -184,13 +184,10 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def load_base(args, kernels):
-    dtype = DTYPES[args.dtype]
-    if args.quantize == "none":
-        return load_model(args.model, dtype=dtype, device=args.device, vision_dir=args.vision_dir, kernels=kernels)
-    from ref.quant import load_quantized_model
-
-    return load_quantized_model(args.model, args.quantize, dtype=dtype, device=args.device,
-                                vision_dir=args.vision_dir, kernels=kernels)
+    """The base model, loaded once for every row of the table (dense, or 4-bit decoder linears)."""
+    quantize = None if args.quantize == "none" else args.quantize
+    return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, vision_dir=args.vision_dir,
+                      kernels=kernels, quantize=quantize)
 
 
 def check_adapters(model, adapters: list[tuple[str, Path]], model_dir: str) -> dict[str, dict | None]:
