@@ -67,7 +67,7 @@ SPEC_KINDS = {
 
 def parse_suite_spec(spec: str) -> tuple[str | None, str, str]:
     """"[NAME=]KIND:PATH" (or "toy", "toy:NAME") -> (name or None, kind, path)."""
-    name, _, rest = spec.rpartition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
+    name, _, rest = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
     kind, sep, path = rest.partition(":")
     if kind not in SPEC_KINDS:
         raise EvalError(f"suite spec {spec!r}: unknown kind {kind!r}; expected [NAME=]KIND:PATH with KIND one of "

@@ -313,6 +313,9 @@ def test_duplicate_suite_names_and_renaming(world, tmp_path):
         ev.load_suites([spec, spec])
     suites = ev.load_suites([spec, "again=" + spec])
     assert [s.name for s in suites] == ["advbench", "again"] and suites[1].samples[0].suite == "again"
+    assert ev.parse_suite_spec("x=text:dir/a=b.csv") == ("x", "text", "dir/a=b.csv")
+    assert ev.parse_suite_spec("text:dir/a=b.csv") == (None, "text", "dir/a=b.csv")
+    assert ev.parse_suite_spec("toy") == (None, "toy", "")
 
 
 # --- defaults --------------------------------------------------------------------------------------------------------
