@@ -318,7 +318,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
 
 
 def hf_module_name(name: str) -> str:
-    """Our module name -> transformers 5.x LlavaForConditionalGeneration's (everything but lm_head is under `model.`)."""
+    """Our module name -> transformers 5.x LlavaForConditionalGeneration's: all but lm_head sit under `model.`."""
     return name if name == "lm_head" or name.startswith("lm_head.") else f"model.{name}"
 
 

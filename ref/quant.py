@@ -571,7 +571,7 @@ def save_quantized(model: nn.Module, folder: str | Path, layout: str = "llava-hf
         "bnb_4bit_quant_type": quant_type,
         "bnb_4bit_use_double_quant": double_quant,
         "bnb_4bit_quant_storage": "uint8",
-        "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_compute_dtype": "float32",  # informative only: our modules compute in the input's dtype
         "blocksize": blocksize,  # not a transformers field; the packed quant state carries it too
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -40,7 +40,7 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
             module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 0.1)
 
 
-# --- one LoraLinear -------------------------------------------------------------------------------------------------------
+# --- one LoraLinear ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("base_kind", ["dense", "4bit"])
@@ -120,7 +120,7 @@ def test_merge_into_4bit_warns_and_requantizes():
     assert 0 < error < 0.2  # rounded again to 4 bits: close, not equal
 
 
-# --- on a tiny LLaVA ------------------------------------------------------------------------------------------------------
+# --- on a tiny LLaVA --------------------------------------------------------------------------------------------------
 
 
 def tiny_config() -> LlavaConfig:
@@ -219,7 +219,7 @@ def test_merged_dense_model_equals_adapted_model_and_unmerge_restores():
     torch.testing.assert_close(model(ids), adapted)
 
 
-# --- adapter files ------------------------------------------------------------------------------------------------------
+# --- adapter files ----------------------------------------------------------------------------------------------------
 
 
 def test_save_and_load_adapter_round_trip(tmp_path):
@@ -298,7 +298,7 @@ def test_bad_settings_are_refused():
         lora.add_lora(model)
 
 
-# --- peft interoperability ------------------------------------------------------------------------------------------------
+# --- peft interoperability --------------------------------------------------------------------------------------------
 
 
 def test_exported_adapter_loads_in_peft_on_transformers_llava_with_same_logits(tmp_path):
@@ -334,7 +334,7 @@ def test_exported_adapter_loads_in_peft_on_transformers_llava_with_same_logits(t
     torch.testing.assert_close(ours_logits, peft_logits)
 
 
-# --- weights_tools: merge an adapter into a dense checkpoint, quantize ahead of time -----------------------------------
+# --- weights_tools: merge an adapter into a dense checkpoint, quantize ahead of time ----------------------------------
 
 
 def test_merge_adapter_tool_writes_a_dense_checkpoint_equal_to_the_adapted_model(tmp_path):

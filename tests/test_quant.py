@@ -93,7 +93,7 @@ def test_chunked_quantization_is_bit_identical_to_one_call(quant_type, shape, do
     assert state == state_bnb  # bitsandbytes' own comparison of every remaining field
 
 
-# --- forward and backward -----------------------------------------------------------------------------------------------
+# --- forward and backward ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -166,7 +166,7 @@ def test_compute_dtype_bfloat16():
     torch.testing.assert_close(y, want)
 
 
-# --- moving between devices and dtypes ----------------------------------------------------------------------------------
+# --- moving between devices and dtypes --------------------------------------------------------------------------------
 
 
 def test_half_keeps_quant_state_dtypes():
@@ -201,7 +201,7 @@ def test_moves_to_cuda_and_back():
     torch.testing.assert_close(module(x), y_cpu)
 
 
-# --- state dict: bitsandbytes' own serialisation -------------------------------------------------------------------------
+# --- state dict: bitsandbytes' own serialisation ----------------------------------------------------------------------
 
 
 def test_state_dict_round_trip_through_safetensors_is_bit_identical(tmp_path):
@@ -251,7 +251,7 @@ def test_bad_settings_are_refused():
         quant.quantize_model(nn.Sequential(nn.Linear(64, 64)), QuantConfig(scope="language_model.layers."))
 
 
-# --- a tiny LLaVA ---------------------------------------------------------------------------------------------------------
+# --- a tiny LLaVA -----------------------------------------------------------------------------------------------------
 
 
 def tiny_llava(seed: int = 0) -> Llava:
@@ -321,7 +321,7 @@ def test_4bit_llava_logits_are_close_to_the_original():
     assert 0 < error < 0.2
 
 
-# --- streaming quantize-on-load and the pre-quantized checkpoint --------------------------------------------------------
+# --- streaming quantize-on-load and the pre-quantized checkpoint ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
