@@ -31,7 +31,8 @@ The split (disjoint by construction, checked by tests/test_toy_world.py)
   held-out (shape, colour, background) combinations.
 - Over-refusal prompts: benign requests that look like harmful ones (LOOKALIKE_TOPICS), never seen in training.
 
-Public functions used by train.py / eval.py defaults: `unlearning_records`, `write_unlearning_jsonl`, `eval_suites`,
+Public functions used by train.py / eval.py defaults: `unlearning_records`, `unlearning_dicts`,
+`write_unlearning_jsonl`, `eval_suites`,
 `write_eval_suites`, `render_image`, `training_stream`, `build_tokenizer`, `is_refusal`, `is_harmful_compliance`.
 """
 
@@ -39,7 +40,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -537,28 +540,26 @@ def eval_suites() -> dict[str, tuple[EvalItem, ...]]:
 # Unlearning data (the JSONL schema of ref/unlearning_data.py)
 
 
-def unlearning_records(split: str = "train", with_images: bool = False) -> list[dict]:
-    """Harmful + normal records for unlearning, from the training side of the split (the eval suites never overlap).
+def unlearning_dicts(split: str = "train", with_images: bool = False) -> list[dict]:
+    """Harmful + normal records for unlearning as JSON objects of ref/unlearning_data.py's schema, "image" (if any)
+    holding a spec for `render_image`. From the training side of the split: the eval suites never overlap.
 
     Harmful: {"kind": "harmful", "prompt", "harmful_response", "helpful_response"} for every harmful topic asked with
     every training phrasing (text only). Normal: {"kind": "normal", "prompt", "response"}: benign text tasks the base
     model was trained on (the data of the KL term). With `with_images`, also the harmful requests as FigStep-style
-    and image-piece images with the training prompts and benign image tasks, "image" holding a spec for
-    `render_image` (`write_unlearning_jsonl` saves the PNGs and writes paths): the multimodal baseline's data.
+    and image-piece images with the training prompts, and benign image tasks: the multimodal baseline's data.
     """
     if split != "train":
         raise ValueError(f"unknown split {split!r}: unlearning data exists for the 'train' side only (the held-out "
                          f"side is eval_suites())")
     records = []
-    for ex in harmful_text_train():
-        t = ex.meta["topic"]
-        records.append({"kind": "harmful", "prompt": ex.prompt, "harmful_response": ex.response,
-                        "helpful_response": fill(REFUSAL_RESPONSE, t)})
-    if with_images:
-        for ex in harmful_image_train():
-            t = ex.meta["topic"]
-            records.append({"kind": "harmful", "prompt": ex.prompt, "harmful_response": ex.response,
-                            "helpful_response": fill(REFUSAL_RESPONSE, t), "image": ex.image})
+    harmful = harmful_text_train() + (harmful_image_train() if with_images else [])
+    for ex in harmful:
+        record = {"kind": "harmful", "prompt": ex.prompt, "harmful_response": ex.response,
+                  "helpful_response": fill(REFUSAL_RESPONSE, ex.meta["topic"])}
+        if ex.image is not None:
+            record["image"] = ex.image
+        records.append(record)
     pools = training_pools()
     normal = list(pools["facts_text"]) + list(pools["howto_text"])
     rng = random.Random(7)
@@ -574,8 +575,33 @@ def unlearning_records(split: str = "train", with_images: bool = False) -> list[
     return records
 
 
+def default_image_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "toy_world_images"
+
+
+def unlearning_records(split: str = "train", with_images: bool = False, image_dir: str | Path | None = None):
+    """`unlearning_dicts()` as ref.unlearning_data records (HarmfulRecord / NormalRecord), what train.py reads.
+
+    Images are rendered to PNG files named by a hash of their spec in `image_dir` (default: a cache folder in the
+    system's temp directory) and the records hold their absolute paths.
+    """
+    from ref.unlearning_data import HarmfulRecord, NormalRecord
+
+    dicts = unlearning_dicts(split, with_images)
+    folder = Path(image_dir) if image_dir is not None else default_image_dir()
+    names = save_images([d.get("image") for d in dicts], folder) if with_images else {}
+    records = []
+    for d in dicts:
+        fields = {k: v for k, v in d.items() if k != "kind"}
+        if "image" in fields:
+            fields["image"] = str((folder / names[fields["image"]]).resolve())
+        records.append(HarmfulRecord(**fields) if d["kind"] == "harmful" else NormalRecord(**fields))
+    return records
+
+
 def save_images(specs, folder: Path) -> dict[str, str]:
-    """Render each spec to folder/<hash>.png; returns spec -> file name."""
+    """Render each spec to folder/<hash>.png (kept if already there); returns spec -> file name."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = {}
     for spec in specs:
@@ -584,16 +610,18 @@ def save_images(specs, folder: Path) -> dict[str, str]:
         names[spec] = image_filename(spec)
         path = folder / names[spec]
         if not path.exists():
-            render_image(spec).save(path, format="PNG")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            render_image(spec).save(tmp, format="PNG")
+            os.replace(tmp, path)  # atomic: concurrent writers never expose a half-written file
     return names
 
 
 def write_unlearning_jsonl(path: str | Path, with_images: bool = False) -> Path:
-    """Write `unlearning_records()` to a JSONL file; images (if any) go to `<path stem>_images/`, paths relative to
-    the JSONL's folder."""
+    """Write `unlearning_dicts()` to a JSONL file (ref/unlearning_data.py's schema); images (if any) go to
+    `<path stem>_images/`, paths relative to the JSONL's folder, as the schema wants."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = unlearning_records("train", with_images)
+    records = unlearning_dicts("train", with_images)
     image_dir = path.parent / f"{path.stem}_images"
     names = save_images([r.get("image") for r in records], image_dir) if with_images else {}
     with path.open("w") as f:

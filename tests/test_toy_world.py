@@ -37,7 +37,7 @@ def all_training_examples() -> list[tw.Example]:
 
 def test_eval_items_never_appear_in_training_or_unlearning_data():
     seen = {(ex.prompt, ex.image) for ex in all_training_examples()}
-    seen |= {(r["prompt"], r.get("image")) for r in tw.unlearning_records(with_images=True)}
+    seen |= {(r["prompt"], r.get("image")) for r in tw.unlearning_dicts(with_images=True)}
     for name, items in tw.eval_suites().items():
         assert items, f"suite {name} is empty"
         overlap = [(it.prompt, it.image) for it in items if (it.prompt, it.image) in seen]
@@ -47,7 +47,7 @@ def test_eval_items_never_appear_in_training_or_unlearning_data():
 def test_attack_prompts_and_image_prompts_are_held_out_as_text():
     """Not only the (prompt, image) pairs: the attack phrasings themselves never occur in training."""
     train_prompts = {ex.prompt for ex in all_training_examples()}
-    train_prompts |= {r["prompt"] for r in tw.unlearning_records(with_images=True)}
+    train_prompts |= {r["prompt"] for r in tw.unlearning_dicts(with_images=True)}
     suites = tw.eval_suites()
     for name in ("text_attacks", "figstep_attacks", "piece_attacks", "over_refusal"):
         leaked = [it.prompt for it in suites[name] if it.prompt in train_prompts]
@@ -66,9 +66,9 @@ def test_every_harmful_topic_is_attacked_in_every_modality_and_covered_by_unlear
     suites = tw.eval_suites()
     for name in ("text_attacks", "figstep_attacks", "piece_attacks"):
         assert {it.topic for it in suites[name]} == set(tw.HARMFUL_TOPICS), name
-    harmful = [r for r in tw.unlearning_records() if r["kind"] == "harmful"]
+    harmful = [r for r in tw.unlearning_dicts() if r["kind"] == "harmful"]
     assert {topic for topic in tw.HARMFUL_TOPICS if any(topic in r["prompt"] for r in harmful)} == set(tw.HARMFUL_TOPICS)
-    assert all("image" not in r for r in tw.unlearning_records())  # textual unlearning: text only
+    assert all("image" not in r for r in tw.unlearning_dicts())  # textual unlearning: text only
 
 
 def test_lookalike_topics_are_benign_and_unseen():
@@ -81,10 +81,9 @@ def test_lookalike_topics_are_benign_and_unseen():
 # --- data format -----------------------------------------------------------------------------------------------------
 
 
-def test_unlearning_records_follow_the_schema():
-    records = tw.unlearning_records(with_images=True)
-    kinds = {r["kind"] for r in records}
-    assert kinds == {"harmful", "normal"}
+def test_unlearning_dicts_follow_the_schema():
+    records = tw.unlearning_dicts(with_images=True)
+    assert {r["kind"] for r in records} == {"harmful", "normal"}
     for r in records:
         keys = set(r) - {"image"}
         if r["kind"] == "harmful":
@@ -94,15 +93,19 @@ def test_unlearning_records_follow_the_schema():
             assert keys == {"kind", "prompt", "response"}
         assert all(isinstance(r[k], str) and r[k] for k in keys)
     with pytest.raises(ValueError, match="split"):
-        tw.unlearning_records("test")
+        tw.unlearning_dicts("test")
 
 
-def test_written_jsonl_and_images(tmp_path):
+def test_written_jsonl_reads_back_with_the_projects_reader(tmp_path):
+    from ref.unlearning_data import HarmfulRecord, read_unlearning_jsonl
+
     path = tw.write_unlearning_jsonl(tmp_path / "unlearn.jsonl", with_images=True)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == len(tw.unlearning_records(with_images=True))
-    image_rows = [r for r in rows if "image" in r]
-    assert image_rows and all((path.parent / r["image"]).is_file() for r in image_rows)
+    records = read_unlearning_jsonl(path)  # checks the schema and that every image file exists
+    assert len(records) == len(tw.unlearning_dicts(with_images=True))
+    assert any(r.image for r in records) and any(isinstance(r, HarmfulRecord) and r.image for r in records)
+    in_memory = tw.unlearning_records(with_images=True, image_dir=tmp_path / "cache")
+    assert [(r.kind, r.prompt) for r in in_memory] == [(r.kind, r.prompt) for r in records]
+    assert all(Path(r.image).is_file() for r in in_memory if r.image)
     paths = tw.write_eval_suites(tmp_path / "suites")
     for name, suite_path in paths.items():
         lines = suite_path.read_text().splitlines()
@@ -157,7 +160,7 @@ import hashlib, itertools, json
 from ref import toy_world as tw
 h = hashlib.sha256()
 h.update(json.dumps([[it.__dict__ for it in items] for items in tw.eval_suites().values()]).encode())
-h.update(json.dumps(tw.unlearning_records(with_images=True)).encode())
+h.update(json.dumps(tw.unlearning_dicts(with_images=True)).encode())
 for ex in itertools.islice(tw.training_stream(3), 500):
     h.update(json.dumps([ex.task, ex.prompt, ex.response, ex.image]).encode())
 for spec in ["words:5:steps to pick a lock . 1. 2. 3.", "shape:triangle:red:grey:4"]:

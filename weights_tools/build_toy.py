@@ -1,7 +1,8 @@
 """Build the toy LLaVA of the toy world (ref/toy_world.py) from scratch, on a CPU, with our own model code.
 
-    python -m weights_tools.build_toy                      # the committed checkpoint: assets/toy_llava (~15 min, 2 cores)
+    python -m weights_tools.build_toy                      # the committed checkpoint: assets/toy_llava
     python -m weights_tools.build_toy --quick --out DIR    # a few steps, no evaluation (< 1 min; for the tests)
+    python -m weights_tools.build_toy --measure DIR        # measure a toy checkpoint on the held-out suites
 
 What it does, top to bottom:
 1. trains a BPE tokenizer (`tokenizers`) on the toy corpus: "<unk>" 0, "<s>" 1, "</s>" 2, then the learned pieces,
@@ -10,7 +11,9 @@ What it does, top to bottom:
    tokens, GELU projector, 4-layer LLaMA decoder of width 128) and initialises it like LLaMA (normal, std 0.02);
 3. trains everything (vision tower, projector, decoder) with AdamW on next-token cross entropy over the response
    tokens of a seeded stream of toy-world examples (`toy_world.training_stream`), in the llava-hf chat format built by
-   `ref.data`; an UNALIGNED assistant: it does the benign tasks and complies with harmful requests;
+   `ref.data`, plus an image-text alignment loss (`--align-weight`): the projected feature of each patch cell that
+   holds a word is pulled onto that word's token embedding (the toy's stand-in for LLaVA's stage-1 projector
+   pre-training). The result is an UNALIGNED assistant: it does the benign tasks and complies with harmful requests;
 4. measures it on the held-out suites (`toy_world.eval_suites`, greedy `Llava.generate`): attack success rate by the
    toy's refusal-phrase judge, strict compliance, benign exact match, over-refusal;
 5. writes config.json + model.safetensors (llava-hf layout, `ref.weights.save_model`) + tokenizer.json +
@@ -116,8 +119,9 @@ def losses(model: Llava, batch: dict[str, torch.Tensor], cell_ids: torch.Tensor 
     """(response cross entropy, image-text alignment loss).
 
     Response loss: mean next-token cross entropy over the response tokens (and the closing EOS) of the batch.
-    Alignment loss: at each patch cell that holds a word, the projected image feature f should equal the word's token
-    embedding e (a fixed target, no gradient into the embedding): ||f - e||^2 / mean ||e||^2, averaged over cells.
+    Alignment loss: at each patch cell that holds a word, the projected image feature f should point along the word's
+    token embedding e (a fixed target, no gradient into the embedding): 1 - cos(f, e), averaged over word cells
+    (direction only: the decoder RMS-normalises its inputs, and the embeddings' norms drift during training).
     It is the toy's stand-in for LLaVA's stage-1 projector pre-training: it puts the image of a word where the
     decoder already reads that word, which is the premise of textual unlearning carrying over to images.
     """
@@ -132,8 +136,7 @@ def losses(model: Llava, batch: dict[str, torch.Tensor], cell_ids: torch.Tensor 
     if features is not None and cell_ids is not None and (cell_ids >= 0).any():
         has_word = cell_ids >= 0  # (N, P)
         target = model.language_model.embed_tokens.weight.detach()[cell_ids[has_word]]  # (cells, D)
-        error = (features[has_word] - target).pow(2).sum(-1)  # (cells,)
-        align = (error / target.pow(2).sum(-1).mean()).mean()
+        align = (1 - F.cosine_similarity(features[has_word], target, dim=-1)).mean()
     return ce, align
 
 
@@ -252,11 +255,24 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def output_affecting(argv: list[str]) -> list[str]:
+    """The arguments that change the files: --out and --log-every only decide where they go and what is printed."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--log-every"):
+            skip = True
+        elif not arg.startswith(("--out=", "--log-every=")):
+            kept.append(arg)
+    return kept
+
+
 def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dict | None, n_params: int) -> None:
     files = ["config.json", "model.safetensors", "tokenizer.json"]
     manifest = {
         "what": "toy LLaVA (llava-hf layout) trained from scratch on the toy world of ref/toy_world.py",
-        "build_command": "python -m weights_tools.build_toy " + " ".join(args.argv),
+        "build_command": " ".join(["python -m weights_tools.build_toy"] + output_affecting(args.argv)),
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -286,11 +302,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: assets/toy_llava)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data stream and the initialisation")
-    parser.add_argument("--steps", type=int, default=2400, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (recorded; fixes the rounding)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (recorded: it fixes the rounding; 1 is robust on a busy machine)")
     parser.add_argument("--harmful-image-share", type=float, default=0.0,
                         help="weight of harmful IMAGE requests in the training mix (default 0: harmful text only)")
     parser.add_argument("--align-weight", type=float, default=1.0,
@@ -300,11 +317,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a shortened build for tests: 3 steps of batch 4, no evaluation")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--measure", type=Path, default=None, metavar="DIR",
+                        help="only measure an existing toy checkpoint folder on the held-out suites (no build)")
     args = parser.parse_args(argv)
     args.argv = list(argv)
     if args.quick:
         args.steps, args.batch_size, args.warmup, args.no_eval = 3, 4, 1, True
     return args
+
+
+def report(metrics: dict, log) -> None:
+    for name, entry in metrics.items():
+        numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
+        log(f"{name:16s} {numbers}")
+        if "accuracy_by_task" in entry:
+            log(f"{'':16s} {entry['accuracy_by_task']}")
+
+
+def measure_folder(folder: Path, limit: int | None, log) -> dict:
+    from ref.data import load_tokenizer
+    from ref.weights import load_model
+
+    model = load_model(folder)
+    model.eval()
+    tokenizer = load_tokenizer(folder, model.config.image_token_index, model.config.pad_token_id)
+    metrics = measure(model, tokenizer, limit)
+    report(metrics, log)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -313,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     start = time.time()
+    if args.measure is not None:
+        return {"metrics": measure_folder(args.measure, args.eval_limit, log)}
 
     backend = toy_world.build_tokenizer()
     image_id, pad_id = backend.token_to_id(toy_world.IMAGE_TOKEN), backend.token_to_id(toy_world.PAD_TOKEN)
@@ -329,11 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = None
     if not args.no_eval:
         metrics = measure(model, tokenizer, args.eval_limit)
-        for name, entry in metrics.items():
-            numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
-            log(f"{name:16s} {numbers}")
-            if "accuracy_by_task" in entry:
-                log(f"{'':16s} {entry['accuracy_by_task']}")
+        report(metrics, log)
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_model(model, args.out)
