@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the op's own)")
+    parser.add_argument("--mmap-threshold", type=int, default=None, help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) "
+                        "in the cases: with glibc's default dynamic threshold, freed (chunk, V) blocks can stay in the "
+                        "heap and the chunked peak grows with the chunk count; 65536 returns them to the OS")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: JSON case description, run in this process
     args = parser.parse_args()
 
@@ -91,9 +94,12 @@ def main() -> None:
 
     import torch
 
+    env = dict(os.environ)
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, V={args.vocab}, dtype={args.dtype}, "
           f"lm_head weight {'trained' if args.weight_grad else 'frozen'}, chunk rows "
-          f"{args.chunk_size or 'default'}; peak = extra RSS of one fwd+bwd over its inputs (fresh process per case)")
+          f"{args.chunk_size or 'default'}, malloc mmap threshold {args.mmap_threshold or 'glibc default'}; peak = extra RSS of one fwd+bwd over its inputs (fresh process per case)")
     header = f"{'op':<4} {'N':>5} {'D':>5} " + " ".join(f"{impl + ' MiB':>14} {impl + ' ms':>13}" for impl in args.impls)
     header += f" {'mem ratio':>10} {'time ratio':>11}"
     print(header)
@@ -106,7 +112,7 @@ def main() -> None:
                     case = dict(op=op, impl=impl, n=n, d=d, vocab=args.vocab, weight_grad=args.weight_grad,
                                 dtype=args.dtype, repeats=args.repeats, chunk_size=args.chunk_size)
                     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)],
-                                         capture_output=True, text=True, check=True)
+                                         capture_output=True, text=True, check=True, env=env)
                     results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
                 row = f"{op:<4} {n:>5} {d:>5} " + " ".join(
                     f"{results[i]['peak_mib']:>14.1f} {results[i]['time_ms']:>13.1f}" for i in args.impls)
