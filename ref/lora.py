@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ref.kernels import Kernels, resolve
 from ref.quant import Linear4bit, set_submodule
 
 
@@ -102,8 +103,9 @@ class LoraLinear(nn.Module):
     """base(x) + scaling * lora_B(lora_A(dropout(x))), with the base frozen."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or resolve()  # the `lora_linear` op computes the adapted forward
         if r <= 0:
             raise LoraError(f"LoRA rank r must be positive, got {r}")
         self.base_layer = base
@@ -125,12 +127,11 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # so the adapted model starts as the base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)  # (..., out)
         if not self.enabled or self.merged:
-            return out
-        adapter_dtype = self.lora_A.weight.dtype
-        update = self.lora_B(self.lora_A(self.dropout(x.to(adapter_dtype)))) * self.scaling  # (..., out)
-        return out + update.to(out.dtype)
+            return self.base_layer(x)  # (..., out)
+        # base(x) + s * B A dropout(x), through the kernel table (ref/kernels/lora.py holds the reference formula)
+        return self.kernels.lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                        self.dropout)  # (..., out)
 
     # --- merging ----------------------------------------------------------------------------------------------------
 
@@ -203,7 +204,8 @@ def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> list[str]:
         p.requires_grad_(False)
     for name in names:
         set_submodule(model, name, LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout,
-                                              config.use_rslora, DTYPES[config.dtype]))
+                                              config.use_rslora, DTYPES[config.dtype],
+                                              kernels=getattr(model, "kernels", None)))  # the model's kernel table
     return names
 
 

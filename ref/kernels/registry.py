@@ -18,6 +18,8 @@ PRESETS: dict[str, dict[str, str]] = {
     "reference": {},
     # the loss ops chunked over tokens: never the full [tokens x vocab] logits (ref/kernels/cross_entropy.py, kl.py)
     "chunked": {"linear_cross_entropy": "chunked", "linear_kl": "chunked"},
+    # every faster variant there is: chunked losses, the fused LoRA-over-4-bit function, PyTorch's fused attention
+    "fast": {"linear_cross_entropy": "chunked", "linear_kl": "chunked", "lora_linear": "fused", "attention": "sdpa"},
 }
 
 
