@@ -472,7 +472,7 @@ def test_resolve_chunked_preset_and_overrides():
 
 
 def test_resolve_errors_name_what_is_known():
-    with pytest.raises(ValueError, match=r"unknown kernel preset 'fast'.*'chunked'"):
+    with pytest.raises(ValueError, match=r"unknown kernel preset 'turbo'.*'chunked'"):
         resolve("turbo")
     with pytest.raises(ValueError, match=r"unknown kernel op 'layer_norm'.*'rms_norm'"):
         resolve(overrides={"layer_norm": "reference"})
