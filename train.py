@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ref import kernels as kernel_registry
@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = p.add_argument_group("model and adapters")
     model.add_argument("--quantize", default="nf4", choices=["nf4", "fp4", "none"], help="decoder linears' base")
     model.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--lora-r", type=int, default=8)
     model.add_argument("--lora-alpha", type=float, default=16.0)
     model.add_argument("--lora-dropout", type=float, default=0.0)
@@ -105,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_model_folder(path: str) -> None:
+    if Path(path) == TOY_MODEL and not (TOY_MODEL / "config.json").is_file():
+        raise SystemExit(f"{TOY_MODEL}: the toy model is not there; build it with `python -m weights_tools.build_toy` "
+                         f"(or give --model DIR)")
+
+
 def kernel_overrides(pairs: list[str]) -> dict[str, str]:
     overrides = {}
     for pair in pairs:
@@ -122,8 +130,8 @@ def kernel_overrides(pairs: list[str]) -> dict[str, str]:
 def build_model(args, kernels):
     """The LLaVA checkpoint with its decoder linears in 4-bit and LoRA adapters on them; only the adapters train."""
     quantize = None if args.quantize == "none" else args.quantize
-    model = load_model(args.model, dtype=DTYPES[args.dtype], vision_dir=args.vision_dir, kernels=kernels,
-                       quantize=quantize)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, vision_dir=args.vision_dir,
+                       kernels=kernels, quantize=quantize)
     lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     add_lora(model, lora)  # freezes every base parameter: vision tower, projector, embeddings, lm_head, 4-bit linears
     model.language_model.gradient_checkpointing = args.activation_checkpointing
@@ -189,6 +197,9 @@ class StepBatches:
     helpful: Batch | None  # the same prompts with helpful responses (L_helpful)
     normal: Batch | None  # normal data (L_utility)
 
+    def to(self, device: torch.device) -> "StepBatches":
+        return StepBatches(*(None if b is None else b.to(device) for b in (self.harmful, self.helpful, self.normal)))
+
 
 class BatchMaker:
     """Records -> tokenized batches with response-only labels; images preprocessed once and cached."""
@@ -213,12 +224,19 @@ class BatchMaker:
         examples = [self.example(*pair) for pair in pairs]
         return Batch(**collate_for_training(examples, self.processor.tokenizer.pad_id))
 
-    def step_batches(self, harm_idx: list[int], normal_idx: list[int], step: int) -> StepBatches:
+    def preload_images(self) -> None:
+        """Decode every image now, so an unreadable one stops the run before training starts."""
+        for record in [*self.harmful, *self.normal]:
+            if record.image and record.image not in self.images:
+                self.images[record.image] = self.processor.images_to_tensor([record.image])  # (1, 3, S, S)
+
+    def step_batches(self, harm_idx: list[int], normal_idx: list[int], step: int, micro: int = 0) -> StepBatches:
         records = [self.harmful[i] for i in harm_idx]
         harm_pairs = [(r.prompt, r.harmful_response, r.image) for r in records if r.harmful_response]
         if self.args.mismatch == "random":
-            # Yao et al.'s variant: a random normal answer, drawn from (seed, step) so a resumed run draws the same.
-            rng = random.Random(self.args.seed * 1_000_003 + step)
+            # Yao et al.'s variant: a random normal answer, drawn from (seed, step, micro-batch) so a resumed run draws
+            # the same.
+            rng = random.Random(f"{self.args.seed}/{step}/{micro}")
             helpful_pairs = [(r.prompt, rng.choice(self.normal).response, r.image) for r in records]
         else:
             helpful_pairs = [(r.prompt, r.helpful_response, r.image) for r in records if r.helpful_response]
@@ -229,7 +247,7 @@ class BatchMaker:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. The loop's parts: schedule, accounting, checkpoints
+# 4. The loop's parts: schedule, accounting, checkpoints, progress
 
 
 def learning_rate(step: int, args) -> float:
@@ -296,8 +314,16 @@ def write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint that is missing, unreadable, or does not fit the model being resumed."""
+
+
+CHECKPOINT_FILE = "state.safetensors"
+
+
 def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
-    """Adapter + AdamW moments in safetensors, everything else (step, data position, RNG) in JSON."""
+    """Adapter, AdamW moments and RNG states as tensors, everything else (step, data position) as JSON metadata of
+    the same safetensors file: one file, renamed into place, so a checkpoint is never half old and half new."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     tensors = {f"param/{n}": t.contiguous() for n, t in adapter_tensors(model).items()}
@@ -306,30 +332,48 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
         for key, value in opt_state["state"].get(index, {}).items():
             tensors[f"adam/{name}/{key}"] = value.detach().reshape(-1) if value.ndim == 0 else value.contiguous()
     tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {**state, "python_rng": _jsonable_random_state(), "param_names": names}
-    write_atomically(folder / "state.safetensors", lambda p: save_file(tensors, str(p)))
-    write_atomically(folder / "state.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    write_atomically(folder / CHECKPOINT_FILE, lambda p: save_file(tensors, str(p), metadata={"state": json.dumps(meta)}))
 
 
 def load_checkpoint(folder: Path, model, optimizer) -> dict:
-    meta = json.loads((folder / "state.json").read_text())
+    """Put a checkpoint's adapter, optimizer and RNG states back; return its metadata (step, data positions, ...)."""
+    path = folder / CHECKPOINT_FILE
     params = dict(model.named_parameters())
-    with safe_open(str(folder / "state.safetensors"), "pt") as f:
-        keys = set(f.keys())
-        with torch.no_grad():
-            for name in meta["param_names"]:
-                params[name].copy_(f.get_tensor(f"param/{name}"))
-        state = {}
-        for index, name in enumerate(meta["param_names"]):
-            moments = {k.rsplit("/", 1)[1]: f.get_tensor(k) for k in keys if k.startswith(f"adam/{name}/")}
-            if moments:
-                moments["step"] = moments["step"].reshape(())
-                state[index] = moments
-        torch.set_rng_state(f.get_tensor("rng/torch"))
-    saved = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({err})") from err
+    missing = [n for n in meta["param_names"] if f"param/{n}" not in tensors or n not in params]
+    if missing:
+        raise CheckpointError(f"{path}: adapter tensor {missing[0]!r} is missing or has no place in this model")
+    with torch.no_grad():
+        for name in meta["param_names"]:
+            params[name].copy_(tensors[f"param/{name}"])
+    state = {}
+    for index, name in enumerate(meta["param_names"]):
+        prefix = f"adam/{name}/"
+        moments = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        if moments:
+            moments["step"] = moments["step"].reshape(())
+            state[index] = moments
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
     random.setstate(_random_state_from_json(meta["python_rng"]))
     return meta
+
+
+def keep_log_before(log_path: Path, step: int) -> None:
+    """Drop log lines of steps >= `step` (run after the last checkpoint, before a crash): they are about to rerun."""
+    if log_path.exists():
+        lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < step]
+        write_atomically(log_path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 
 def _jsonable_random_state():
@@ -363,17 +407,20 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. The loop
+# 5. The loop (the outputs are written at its end)
 
 
 def train(args) -> dict:
     out = Path(args.out)
     checkpoint_dir = out / "checkpoint"
     if args.resume:
-        if not (checkpoint_dir / "state.json").is_file():
+        if not (checkpoint_dir / CHECKPOINT_FILE).is_file():
             raise SystemExit(f"--resume: no checkpoint in {checkpoint_dir}")
         # The run continues exactly as it was started: its saved arguments win over the command line's.
-        saved_args = json.loads((out / "args.json").read_text())
+        try:
+            saved_args = json.loads((out / "args.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--resume: cannot read {out / 'args.json'}: {err}") from err
         args = argparse.Namespace(**{**saved_args, "resume": True, "interrupt_after": args.interrupt_after})
     elif (out / "log.jsonl").exists():
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
@@ -381,10 +428,13 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     kernels = kernel_registry.resolve(args.kernels, kernel_overrides(args.kernel))
-    model, lora = build_model(args, kernels)
+    # Everything that can be wrong with the inputs is found before the (slow) model load: data, tokenizer, images.
+    check_model_folder(args.model)
     processor = load_processor(args.model, args.vision_dir)
     harmful, normal = read_records(args)
     maker = BatchMaker(processor, args, harmful, normal)
+    maker.preload_images()
+    model, lora = build_model(args, kernels)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     weights = LossWeights(harm=0.0 if args.mode == "sft" else args.eps[0], helpful=args.eps[1], utility=args.eps[2])
@@ -399,6 +449,7 @@ def train(args) -> dict:
         start_step, stop_at, totals = meta["step"], meta["stop_at"], meta["totals"]
         harm_stream.epoch, harm_stream.cursor = meta["harm_position"]["epoch"], meta["harm_position"]["cursor"]
         normal_stream.epoch, normal_stream.cursor = meta["normal_position"]["epoch"], meta["normal_position"]["cursor"]
+        keep_log_before(out / "log.jsonl", start_step)  # steps after the checkpoint are run (and logged) again
     else:
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     (out / "kernels.txt").write_text(kernels.table() + "\n")
@@ -425,9 +476,9 @@ def train(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step_terms: dict[str, float] = {}
             tokens = image_tokens = 0
-            for _ in range(args.grad_accum):
+            for micro in range(args.grad_accum):
                 normal_idx = normal_stream.next_indices() if normal else []
-                batches = maker.step_batches(harm_stream.next_indices(), normal_idx, step)
+                batches = maker.step_batches(harm_stream.next_indices(), normal_idx, step, micro).to(device)
                 loss, terms = unlearning_loss(model, batches.harmful, batches.helpful, batches.normal, weights,
                                               kernels, lambda: adapters_disabled(model))
                 (loss / args.grad_accum).backward()
@@ -483,7 +534,7 @@ def train(args) -> dict:
     progress.close()
 
     # -----------------------------------------------------------------------------------------------------------------
-    # 5. Outputs
+    # Outputs
     save_checkpoint(checkpoint_dir, model, optimizer, checkpoint_state(step))
     save_adapter(model, out / "adapter", lora)
     summary = {"mode": args.mode, "steps": step, "stopped_by": stopped_by, "tokens": totals["tokens"],

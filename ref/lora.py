@@ -203,9 +203,10 @@ def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        set_submodule(model, name, LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout,
-                                              config.use_rslora, DTYPES[config.dtype],
-                                              kernels=getattr(model, "kernels", None)))  # the model's kernel table
+        wrapper = LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout, config.use_rslora,
+                             DTYPES[config.dtype], kernels=getattr(model, "kernels", None))  # the model's kernels
+        wrapper.train(model.training)  # a new module starts in training mode: follow the model's (dropout off in eval)
+        set_submodule(model, name, wrapper)
     return names
 
 

@@ -37,6 +37,10 @@ class Batch:
     labels: torch.Tensor  # (B, T), the token id at response positions, IGNORE elsewhere
     pixel_values: torch.Tensor | None = None  # (N, 3, S, S) for the image tokens in input_ids, in order
 
+    def to(self, device: torch.device) -> "Batch":
+        pixels = None if self.pixel_values is None else self.pixel_values.to(device)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), pixels)
+
     @property
     def response_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())

@@ -369,3 +369,15 @@ def test_quantize_tool_matches_quantize_on_load(tmp_path):
     # an adapter trains on the pre-quantized model as on any other
     lora.add_lora(loaded, LoraConfig(r=2))
     train_steps(loaded, steps=1)
+
+
+def test_adapters_added_to_a_model_in_eval_mode_have_dropout_off():
+    """Dropout must not leak into evaluation: a loaded adapter follows the model's train/eval mode."""
+    model = tiny_llava(seed=5).eval()
+    lora.add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.5))
+    randomize_adapters(model, seed=6)
+    ids = token_batch(seed=7)
+    with torch.no_grad():
+        assert torch.equal(model(ids), model(ids))
+    model.train()
+    assert all(m.training for m in lora.lora_modules(model).values())

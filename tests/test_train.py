@@ -74,6 +74,8 @@ def test_resume_gives_the_same_adapter_bit_for_bit(world, tmp_path):
     run(world, tmp_path / "straight", *common)
     interrupted = run(world, tmp_path / "resumed", *common, "--interrupt-after", "2")
     assert interrupted == {"interrupted_at": 2}
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as log:  # as if it crashed after logging two more steps
+        log.write(json.dumps({"step": 2, "total": 0.0}) + "\n" + json.dumps({"step": 3, "total": 0.0}) + "\n")
     resumed = train.train(train.parse_args(["--out", str(tmp_path / "resumed"), "--resume"]))
     assert resumed["steps"] == 4
     straight = load_file(tmp_path / "straight" / "adapter" / "lora.safetensors")
