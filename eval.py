@@ -275,7 +275,8 @@ def run(args: argparse.Namespace) -> dict:
 
     # Everything that can be wrong with the inputs is found here, before the first token is generated.
     suites = ev.load_suites(args.suite, args.max_samples, image_size, args.piece_column)
-    prompt_ids = {s.name: ev.tokenize_samples(processor, s.samples, args.prompt_format) for s in suites}
+    prompt_ids = {s.name: ev.tokenize_samples(processor, s.samples, args.prompt_format, args.max_new_tokens)
+                  for s in suites}
     normal = [] if args.normal == "none" else ev.load_normal(args.normal, args.max_samples)
     normal_batches = list(ev.normal_batches(processor, normal, args.prompt_format, args.batch_size))
     judge_generate = None

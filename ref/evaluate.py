@@ -28,7 +28,7 @@ from PIL import Image
 
 from ref.attacks import (AttackSample, SuiteError, TypographicImage, load_figstep, load_harmful_prompts,
                          load_image_pieces, load_image_text_pairs, load_truthfulqa, load_xstest, read_jsonl)
-from ref.data import Processor, build_prompt, collate_for_training
+from ref.data import Processor, PromptTooLongError, build_prompt, collate_for_training
 from ref.judges import JUDGES, RefusalPhraseJudge, asr_from_flags, judge as registered_judge
 from ref.losses import Batch, kl_to_original, nll
 from ref.lora import adapters_disabled, lora_modules
@@ -264,9 +264,16 @@ def chat_prompt(sample: AttackSample, prompt_format: str) -> str:
     return build_prompt(sample.prompt, num_images=int(sample.image is not None), prompt_format=prompt_format)
 
 
-def tokenize_samples(processor: Processor, samples: Sequence[AttackSample], prompt_format: str) -> list[list[int]]:
-    """Every prompt's ids (BOS, images expanded); a prompt longer than the context fails here, before generation."""
-    return [processor.tokenize_prompt(chat_prompt(s, prompt_format)) for s in samples]
+def tokenize_samples(processor: Processor, samples: Sequence[AttackSample], prompt_format: str,
+                     max_new_tokens: int = 0) -> list[list[int]]:
+    """Every prompt's ids (BOS, images expanded). A prompt that leaves no room for `max_new_tokens` in the context
+    fails here, before any generation, naming the sample."""
+    ids = [processor.tokenize_prompt(chat_prompt(s, prompt_format)) for s in samples]
+    for sample, prompt_ids in zip(samples, ids):
+        if len(prompt_ids) + max_new_tokens > processor.max_length:
+            raise PromptTooLongError(f"{sample.suite}/{sample.id}: the prompt is {len(prompt_ids)} tokens and "
+                                     f"{max_new_tokens} new tokens do not fit the context of {processor.max_length}")
+    return ids
 
 
 @dataclass(frozen=True)

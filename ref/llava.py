@@ -128,6 +128,10 @@ class Llava(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if attention_mask[:, -1].eq(0).any():
             raise ValueError("generate() needs left padding: a row's last prompt position is padding")
+        context = self.config.text.max_position_embeddings
+        if input_ids.shape[1] + max_new_tokens > context:
+            raise ValueError(f"a prompt of {input_ids.shape[1]} positions (padding included) and {max_new_tokens} new "
+                             f"tokens exceed the model's context of {context} (max_position_embeddings)")
         generator = None
         if do_sample:
             generator = torch.Generator(device=input_ids.device)

@@ -391,3 +391,10 @@ def test_nf4_base_with_adapter_runs(world, tmp_path):
                            "--quantize", "nf4", "--adapter", str(world["adapter"])])
     assert report["quantize"] == "nf4"
     assert report["models"][1]["utility"]["kl_from_base"] > 0  # adapters off = the same 4-bit base
+
+
+
+def test_prompt_without_room_for_the_answer_fails_before_generation(world, tmp_path, no_generation):
+    # the tiny model's context is 1024 positions: no prompt leaves room for 1020 new tokens
+    with pytest.raises(ValueError, match=r"1020 new tokens do not fit the context of 1024"):
+        eval_py.main(base_args(world, tmp_path / "o", "--max-new-tokens", "1020"))

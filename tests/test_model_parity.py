@@ -207,6 +207,8 @@ def test_bad_inputs_raise_clear_errors(pair):
         ours(torch.tensor([prompt_ids(4, 1, seq, seed=20)]))
     with pytest.raises(ValueError, match="image tokens but 2 image"):
         ours(torch.tensor([prompt_ids(4, 1, seq, seed=21)]), pixel_values=pixels(2, ours.config.vision.image_size, 22))
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        ours.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=limit)
     right_padded = torch.tensor([[1, 5, 6], [1, 5, PAD_TOKEN]])
     with pytest.raises(ValueError, match="left padding"):
         ours.generate(right_padded, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)
