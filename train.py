@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opt.add_argument("--extra-batches", type=int, default=5)
 
     run = p.add_argument_group("run")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: 1 for the toy, whose tiny matrices gain nothing from more\n"
+                          "and lose a lot when another process shares the cores; torch's default otherwise)")
     run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     run.add_argument("--log-every", type=int, default=1, help="steps between progress lines on a non-terminal")
     run.add_argument("--interrupt-after", type=int, default=None,
@@ -425,6 +428,9 @@ def train(args) -> dict:
     elif (out / "log.jsonl").exists():
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
 
+    threads = args.threads or (1 if Path(args.model) == TOY_MODEL else None)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     kernels = kernel_registry.resolve(args.kernels, kernel_overrides(args.kernel))
