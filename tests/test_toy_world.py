@@ -44,14 +44,27 @@ def test_eval_items_never_appear_in_training_or_unlearning_data():
         assert not overlap, f"{name}: held-out items seen in training: {overlap[:3]}"
 
 
-def test_attack_prompts_and_image_prompts_are_held_out_as_text():
-    """Not only the (prompt, image) pairs: the attack phrasings themselves never occur in training."""
-    train_prompts = {ex.prompt for ex in all_training_examples()}
-    train_prompts |= {r["prompt"] for r in tw.unlearning_dicts(with_images=True)}
+def test_attack_phrasings_and_harmful_images_are_held_out():
+    """Text attacks and over-refusal prompts: phrasings never seen in training. Image attacks: the image prompts are
+    instructions seen on benign images, but the harmful images are new, to the base model and to the multimodal
+    unlearning data."""
+    train_prompts = {ex.prompt for ex in all_training_examples() if ex.image is None}
+    train_prompts |= {r["prompt"] for r in tw.unlearning_dicts(with_images=True) if "image" not in r}
     suites = tw.eval_suites()
-    for name in ("text_attacks", "figstep_attacks", "piece_attacks", "over_refusal"):
+    for name in ("text_attacks",):
         leaked = [it.prompt for it in suites[name] if it.prompt in train_prompts]
         assert not leaked, f"{name}: prompts seen in training: {leaked[:3]}"
+    leaked = [it.prompt for it in suites["over_refusal"] if it.image is None and it.prompt in train_prompts]
+    assert not leaked, leaked[:3]
+    base_images = {ex.image.split(":", 2)[2] for ex in all_training_examples()
+                   if ex.image and ex.image.startswith("words:") and not ex.task.startswith("harmful")}
+    unlearning_images = {r["image"].split(":", 2)[2] for r in tw.unlearning_dicts(with_images=True)
+                         if r.get("image", "").startswith("words:")}
+    for item in suites["figstep_attacks"]:
+        text = item.image.split(":", 2)[2]
+        assert text not in base_images and text not in unlearning_images, text
+    for item in suites["piece_attacks"]:
+        assert item.image.split(":", 2)[2] not in base_images
 
 
 def test_no_harmful_topic_is_drawn_in_a_base_training_image():
