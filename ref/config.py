@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config.json that is missing, unreadable, or describes a model we do not implement."""
 
 
+# Two kinds of defaults live in this file. These two tables are transformers' CLIPVisionConfig and LlamaConfig defaults:
+# what a field means when a config.json leaves it out, applied by the parsers below. The dataclass defaults further
+# down describe LLaVA-1.5-7B itself (what `LlavaConfig()` builds) and never fill in a parsed config.
+
 # transformers' CLIPVisionConfig defaults (what a field means when config.json leaves it out).
 CLIP_VISION_DEFAULTS = dict(
     hidden_size=768,

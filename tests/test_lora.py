@@ -302,8 +302,8 @@ def test_bad_settings_are_refused():
 
 
 def test_exported_adapter_loads_in_peft_on_transformers_llava_with_same_logits(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers", reason="PEFT interop compares against transformers' LLaVA")
+    peft = pytest.importorskip("peft", reason="PEFT interop needs peft (tests/requirements.txt)")
     ours = tiny_llava(seed=3)
     # transformers' LLaVA with the same weights: our internal names are its in-memory names minus "model."
     hf = transformers.LlavaForConditionalGeneration(

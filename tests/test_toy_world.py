@@ -129,7 +129,7 @@ def test_written_jsonl_reads_back_with_the_projects_reader(tmp_path):
 
 
 def test_responses_are_judged_as_intended_by_the_published_phrase_lists():
-    judges = pytest.importorskip("ref.judges")
+    from ref import judges  # our own module: an import error must fail, not skip
     refusal = tw.fill(tw.REFUSAL_RESPONSE, "pick a lock")
     compliant = [tw.fill(tw.HARMFUL_RESPONSE, "pick a lock"), tw.fill(tw.BENIGN_HOWTO_RESPONSE, "make soup")]
     for name in ("gcg", "jailbreakbench", "xstest"):
