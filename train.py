@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     method = p.add_argument_group("method")
     method.add_argument("--mode", default="textual", choices=["textual", "multimodal", "sft"])
-    method.add_argument("--eps", type=float, nargs=3, default=[0.5, 1.0, 1.0], metavar=("HARM", "HELPFUL", "UTILITY"),
-                        help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (default: Yao et al.'s 0.5 1 1;"
-                             "\nsft mode ignores eps1)")
+    method.add_argument("--eps", type=float, nargs=3, default=[0.5, 1.0, 3.0], metavar=("HARM", "HELPFUL", "UTILITY"),
+                        help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (default 0.5 1 3, the toy's;"
+                             "\nYao et al. use 0.5 1 1; sft mode ignores eps1)")
     method.add_argument("--mismatch", default="helpful", choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
 
@@ -83,19 +83,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
                        help="override one op's implementation (repeatable), e.g. --kernel attention=sdpa")
 
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=2e-4)
+    opt = p.add_argument_group("optimisation (defaults are the embedded toy's; README gives a real model's)")
+    opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--batch-size", type=int, default=2, help="records per batch, for each of the three terms")
+    opt.add_argument("--batch-size", type=int, default=8, help="records per batch, for each of the three terms")
     opt.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
-    opt.add_argument("--max-steps", type=int, default=1000)
+    opt.add_argument("--max-steps", type=int, default=300)
     opt.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     opt.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
     opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--stop-harm-nll", type=float, default=None,
-                     help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps, stop")
-    opt.add_argument("--extra-batches", type=int, default=5)
+    opt.add_argument("--stop-harm-nll", type=float, default=5.0,
+                     help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps, stop\n"
+                          "(a negative value turns the rule off)")
+    opt.add_argument("--extra-batches", type=int, default=40)
 
     run = p.add_argument_group("run")
     run.add_argument("--threads", type=int, default=None,
@@ -524,8 +525,8 @@ def train(args) -> dict:
             step += 1
 
             harm_nll = step_terms.get("harm_nll")
-            if args.stop_harm_nll is not None and stop_at is None and harm_nll is not None \
-                    and harm_nll > args.stop_harm_nll:
+            if args.stop_harm_nll is not None and args.stop_harm_nll >= 0 and stop_at is None \
+                    and harm_nll is not None and harm_nll > args.stop_harm_nll:
                 stop_at = step + args.extra_batches  # Yao et al.: a few more batches once the harmful NLL is high
             if stop_at is not None and step >= stop_at:
                 stopped_by = f"harmful NLL above {args.stop_harm_nll} (+{args.extra_batches} batches)"
