@@ -147,3 +147,24 @@ def test_one_step_of_pure_harm_term_raises_the_harmful_nll(base_model):
     total.backward()
     optimizer.step()
     assert nll(model, harmful, kernels).item() > before
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(base_model):
+    """Recomputing each decoder layer in backward must change memory, not results."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # LoRA's A is drawn from the global generator: the same A both times
+        model = lora_model(base_model, seed=7).train()
+        model.language_model.gradient_checkpointing = checkpointing
+        calls = []
+        model.language_model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+        loss = nll(model, make_batch(model, seed=9), kernel_registry.resolve("reference"))
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing reruns the layer in backward
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
