@@ -48,12 +48,13 @@ def test_textual_run_writes_adapter_log_and_summary(world, tmp_path):
     summary = run(world, out, "--max-steps", "3", "--kernels", "chunked")
     log = read_log(out)
     assert [r["step"] for r in log] == [0, 1, 2]
+    eps1, eps2, eps3 = json.loads((out / "args.json").read_text())["eps"]
     for record in log:
         assert {"harm_nll", "helpful_nll", "utility_kl", "total", "grad_norm", "lr", "tokens", "image_tokens",
                 "seconds", "peak_memory_mb"} <= set(record)
         assert record["image_tokens"] == 0  # textual unlearning never shows the model an image
-        assert record["total"] == pytest.approx(-0.5 * record["harm_nll"] + record["helpful_nll"]
-                                                + record["utility_kl"], rel=1e-5, abs=1e-6)
+        assert record["total"] == pytest.approx(-eps1 * record["harm_nll"] + eps2 * record["helpful_nll"]
+                                                + eps3 * record["utility_kl"], rel=1e-5, abs=1e-6)
     assert log[0]["utility_kl"] == 0.0  # fresh adapters: the model is still the original
     assert summary["steps"] == 3 and summary["tokens"] == sum(r["tokens"] for r in log)
     assert summary["kernels"]["linear_cross_entropy"] == "chunked"
