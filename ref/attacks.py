@@ -363,7 +363,7 @@ def load_image_text_pairs(path: str | Path, max_samples: int | None = None,
         image_path = (path.parent / image).resolve()
         try:
             with Image.open(image_path) as opened:
-                opened.verify()  # reads the whole file and checks it, without decoding pixels into memory
+                opened.load()  # decode it all now: verify() alone passes a truncated file that fails later
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
             raise SuiteError(f"{path}:{number}: cannot read image {image!r} ({image_path}): {err}") from err
         samples.append(AttackSample(str(obj.get("id", f"{suite}-{index}")), suite, prompt, image=image_path,

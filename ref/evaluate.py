@@ -92,7 +92,7 @@ def load_benign_jsonl(path: str | Path, max_samples: int | None = None, suite: s
             image = (path.parent / str(obj["image"])).resolve()
             try:
                 with Image.open(image) as opened:
-                    opened.verify()
+                    opened.load()  # decode it all now: verify() alone passes a truncated file
             except Exception as err:  # PIL raises several kinds for a bad file
                 raise SuiteError(f"{path}:{number}: cannot read image {obj['image']!r} ({image}): {err}") from err
         samples.append(AttackSample(str(obj.get("id", f"{suite}-{index}")), suite, prompt, image=image, source=obj))

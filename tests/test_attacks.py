@@ -304,3 +304,17 @@ def test_truthfulqa_small_file_and_missing_column(tmp_path):
 
 def test_sample_without_image():
     assert AttackSample("1", "s", "hi").load_image() is None
+
+
+def test_truncated_image_in_pairs_fails_at_load_time(tmp_path):
+    import io
+    from PIL import Image as PILImage
+
+    from ref.attacks import SuiteError, load_image_text_pairs
+
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "what is this?", "image": "cut.jpg"}\n')
+    with pytest.raises(SuiteError, match=r"pairs\.jsonl:1: cannot read image 'cut\.jpg'"):
+        load_image_text_pairs(tmp_path / "pairs.jsonl")
