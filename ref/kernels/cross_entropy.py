@@ -88,6 +88,32 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return total / n_valid.clamp(min=1)
 
 
+def add_chunk_gradients(grad_logits: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, start: int,
+                        grad_x: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
+    """From one chunk's d loss / d logits (C, V): its rows of d/d hidden = g W, and d/d weight += g^T x."""
+    if grad_x is not None:
+        grad_x[start:start + len(xc)] = grad_logits @ w  # (C, D)
+    if grad_w is not None:
+        grad_w.addmm_(grad_logits.T, xc)  # (V, D) += (V, C) @ (C, D)
+
+
+def stored_gradients(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, grad_x: torch.Tensor | None,
+                     grad_w: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients to keep for backward, in the inputs' dtypes: the M counted rows scattered back to all N rows,
+    so rows that do not count get exactly zero gradient."""
+    if grad_x is not None:
+        full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # (N, D)
+        grad_x = full.index_copy_(0, rows, grad_x.to(hidden.dtype))
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    return grad_x, grad_w
+
+
+def scaled_by_upstream(saved: tuple, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward of a scalar loss whose gradients were stored in forward: the chain rule is a multiply by g."""
+    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in saved)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, when asked, d loss / d hidden and d loss / d weight chunk by chunk."""
 
@@ -114,25 +140,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax
             grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
             grad_logits.mul_(scale)
-            if grad_x is not None:
-                grad_x[start:start + chunk_size] = grad_logits @ w  # (C, D)
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.T, xc)  # (V, D) += (V, C) @ (C, D)
+            add_chunk_gradients(grad_logits, xc, w, start, grad_x, grad_w)
 
-        if grad_x is not None:  # back to all N rows: ignored rows get exactly zero gradient
-            full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # (N, D)
-            grad_x = full.index_copy_(0, valid_rows, grad_x.to(hidden.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        ctx.save_for_backward(grad_x, grad_w)
+        ctx.save_for_backward(*stored_gradients(hidden, weight, valid_rows, grad_x, grad_w))
         return total * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        grad_hidden = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)  # chain rule: scalar g
-        grad_weight = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        grad_hidden, grad_weight = scaled_by_upstream(ctx.saved_tensors, grad_loss)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from ref.kernels.cross_entropy import LossInputError, check_linear_inputs, default_chunk_rows
+from ref.kernels.cross_entropy import (LossInputError, add_chunk_gradients, check_linear_inputs, default_chunk_rows,
+                                       scaled_by_upstream, stored_gradients)
 from ref.kernels.registry import register
 
 
@@ -85,25 +86,15 @@ class ChunkedLinearKL(torch.autograd.Function):
             if grad_x is None and grad_w is None:
                 continue
             grad_logits = cur_logprobs.exp_().sub_(ref_probs).mul_(scale)  # (C, V) (p_cur - p_orig) * scale
-            if grad_x is not None:
-                grad_x[start:start + chunk_size] = grad_logits @ w  # (C, D)
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.T, xc)  # (V, D)
+            add_chunk_gradients(grad_logits, xc, w, start, grad_x, grad_w)
 
-        if grad_x is not None:  # back to all N rows: unmasked rows get exactly zero gradient
-            full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # (N, D)
-            grad_x = full.index_copy_(0, rows, grad_x.to(hidden.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        ctx.save_for_backward(grad_x, grad_w)
+        ctx.save_for_backward(*stored_gradients(hidden, weight, rows, grad_x, grad_w))
         return total * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        grad_hidden = None if grad_x is None else grad_x * grad_loss.to(grad_x.dtype)
-        grad_weight = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        grad_hidden, grad_weight = scaled_by_upstream(ctx.saved_tensors, grad_loss)
         return grad_hidden, None, grad_weight, None, None, None, None, None
 
 
