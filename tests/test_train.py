@@ -105,3 +105,12 @@ def test_bad_data_stops_before_training(world, tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         run(world, tmp_path / "twice", "--max-steps", "1")
         run(world, tmp_path / "twice", "--max-steps", "1")
+
+
+def test_bare_defaults_train_on_the_embedded_toy(tmp_path):
+    """`python train.py` with nothing but a short run: the committed toy model and the toy world's text data."""
+    summary = train.train(train.parse_args(["--max-steps", "2", "--out", str(tmp_path / "bare")]))
+    assert summary["steps"] == 2 and summary["image_tokens"] == 0
+    args = json.loads((tmp_path / "bare" / "args.json").read_text())
+    assert args["data"] == "toy" and args["model"].endswith("toy_llava") and args["mode"] == "textual"
+    assert (tmp_path / "bare" / "adapter" / "lora.safetensors").is_file()
