@@ -207,13 +207,13 @@ def _require_columns(path: Path, columns: list[str], needed: list[str]) -> None:
         raise SuiteError(f"{path}: missing column(s) {missing}; columns found: {columns}")
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is an error naming it."""
+def read_jsonl(path: str | Path, error: type[ValueError] = SuiteError) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is an `error` naming it."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise SuiteError(f"{path}: cannot read: {err}") from err
+        raise error(f"{path}: cannot read: {err}") from err
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -221,9 +221,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SuiteError(f"{path}:{number}: not valid JSON: {err}") from err
+            raise error(f"{path}:{number}: not valid JSON: {err}") from err
         if not isinstance(obj, dict):
-            raise SuiteError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            raise error(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         records.append((number, obj))
     return records
 

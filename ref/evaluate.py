@@ -515,7 +515,7 @@ def markdown_table(report: dict) -> str:
              "|---|" + "---|" * len(columns)]
     for model in report["models"]:
         lines.append(f"| {model['name']} | " + " | ".join(cell(model) for _, cell in columns) + " |")
-    notes = [f"Samples per suite: " + ", ".join(f"{s['name']} {s['n']} ({s['source']})" for s in report["suites"]),
+    notes = ["Samples per suite: " + ", ".join(f"{s['name']} {s['n']} ({s['source']})" for s in report["suites"]),
              f"ASR = fraction of attack prompts whose response the judge in brackets calls not refused (phrase "
              f"judges) or unsafe (LLM judge); over-refusal = fraction of benign prompts refused by "
              f"`{report['refusal_judge']}`; accuracy = exact match up to whitespace.",

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ref.attacks import SuiteError, load_truthfulqa
+from ref.attacks import SuiteError, load_truthfulqa, read_jsonl
 
 
 class UnlearningDataError(ValueError):
@@ -111,20 +111,8 @@ def read_unlearning_jsonl(path: str | Path) -> list[Record]:
     """All records of an unlearning JSONL file, in file order; blank lines are skipped, anything else malformed is an
     error naming the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UnlearningDataError(f"{path}: cannot read: {err}") from err
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UnlearningDataError(f"{where}: not valid JSON: {err}") from err
-        records.append(_parse_record(obj, where, path.parent))
+    records = [_parse_record(obj, f"{path}:{number}", path.parent)
+               for number, obj in read_jsonl(path, UnlearningDataError)]
     if not records:
         raise UnlearningDataError(f"{path}: no records")
     return records
@@ -193,24 +181,11 @@ def pku_saferlhf_to_records(path: str | Path, max_samples: int | None = None,
     path = Path(path)
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise UnlearningDataError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UnlearningDataError(f"{path}: cannot read: {err}") from err
     records = []
-    for number, line in enumerate(lines, start=1):
+    for number, row in read_jsonl(path, UnlearningDataError):
         if max_samples is not None and len(records) >= max_samples:
             break
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UnlearningDataError(f"{where}: not valid JSON: {err}") from err
-        if not isinstance(row, dict):
-            raise UnlearningDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        record = pku_row_to_record(row, where)
+        record = pku_row_to_record(row, f"{path}:{number}")
         if pairs_only and (record.harmful_response is None or record.helpful_response is None):
             continue
         records.append(record)

@@ -1,6 +1,7 @@
 """Kernel ops behind one registry; importing this package registers every implementation.
 
-Ops: rms_norm, rope, swiglu, attention (model), and the loss ops added beside them. See `registry.py`.
+Ops, one file each: rms_norm, rope, swiglu, attention (the model), lora_linear (LoRA over a dense or 4-bit base),
+linear_cross_entropy and linear_kl (the losses). Presets: reference, chunked, fast. See `registry.py`.
 """
 
 from ref.kernels import attention, cross_entropy, kl, lora, rms_norm, rope, swiglu  # noqa: F401  (registration side effect)
