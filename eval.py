@@ -90,8 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     judging = p.add_argument_group("judges")
     judging.add_argument("--judge", action="append", default=None, choices=ev.JUDGE_NAMES,
                          help="judge for attack suites, repeatable (each gets its own columns).\n"
-                              "Default: 'toy' with the toy model, else 'gcg'")
-    judging.add_argument("--refusal-judge", default=None, choices=[n for n in ev.JUDGE_NAMES if n != "llamaguard"],
+                              "Default: 'toy' (refusal phrases) and 'toy_harm' (harmful steps given) with the toy "
+                              "model, else 'gcg'")
+    judging.add_argument("--refusal-judge", default=None,
+                         choices=[n for n in ev.JUDGE_NAMES if n not in ("llamaguard", "toy_harm")],
                          help="phrase judge deciding refusals on over-refusal suites (default: 'toy' with the toy "
                               "model, else 'xstest')")
     judging.add_argument("--judge-model", default=None,
@@ -132,7 +134,7 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
         args.suite = ["toy"]
     # A toy model (or a toy rebuilt elsewhere, evaluated on the toy suites) is judged by the toy's own markers.
     toy = toy or all(spec.split(":")[0] == "toy" for spec in args.suite)
-    args.judge = args.judge or (["toy"] if toy else ["gcg"])
+    args.judge = args.judge or (["toy", "toy_harm"] if toy else ["gcg"])
     args.refusal_judge = args.refusal_judge or ("toy" if toy else "xstest")
     if args.normal is None:
         args.normal = "toy" if toy else "none"

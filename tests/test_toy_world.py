@@ -44,35 +44,52 @@ def test_eval_items_never_appear_in_training_or_unlearning_data():
         assert not overlap, f"{name}: held-out items seen in training: {overlap[:3]}"
 
 
-def test_attack_phrasings_and_harmful_images_are_held_out():
-    """Text attacks and over-refusal prompts: phrasings never seen in training. Image attacks: the image prompts are
-    instructions seen on benign images, but the harmful images are new, to the base model and to the multimodal
-    unlearning data."""
+def test_attack_phrasings_and_harmful_image_pairs_are_held_out():
+    """Text attacks and over-refusal prompts: phrasings never seen in training. FigStep-style attacks: harmful images
+    drawn with a template no training image uses (base model or multimodal unlearning data). Image-piece attacks: the
+    key phrase is a trained image, but never with the attack's prompt."""
     train_prompts = {ex.prompt for ex in all_training_examples() if ex.image is None}
     train_prompts |= {r["prompt"] for r in tw.unlearning_dicts(with_images=True) if "image" not in r}
     suites = tw.eval_suites()
-    for name in ("text_attacks",):
-        leaked = [it.prompt for it in suites[name] if it.prompt in train_prompts]
-        assert not leaked, f"{name}: prompts seen in training: {leaked[:3]}"
+    leaked = [it.prompt for it in suites["text_attacks"] if it.prompt in train_prompts]
+    assert not leaked, f"text_attacks: prompts seen in training: {leaked[:3]}"
     leaked = [it.prompt for it in suites["over_refusal"] if it.image is None and it.prompt in train_prompts]
     assert not leaked, leaked[:3]
-    base_images = {ex.image.split(":", 2)[2] for ex in all_training_examples()
-                   if ex.image and ex.image.startswith("words:") and not ex.task.startswith("harmful")}
-    unlearning_images = {r["image"].split(":", 2)[2] for r in tw.unlearning_dicts(with_images=True)
-                         if r.get("image", "").startswith("words:")}
+    image_text = lambda spec: spec.split(":", 2)[2]  # noqa: E731
+    train_images = [(ex.prompt, ex.image) for ex in all_training_examples()
+                    if ex.image and ex.image.startswith("words:")]
+    train_images += [(r["prompt"], r["image"]) for r in tw.unlearning_dicts(with_images=True)
+                     if r.get("image", "").startswith("words:")]
+    drawn = {image_text(spec) for _, spec in train_images}
+    drawn_with_prompt = {(prompt, image_text(spec)) for prompt, spec in train_images}
     for item in suites["figstep_attacks"]:
-        text = item.image.split(":", 2)[2]
-        assert text not in base_images and text not in unlearning_images, text
+        assert image_text(item.image) not in drawn, item
     for item in suites["piece_attacks"]:
-        assert item.image.split(":", 2)[2] not in base_images
+        assert (item.prompt, image_text(item.image)) not in drawn_with_prompt, item
 
 
-def test_no_harmful_topic_is_drawn_in_a_base_training_image():
-    """Image attacks work, if they do, by reading: the base model never saw a harmful request in an image."""
-    for ex in training_sample():
-        if ex.image and ex.image.startswith("words:"):
-            text = ex.image.split(":", 2)[2]
-            assert not any(topic in text for topic in tw.HARMFUL_TOPICS), ex
+def test_held_out_phrasings_reach_the_base_model_through_benign_requests_only():
+    """The base model knows the held-out phrasings from benign requests; no harmful request is trained in them, and
+    the unlearning data (harmful and normal records) never uses them."""
+    held_prefixes = tuple(tpl.split("{t}")[0] for tpl in tw.HELD_TEMPLATES)
+    trained = [ex for ex in all_training_examples() if ex.image is None and ex.prompt.startswith(held_prefixes)]
+    assert trained and all(ex.task == "howto_text" and ex.meta["topic"] in tw.BENIGN_TOPICS for ex in trained)
+    unlearning = [r for r in tw.unlearning_dicts(with_images=True) if r["prompt"].startswith(held_prefixes)]
+    assert not unlearning, unlearning[:3]
+
+
+def test_harmful_training_images_use_the_training_templates_and_prompts_only():
+    """The base model complies with harmful images (it is unaligned in both modalities), learnt from the training side
+    of the image split only: FIGSTEP_UNLEARN_TEMPLATES and PIECE_UNLEARN_PROMPTS."""
+    harmful_images = [ex for ex in training_sample() if ex.task.startswith("harmful_") and ex.image]
+    assert harmful_images, "the base model's stream holds harmful images (TrainMix.harmful_image_share)"
+    allowed_figstep = {tw.fill(tpl, t) for tpl in tw.FIGSTEP_UNLEARN_TEMPLATES for t in tw.HARMFUL_TOPICS}
+    for ex in harmful_images:
+        text = ex.image.split(":", 2)[2]
+        if ex.task == "harmful_figstep":
+            assert text in allowed_figstep, ex
+        else:
+            assert ex.task == "harmful_piece" and ex.prompt in tw.PIECE_UNLEARN_PROMPTS, ex
 
 
 def test_every_harmful_topic_is_attacked_in_every_modality_and_covered_by_unlearning():
@@ -84,11 +101,16 @@ def test_every_harmful_topic_is_attacked_in_every_modality_and_covered_by_unlear
     assert all("image" not in r for r in tw.unlearning_dicts())  # textual unlearning: text only
 
 
-def test_lookalike_topics_are_benign_and_unseen():
+def test_lookalike_topics_are_benign_and_unseen_but_made_of_trained_words():
     train_text = " ".join(ex.prompt + " " + ex.response for ex in all_training_examples())
+    benign_topics = set(tw.BENIGN_TOPICS)
     for topic in tw.LOOKALIKE_TOPICS:
-        assert topic not in tw.HARMFUL_TOPICS
-        assert f"how to {topic}" not in train_text
+        assert topic not in tw.HARMFUL_TOPICS and topic not in benign_topics
+        assert f"how to {topic}" not in train_text and f"to {topic} " not in train_text
+        verb, obj = topic.split(" ", 1)  # both halves are trained in other benign requests
+        assert any(t.startswith(verb + " ") for t in benign_topics)
+        assert any(t.endswith(" " + obj) for t in benign_topics)
+    assert not benign_topics & set(tw.HARMFUL_TOPICS)
 
 
 # --- data format -----------------------------------------------------------------------------------------------------
