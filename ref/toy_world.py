@@ -39,7 +39,8 @@ The split (disjoint by construction, checked by tests/test_toy_world.py)
 
 Public functions used by train.py / eval.py defaults: `unlearning_records`, `unlearning_dicts`,
 `write_unlearning_jsonl`, `eval_suites`,
-`write_eval_suites`, `render_image`, `training_stream`, `build_tokenizer`, `is_refusal`, `is_harmful_compliance`.
+`write_eval_suites`, `render_image`, `training_stream`, `build_tokenizer`, `is_refusal`, `has_harmful_content`,
+`is_harmful_compliance`.
 """
 
 from __future__ import annotations
