@@ -17,9 +17,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 
 class ConfigError(ValueError):
     """A config.json that is missing, unreadable, or describes a model we do not implement."""
+
+
+# The floating-point dtypes by the names config.json ("torch_dtype") and every command line use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # Two kinds of defaults live in this file. These two tables are transformers' CLIPVisionConfig and LlamaConfig defaults:
@@ -292,16 +298,19 @@ def parse_original(raw: dict, vision_raw: dict, where: str) -> LlavaConfig:
     )
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: str | Path, error: type[ValueError] = ConfigError,
+              missing_hint: str = "a model folder needs a config.json") -> dict:
+    """A JSON file holding one object (config.json, adapter configs, a run's args.json); anything else is an `error`
+    naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such file (a model folder needs a config.json)")
+        raise error(f"{path}: no such file ({missing_hint})")
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
+        raise error(f"{path}: expected a JSON object at the top level")
     return raw
 
 

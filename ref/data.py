@@ -15,6 +15,7 @@ What lives here, in the order a sample travels:
    optionally after LLaVA-1.5's pad-to-square, with Pillow and numpy.
 6. `Processor` / `load_processor`: prompts + images -> `input_ids`, `attention_mask`, `pixel_values`, as
    transformers' `LlavaProcessor` produces them (the tests compare the two).
+7. `read_jsonl`, `read_csv`: the record files data sets come in, read strictly (errors name the file and line).
 
 Labels follow the Hugging Face convention: `labels[t]` is aligned with `input_ids[t]` (not shifted); the loss
 predicts `labels[t + 1]` from position t.
@@ -22,6 +23,8 @@ predicts `labels[t + 1]` from position t.
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -427,3 +430,48 @@ def load_processor(model_dir: str | Path, vision_dir: str | Path | None = None,
         pad_square = config.source_format == "original"
     return Processor(tokenizer, image_size=config.vision.image_size, image_seq_length=config.image_seq_length,
                      max_length=config.text.max_position_embeddings, pad_square=pad_square)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Record files
+
+
+def read_jsonl(path: str | Path, error: type[ValueError] = DataError) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is an `error` naming it."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot read: {err}") from err
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}:{number}: not valid JSON: {err}") from err
+        if not isinstance(obj, dict):
+            raise error(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        records.append((number, obj))
+    return records
+
+
+def read_csv(path: str | Path, error: type[ValueError] = DataError) -> tuple[list[str], list[dict[str, str]]]:
+    """(column names, rows) of a CSV file with a header line; utf-8, a byte-order mark allowed."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise error(f"{path}: cannot read CSV: {err}") from err
+    return columns, rows
+
+
+def require_columns(path: str | Path, columns: list[str], needed: list[str],
+                    error: type[ValueError] = DataError) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise error(f"{path}: missing column(s) {missing}; columns found: {columns}")

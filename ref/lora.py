@@ -10,8 +10,9 @@ cast back to the base output's dtype, as peft does, so bf16 bases still train fp
 
 Wrapping a module keeps the base as a child named `base_layer` (peft's name), so quantizing the base and adding LoRA are
 independent steps. Also here: switching every adapter off (`adapters_disabled`, how the unlearning losses get the
-original model without a second copy), merging into the base, our own adapter files (safetensors + a small JSON), and
-export to peft's adapter format for transformers' LlavaForConditionalGeneration.
+original model without a second copy), merging into a dense base (a 4-bit base is refused: re-quantizing rounds the
+merged weight, and the base could not be restored), our own adapter files (safetensors + a small JSON), and export to
+peft's adapter format for transformers' LlavaForConditionalGeneration.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import json
 import math
 import re
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,8 +29,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ref.config import DTYPES, read_json
 from ref.kernels import Kernels, resolve
-from ref.quant import Linear4bit, set_submodule
+from ref.quant import Linear4bit
 
 
 class LoraError(ValueError):
@@ -39,7 +40,6 @@ class LoraError(ValueError):
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_SCOPE = "language_model.layers."  # only the decoder's linears: not the vision tower, projector or lm_head
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 ADAPTER_WEIGHTS = "lora.safetensors"  # our own adapter files
 ADAPTER_CONFIG = "lora.json"
@@ -141,17 +141,17 @@ class LoraLinear(nn.Module):
 
     def _add_to_base(self, sign: float) -> None:
         base = self.base_layer
+        if isinstance(base, Linear4bit):
+            # W + s B A rounded back to 4 bits is neither the adapted model nor, after unmerging, the base: "adapters
+            # off" would no longer be the original model. Merge into the dense checkpoint instead.
+            raise LoraError("cannot merge a LoRA adapter into a 4-bit base: re-quantizing W + s B A rounds it, and "
+                            "unmerging would not restore the base; merge into the dense checkpoint "
+                            "(python -m weights_tools.merge_adapter)")
+        if not isinstance(base, nn.Linear):
+            raise LoraError(f"cannot merge into a base of type {type(base).__name__} (nn.Linear)")
         with torch.no_grad():
-            if isinstance(base, Linear4bit):
-                warnings.warn("merging a LoRA update into a 4-bit base dequantizes, adds and re-quantizes the weight: "
-                              "the result is rounded to 4 bits again and differs from the adapted model", stacklevel=3)
-                dense = base.dequantize(torch.float32) + sign * self.delta_weight()  # (out, in)
-                base.set_weight(dense.to(base.weight_dtype))
-            elif isinstance(base, nn.Linear):
-                merged = base.weight.float() + sign * self.delta_weight().to(base.weight.device)
-                base.weight.copy_(merged.to(base.weight.dtype))
-            else:
-                raise LoraError(f"cannot merge into a base of type {type(base).__name__} (nn.Linear or Linear4bit)")
+            merged = base.weight.float() + sign * self.delta_weight().to(base.weight.device)
+            base.weight.copy_(merged.to(base.weight.dtype))
 
     def merge(self) -> None:
         """W <- W + s B A; the adapter then adds nothing in forward."""
@@ -206,7 +206,7 @@ def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> list[str]:
         wrapper = LoraLinear(model.get_submodule(name), config.r, config.alpha, config.dropout, config.use_rslora,
                              DTYPES[config.dtype], kernels=getattr(model, "kernels", None))  # the model's kernels
         wrapper.train(model.training)  # a new module starts in training mode: follow the model's (dropout off in eval)
-        set_submodule(model, name, wrapper)
+        model.set_submodule(name, wrapper)
     return names
 
 
@@ -252,8 +252,16 @@ def merge_and_unload(model: nn.Module) -> list[str]:
         module = model.get_submodule(name)
         if not module.merged:
             module.merge()
-        set_submodule(model, name, module.base_layer)
+        model.set_submodule(name, module.base_layer)
     return names
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Put every LoRA-wrapped linear's base back in its place: the model is exactly the base again."""
+    for name, module in lora_modules(model).items():
+        if module.merged:
+            raise LoraError(f"{name}: adapter is merged into the base; cannot remove it")
+        model.set_submodule(name, module.base_layer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,12 +281,7 @@ def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig) -> Pa
 
 def read_adapter_config(folder: str | Path) -> LoraConfig:
     path = Path(folder) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise LoraError(f"{path}: no such file (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LoraError(f"{path}: not valid JSON ({err})") from err
+    raw = read_json(path, LoraError, f"an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     return LoraConfig.from_dict(raw, str(path))
 
 

@@ -7,12 +7,13 @@
     L_utility = KL( p_orig(. | normal) || p_cur(. | normal) )             keep normal behaviour where it was
 
 Every term is an average per response token over all response tokens of its batch (prompt, image and padding tokens
-are masked out by `labels == -100`; a long response weighs more than a short one). p_orig is the same model with its
-LoRA adapters switched off, run under no_grad: the 4-bit base is the original model, so no second copy is needed, and
-at step 0 (LoRA's B = 0) the KL is exactly 0.
+are masked out by `labels == IGNORE_INDEX`; a long response weighs more than a short one). p_orig is the same model
+with its LoRA adapters switched off, run under no_grad: the 4-bit base is the original model, so no second copy is
+needed, and at step 0 (LoRA's B = 0) the KL is exactly 0.
 
 The lm_head and the vocabulary-sized softmax run through the kernel table (`linear_cross_entropy`, `linear_kl`), and
-only on hidden states gathered at response positions: prompt and image tokens never produce logits.
+only on hidden states gathered at response positions: prompt and image tokens never produce logits. `batch_flops`
+counts what each term costs, the measure behind the paper's compute comparison of textual and multimodal unlearning.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from typing import Callable
 
 import torch
 
+from ref.data import IGNORE_INDEX
 from ref.kernels import Kernels
-
-IGNORE = -100  # label of every position that is not a response token
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Batch:
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T), 1 = real token
-    labels: torch.Tensor  # (B, T), the token id at response positions, IGNORE elsewhere
+    labels: torch.Tensor  # (B, T), the token id at response positions, IGNORE_INDEX elsewhere
     pixel_values: torch.Tensor | None = None  # (N, 3, S, S) for the image tokens in input_ids, in order
 
     def to(self, device: torch.device) -> "Batch":
@@ -43,7 +43,7 @@ class Batch:
 
     @property
     def response_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE).sum())
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def response_hidden(model, batch: Batch, image_features: torch.Tensor | None = None):
@@ -57,7 +57,7 @@ def response_hidden(model, batch: Batch, image_features: torch.Tensor | None = N
     hidden = model.hidden_states(batch.input_ids, attention_mask=batch.attention_mask,
                                  image_features=image_features)  # (B, T, D)
     targets = batch.labels[:, 1:]  # (B, T-1): what each position must predict
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     return hidden[:, :-1][keep], targets[keep]  # (N, D), (N,)
 
 
@@ -96,11 +96,12 @@ class LossWeights:
 
 
 def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None,
-                    weights: LossWeights, kernels: Kernels,
-                    adapters_off: Callable[[], AbstractContextManager]) -> tuple[torch.Tensor, dict[str, float]]:
+                    weights: LossWeights, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager]
+                    ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """L_total = -eps1 L_harm + eps2 L_helpful + eps3 L_utility; a term whose batch is None (or weight 0) is skipped.
 
-    Returns the total (a scalar to backpropagate) and each term's value for the log.
+    Returns the total (a scalar to backpropagate) and each term's value for the log. With no term at all (a batch of
+    harmful-only records in a run that only matches helpful responses, say) the total is None: nothing to learn from.
     """
     total = torch.zeros((), device=model.lm_head.weight.device)
     terms: dict[str, float] = {}
@@ -116,5 +117,47 @@ def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal:
         kl = kl_to_original(model, normal, kernels, adapters_off)
         total = total + weights.utility * kl
         terms["utility_kl"] = kl.item()
+    if not terms:
+        return None, terms
     terms["total"] = total.item()
     return total, terms
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The compute of a term: the count behind the paper's "multimodal unlearning costs up to 6x the compute"
+
+
+def decoder_params(model) -> int:
+    """Parameters a token's forward pass multiplies through in the decoder layers (4-bit ones counted unpacked)."""
+    t = model.config.text
+    attn = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+    mlp = 3 * t.hidden_size * t.intermediate_size
+    return t.num_hidden_layers * (attn + mlp)
+
+
+def vision_params(model) -> int:
+    """Parameters an image token's forward pass multiplies through in the vision tower and the projector."""
+    v = model.config.vision
+    layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    projector = model.config.projector_in_features * model.config.text.hidden_size + model.config.text.hidden_size**2
+    return v.num_hidden_layers * layer + projector
+
+
+def batch_flops(model, batch: Batch | None, backward: bool, reference_pass: bool) -> float:
+    """Matmul FLOPs of one term's passes (2 per multiply-add), the count a reader can check by hand.
+
+    Forward through the decoder: 2 * P_decoder per token; the lm_head only at response tokens: 2 * D * V each.
+    Backward through a frozen base computes input gradients only: about the forward's cost again (LoRA's own weight
+    gradients are negligible). The original model's pass for the KL term is one more forward. The frozen vision tower
+    runs forward only, 2 * P_vision per image token (1 + patches per image).
+    """
+    if batch is None:
+        return 0.0
+    t = model.config.text
+    tokens, responses = int(batch.attention_mask.sum()), batch.response_tokens
+    forward = 2 * decoder_params(model) * tokens + 2 * t.hidden_size * t.vocab_size * responses
+    passes = 1 + (1 if backward else 0) + (1 if reference_pass else 0)
+    vision = 0.0
+    if batch.pixel_values is not None:
+        vision = 2 * vision_params(model) * batch.pixel_values.shape[0] * (model.config.vision.num_patches + 1)
+    return passes * forward + vision

@@ -21,7 +21,8 @@ for bnb-4bit checkpoints):
     {prefix}bias                                    if any, dense
 
 Loading such a state dict restores the module bit for bit; loading a dense float `weight` of shape (out, in) into a
-`Linear4bit` quantizes it on the spot (that is the quantize-on-load hook of `ref.weights`).
+`Linear4bit` quantizes it on the spot. Reading and writing whole 4-bit checkpoints (quantize-on-load, the pre-quantized
+format) is checkpoint I/O and lives in `ref.weights`; this module is the 4-bit linear and the quantization math.
 
 Which linears are quantized is explicit (`QuantConfig.scope`): by default every nn.Linear of the decoder layers
 (`language_model.layers.*`): not the embeddings, not the lm_head, not the vision tower or projector.
@@ -29,22 +30,15 @@ Which linears are quantized is explicit (`QuantConfig.scope`): by default every 
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 import torch.nn as nn
-from bitsandbytes.utils import unpack_tensor_to_dict
-from safetensors.torch import save_file
 
-from ref import weights  # layouts, headers, streaming (ref.weights.load_model calls back here for quantize=...)
-from ref.config import load_config
-from ref.llava import Llava
+from ref.config import DTYPES
 
 
 class QuantError(ValueError):
@@ -53,9 +47,12 @@ class QuantError(ValueError):
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 would silently return garbage
+COMPUTE_DTYPES = tuple(DTYPES.values())  # float32, bfloat16, float16: bitsandbytes returns garbage for float64
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax values in blocks of 256 (fixed in quantize_4bit)
 DEFAULT_SCOPE = "language_model.layers."
+# The tensors bitsandbytes serialises a 4-bit weight's QuantState into, as suffixes after "<linear>.weight.".
+QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+                  "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 
 
 @dataclass(frozen=True)
@@ -73,6 +70,11 @@ class QuantConfig:
             raise QuantError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
             raise QuantError(f"compute_dtype must be one of {COMPUTE_DTYPES} or None, got {self.compute_dtype}")
+
+
+def as_quant_config(quantize: str | QuantConfig) -> QuantConfig:
+    """`quantize="nf4"` / `"fp4"` (the other settings at their defaults) or a full QuantConfig."""
+    return quantize if isinstance(quantize, QuantConfig) else QuantConfig(quant_type=quantize)
 
 
 # bitsandbytes' CPU quantizer makes about 20 bytes of temporaries per weight (a float32 copy, |W|, the scaled values,
@@ -163,24 +165,13 @@ class Linear4bit(nn.Module):
     # --- the quantized weight ---------------------------------------------------------------------------------------
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a dense (out, in) weight into this module, on the weight's device (the quantize-on-load hook)."""
+        """Quantize a dense (out, in) weight into this module, on the weight's device (what quantize-on-load calls)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise QuantError(f"weight of shape {tuple(weight.shape)} does not fit a 4-bit linear of "
                              f"{(self.out_features, self.in_features)} (out_features, in_features)")
         packed, state = quantize_weight(weight, self.quant_type, self.blocksize, self.double_quant)
         self.weight_dtype = weight.dtype
         self._set_state(packed, state)
-
-    def load_weight_(self, param_name: str, tensor: torch.Tensor) -> None:
-        """The streaming loader's hook (`ref.weights.place_tensor_default`): quantize "weight", keep "bias" dense."""
-        if param_name == "weight":
-            self.set_weight(tensor)
-        elif param_name == "bias" and self.bias is not None:
-            if tuple(tensor.shape) != (self.out_features,):
-                raise QuantError(f"bias of shape {tuple(tensor.shape)} does not fit {self.out_features} outputs")
-            self.bias = nn.Parameter(tensor, requires_grad=False)
-        else:
-            raise QuantError(f"a 4-bit linear has no parameter {param_name!r}")
 
     def _set_state(self, packed: torch.Tensor, state: bnbF.QuantState) -> None:
         # Assignment (not copy_) so that an empty module built on "meta" becomes real.
@@ -275,11 +266,11 @@ class Linear4bit(nn.Module):
         quant_keys = {key[len(prefix + "weight."):]: value for key, value in state_dict.items()
                       if key.startswith(prefix + "weight.")}
         try:
-            self._load_packed(weight, quant_keys)
+            self.load_packed(weight, quant_keys)
         except (QuantError, ValueError, KeyError, AssertionError) as err:
             error_msgs.append(f"{prefix}weight: {err}")
 
-    def _load_packed(self, packed: torch.Tensor, quant_keys: dict) -> None:
+    def load_packed(self, packed: torch.Tensor, quant_keys: dict) -> None:
         """Restore from `weight` + `weight.*` tensors written by `_save_to_state_dict` (bitsandbytes' layout)."""
         if not quant_keys:
             raise QuantError("packed 4-bit weight without its quant state (weight.absmax, weight.quant_map, "
@@ -320,11 +311,6 @@ def quantizable_linears(model: nn.Module, scope: str = DEFAULT_SCOPE) -> list[st
             if isinstance(module, nn.Linear) and name.startswith(scope)]
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
-
-
 def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> list[str]:
     """Replace, in place, every nn.Linear in `config.scope` by a Linear4bit; returns their names.
 
@@ -336,7 +322,7 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> lis
         raise QuantError(f"no nn.Linear module name starts with {config.scope!r}: nothing to quantize")
     for name in names:
         linear = model.get_submodule(name)
-        set_submodule(model, name, Linear4bit.from_linear(linear, config.quant_type, config.blocksize,
+        model.set_submodule(name, Linear4bit.from_linear(linear, config.quant_type, config.blocksize,
                                                           config.double_quant, config.compute_dtype))
     return names
 
@@ -345,7 +331,7 @@ def dequantize_model(model: nn.Module) -> list[str]:
     """Replace, in place, every Linear4bit by a dense nn.Linear holding its dequantized weight; returns their names."""
     names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
     for name in names:
-        set_submodule(model, name, dense_linear(model.get_submodule(name)))
+        model.set_submodule(name, dense_linear(model.get_submodule(name)))
     return names
 
 
@@ -363,217 +349,3 @@ def dense_linear(module: Linear4bit, dtype: torch.dtype | None = None) -> nn.Lin
 def model_nbytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (what a loaded model costs in memory)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading: quantize on load, or read an already-quantized checkpoint
-
-QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
-                  "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")  # after "<linear>.weight."
-
-
-def as_quant_config(quantize: str | QuantConfig) -> QuantConfig:
-    """`quantize="nf4"` / `"fp4"` (the other settings at their defaults) or a full QuantConfig."""
-    return quantize if isinstance(quantize, QuantConfig) else QuantConfig(quant_type=quantize)
-
-
-def is_quantized_checkpoint(path: str | Path) -> bool:
-    """A folder written by `save_quantized` (its config.json says bitsandbytes 4-bit)."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return False
-    try:
-        quantization = json.loads(file.read_text()).get("quantization_config") or {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False  # the loader reports a broken config.json itself
-    return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))
-
-
-def load_quantized_model(path: str | Path, quantize: str | QuantConfig | None = "nf4",
-                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                         vision_dir: str | Path | None = None, kernels=None) -> nn.Module:
-    """A Llava whose decoder linears are 4-bit, streamed: meta model, then one tensor at a time.
-
-    A dense checkpoint is quantized as it arrives (each decoder weight is cast to `dtype`, quantized on `device`, and
-    dropped): peak memory is the 4-bit model plus about one tensor. A checkpoint written by `save_quantized` is read
-    as stored (no quantization; `quantize` then only sets the compute_dtype).
-    """
-    if is_quantized_checkpoint(path):
-        compute_dtype = as_quant_config(quantize).compute_dtype if quantize is not None else None
-        return _load_prequantized(path, dtype, device, compute_dtype, kernels)
-    config = as_quant_config(quantize or "nf4")
-    checkpoint = weights.open_checkpoint(path, vision_dir, kernels)  # every key, shape and dtype checked first
-    with torch.device("meta"):
-        model = Llava(checkpoint.config, kernels)
-    quantize_model(model, config)  # empty 4-bit shells in place of the decoder linears
-    with TensorReader() as reader:
-        for name, info in checkpoint.entries.items():
-            owner, _, param_name = name.rpartition(".")
-            tensor = reader.read(info.file, info.key).to(device=device, dtype=dtype)
-            weights.place_tensor_default(model.get_submodule(owner), param_name, tensor)  # -> Linear4bit.load_weight_
-            del tensor  # a quantized weight's full-precision copy goes here
-    return _finish(model, checkpoint.folder)
-
-
-class TensorReader:
-    """Reads safetensors tensors with plain file reads into fresh memory, one at a time.
-
-    safetensors' `safe_open` memory-maps the file: each tensor read maps its pages into the process, and they stay
-    mapped (and counted in its resident memory) until the file is closed, so streaming a whole checkpoint through one
-    `safe_open` shows the whole file in the peak RSS. Reading each tensor with `readinto` keeps only the tensor itself.
-    """
-
-    def __init__(self):
-        self.files: dict[Path, tuple] = {}  # path -> (open file, data start, header)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for handle, _, _ in self.files.values():
-            handle.close()
-        self.files.clear()
-
-    def read(self, file: Path, key: str) -> torch.Tensor:
-        if file not in self.files:
-            handle = open(file, "rb")
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            self.files[file] = (handle, 8 + header_len, json.loads(handle.read(header_len)))
-        handle, data_start, header = self.files[file]
-        entry = header[key]
-        start, end = entry["data_offsets"]
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        handle.seek(data_start + start)
-        if handle.readinto(buffer.numpy()) != end - start:
-            raise QuantError(f"{file}: tensor {key!r} is truncated")
-        return buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-
-SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                      "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
-
-
-def _finish(model: nn.Module, folder) -> nn.Module:
-    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise QuantError(f"{folder}: {len(still_meta)} tensor(s) never filled, e.g. {still_meta[0]!r}")
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def _split_quant_keys(infos: dict) -> tuple[dict, dict[str, dict]]:
-    """Stored keys -> (dense tensors, {packed weight key: {suffix: TensorInfo}}) by bitsandbytes' suffixes."""
-    quant: dict[str, dict] = {}
-    for key, info in infos.items():
-        for suffix in QUANT_SUFFIXES:
-            if key.endswith(".weight." + suffix):
-                quant.setdefault(key[: -len(suffix) - 1], {})[suffix] = info
-    dense = {key: info for key, info in infos.items()
-             if key not in quant and not any(key.endswith(".weight." + s) for s in QUANT_SUFFIXES)}
-    return dense, quant
-
-
-def _load_prequantized(path, dtype, device, compute_dtype, kernels) -> nn.Module:
-    folder = Path(path)
-    config = load_config(folder)
-    infos = weights.read_headers(folder)
-    dense_infos, quant_infos = _split_quant_keys(infos)
-    for key in quant_infos:
-        if key not in infos:
-            raise QuantError(f"{folder}: quant state for {key!r} but no packed weight {key!r}")
-    with torch.device("meta"):
-        model = Llava(config, kernels)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    # The dense part is checked by the loader's own rules; the layout found there also names the packed weights.
-    quantized_names = {}
-    for layout in weights.LAYOUTS.values():
-        mapped = {layout.to_internal(key): key for key in quant_infos}
-        if all(name in expected for name in mapped):
-            quantized_names = mapped
-            break
-    if quant_infos and not quantized_names:
-        raise QuantError(f"{folder}: packed 4-bit weights under keys no layout maps, e.g. {sorted(quant_infos)[0]!r}")
-    dense_expected = {n: s for n, s in expected.items() if n not in quantized_names}
-    layout, entries, ignored = weights.match_keys(dense_infos, dense_expected, weights.LAYOUTS, str(folder))
-    checkpoint = weights.Checkpoint(folder, None, config, layout, entries, ignored)
-
-    for name, key in sorted(quantized_names.items()):  # swap in empty 4-bit linears shaped as the file says
-        state = _read_quant_state(infos[key].file, key, quant_infos[key])
-        owner = name.removesuffix(".weight")
-        linear = model.get_submodule(owner)
-        if not isinstance(linear, nn.Linear) or tuple(state["shape"]) != tuple(linear.weight.shape):
-            raise QuantError(f"{infos[key].file}: {key!r} holds a 4-bit weight of shape {state['shape']}, but "
-                             f"{owner!r} is {type(linear).__name__} {tuple(linear.weight.shape)}")
-        set_submodule(model, owner, Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
-                                               state["quant_type"], state["blocksize"], "nested_blocksize" in state,
-                                               compute_dtype, getattr(torch, state["dtype"]), device="meta"))
-    with TensorReader() as reader:
-        for name, info in checkpoint.entries.items():
-            owner, _, param_name = name.rpartition(".")
-            tensor = reader.read(info.file, info.key).to(device=device, dtype=dtype)
-            weights.place_tensor_default(model.get_submodule(owner), param_name, tensor)
-        for name, key in sorted(quantized_names.items()):  # one 4-bit linear at a time
-            packed = reader.read(infos[key].file, key).to(device)
-            parts = {suffix: reader.read(info.file, info.key).to(device) for suffix, info in quant_infos[key].items()}
-            try:
-                model.get_submodule(name.removesuffix(".weight"))._load_packed(packed, parts)
-            except (QuantError, ValueError, KeyError, AssertionError) as err:
-                raise QuantError(f"{infos[key].file}: {key!r}: {err}") from err
-    return _finish(model, folder)
-
-
-def _read_quant_state(file, key: str, parts: dict) -> dict:
-    """The JSON half of a packed QuantState (quant_type, blocksize, dtype, shape, nested_*)."""
-    keys = [s for s in parts if s.startswith("quant_state.")]
-    if len(keys) != 1:
-        raise QuantError(f"{file}: 4-bit weight {key!r} needs exactly one {key}.quant_state.bitsandbytes__<nf4|fp4> "
-                         f"tensor, found {keys}")
-    info = parts[keys[0]]
-    with TensorReader() as reader:
-        state = unpack_tensor_to_dict(reader.read(info.file, info.key))
-    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in state]
-    if missing:
-        raise QuantError(f"{info.file}: {info.key!r} lacks {missing}")
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Saving a quantized model
-
-
-def save_quantized(model: nn.Module, folder: str | Path, layout: str = "llava-hf") -> Path:
-    """config.json (with a bitsandbytes `quantization_config`) + model.safetensors: packed weights and quant state.
-
-    Keys follow `layout` like `ref.weights.save_model`, with bitsandbytes' per-weight suffixes for the 4-bit linears
-    (`...q_proj.weight`, `...q_proj.weight.absmax`, ...), the layout transformers uses for bnb-4bit checkpoints.
-    """
-    if layout not in weights.LAYOUTS or layout == "original":
-        raise ValueError(f"layout must be one of {[n for n in weights.LAYOUTS if n != 'original']}, got {layout!r}")
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
-    if not modules:
-        raise QuantError("the model has no 4-bit linears: save it with ref.weights.save_model")
-    if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
-        raise QuantError("the model has LoRA adapters: save them with ref.lora.save_adapter (or merge them first)")
-    settings = {(m.quant_type, m.blocksize, m.double_quant) for m in modules.values()}
-    if len(settings) != 1:
-        raise QuantError(f"mixed 4-bit settings {sorted(settings)} cannot be described by one quantization_config")
-    (quant_type, blocksize, double_quant), = settings
-    to_external = weights.LAYOUTS[layout].to_external
-    tensors = {to_external(name): t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_llava_hf_dict()
-    config["quantization_config"] = {  # transformers' BitsAndBytesConfig fields
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": double_quant,
-        "bnb_4bit_quant_storage": "uint8",
-        "bnb_4bit_compute_dtype": "float32",  # informative only: our modules compute in the input's dtype
-        "blocksize": blocksize,  # not a transformers field; the packed quant state carries it too
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(folder / weights.SINGLE_FILE), metadata={"format": "pt"})
-    return folder

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ref.attacks import SuiteError, load_truthfulqa, read_jsonl
+from ref.data import read_csv, read_jsonl, require_columns
 
 
 class UnlearningDataError(ValueError):
@@ -195,12 +195,18 @@ def pku_saferlhf_to_records(path: str | Path, max_samples: int | None = None,
 
 
 def truthfulqa_to_records(path: str | Path, max_samples: int | None = None) -> list[NormalRecord]:
-    """Normal records from TruthfulQA: prompt = Question, response = Best Answer."""
-    try:
-        pairs = load_truthfulqa(path, max_samples)
-    except SuiteError as err:
-        raise UnlearningDataError(str(err)) from err
-    return [NormalRecord(pair.question, pair.answer) for pair in pairs]
+    """Normal records from TruthfulQA's CSV, in file order: prompt = Question, response = Best Answer (rows with
+    either empty are skipped). The normal data of the KL term, and of eval.py's utility metrics."""
+    path = Path(path)
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise UnlearningDataError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    columns, rows = read_csv(path, UnlearningDataError)
+    require_columns(path, columns, ["Question", "Best Answer"], UnlearningDataError)
+    records = [NormalRecord(row["Question"], row["Best Answer"]) for row in rows
+               if row["Question"].strip() and row["Best Answer"].strip()][:max_samples]
+    if not records:
+        raise UnlearningDataError(f"{path}: no question/answer pairs found")
+    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------------

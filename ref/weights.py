@@ -26,39 +26,38 @@ Strictness: every tensor consumed, every parameter filled, every shape equal to 
 otherwise a `CheckpointError` (a ValueError) naming the key, the expected and found shape and the file. All of this is
 checked from the safetensors headers before any tensor data is read.
 
-Streaming: the model is built on the meta device (no memory), then tensors are read one at a time, cast to the loading
-dtype, moved to the target device and put in place, so peak memory is the model plus one tensor.
+Streaming: the model is built on the meta device (no memory), then tensors are read one at a time with plain file
+reads (`TensorReader`), cast to the loading dtype, moved to the target device and put in place, so peak memory is the
+model plus one tensor.
 
-Quantization hook protocol (for 4-bit QLoRA linears, see `load_model`)
-------------------------------------------------------------------
-1. `prepare(model)` (optional) runs on the meta model before any tensor is read. It may swap modules, e.g. replace the
-   decoder's `nn.Linear`s by 4-bit linears. The checkpoint is checked against the names and shapes of the model as
-   built, before `prepare`, so swapping does not change what the checkpoint must contain.
-2. Each checkpoint tensor then goes, one at a time, already cast to `dtype` and on `device`, to
-   `place_tensor(module, param_name, tensor)`, where `module = model.get_submodule(owner)` (after `prepare`) and
-   `param_name` is the last dotted component of the internal name ("weight", "bias", "class_embedding").
-   Without `place_tensor`, `place_tensor_default` does: if the module has a method `load_weight_(param_name, tensor)`,
-   call it (a 4-bit linear quantizes the weight there and keeps no full-precision copy; a wrapper module that owns a
-   `base_layer` may forward the call); otherwise the tensor becomes the module's parameter, `requires_grad=False`.
-3. After the last tensor no parameter or buffer may still be on the meta device (a swapped module must create all its
-   state in `load_weight_`), else `CheckpointError`. Then the model is put in eval mode with every parameter frozen.
+4-bit decoders (`load_model(..., quantize="nf4")`): the decoder's `nn.Linear`s are swapped for empty
+`ref.quant.Linear4bit` shells on the meta model, and each dense weight is quantized as it streams in and then dropped,
+so peak memory is the 4-bit model plus about one tensor. A folder written by `save_quantized` (config.json with a
+bitsandbytes `quantization_config`, packed weights under bitsandbytes' own keys, the layout transformers writes for
+bnb-4bit checkpoints) is read as stored, without quantizing again.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
+from bitsandbytes.utils import unpack_tensor_to_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ref.config import LlavaConfig, load_config
+from ref.config import DTYPES, LlavaConfig, load_config, read_json
+from ref.console import Progress
 from ref.kernels import Kernels
 from ref.llava import Llava
+from ref.lora import LoraLinear
+from ref.quant import QUANT_SUFFIXES, Linear4bit, QuantConfig, QuantError, as_quant_config, quantize_model
 
 
 class CheckpointError(ValueError):
@@ -70,8 +69,11 @@ INDEX_FILE = "model.safetensors.index.json"
 IGNORED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")  # constants, not weights: some versions saved them
 # The original release's CLIP folder is a full CLIP model; LLaVA uses only its vision half.
 CLIP_IGNORED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# safetensors' dtype codes; model weights may be stored in the float ones, 4-bit states use the others
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+FLOAT_DTYPES = {code: dtype for code, dtype in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
+LOAD_DTYPES = tuple(DTYPES.values())  # what a model is loaded in
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,11 +155,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
 
 
 def read_index(index_file: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{index_file}: not valid JSON ({err})") from err
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = read_json(index_file, CheckpointError, "a sharded checkpoint needs its index")
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_file}: expected a 'weight_map' object mapping tensor names to shard files")
     return weight_map
@@ -317,73 +316,119 @@ def _untie(entries: dict[str, TensorInfo], config: LlavaConfig) -> dict[str, Ten
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Streaming the tensors into a model
+# Reading tensor data
+
+
+class TensorReader:
+    """Reads safetensors tensors with plain file reads into fresh memory, one at a time.
+
+    safetensors' `safe_open` memory-maps the file: each tensor read maps its pages into the process, and they stay
+    mapped (and counted in its resident memory) until the file is closed, so streaming a whole checkpoint through one
+    `safe_open` shows the whole file in the peak RSS. Reading each tensor with `readinto` keeps only the tensor itself.
+    The headers were checked by `read_header` (through safetensors) before any reader opens a file.
+    """
+
+    def __init__(self):
+        self.files: dict[Path, tuple] = {}  # path -> (open file, data start, header)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle, _, _ in self.files.values():
+            handle.close()
+        self.files.clear()
+
+    def read(self, file: Path, key: str) -> torch.Tensor:
+        if file not in self.files:
+            handle = open(file, "rb")
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            self.files[file] = (handle, 8 + header_len, json.loads(handle.read(header_len)))
+        handle, data_start, header = self.files[file]
+        entry = header[key]
+        start, end = entry["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        handle.seek(data_start + start)
+        if handle.readinto(buffer.numpy()) != end - start:  # the file changed since its header was read
+            raise CheckpointError(f"{file}: tensor {key!r} is truncated")
+        return buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def iter_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """(internal name, tensor as stored, on CPU), one at a time, each file opened once, in file order."""
-    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
-    for name, info in checkpoint.entries.items():
-        by_file.setdefault(info.file, []).append((name, info))
-    for file in sorted(by_file):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name, info in by_file[file]:
-                    yield name, f.get_tensor(info.key)
-        except SafetensorError as err:  # the file changed since its header was read
-            raise CheckpointError(f"{file}: could not read tensor data: {err}") from err
+    """(internal name, tensor as stored, on CPU), one at a time."""
+    with TensorReader() as reader:
+        for name, info in checkpoint.entries.items():
+            yield name, reader.read(info.file, info.key)
 
 
-PlaceTensor = Callable[[nn.Module, str, torch.Tensor], None]
-
-
-def place_tensor_default(module: nn.Module, param_name: str, tensor: torch.Tensor) -> None:
-    """The default hook: the module's own `load_weight_` if it has one, else the tensor becomes its parameter."""
-    if hasattr(module, "load_weight_"):
-        module.load_weight_(param_name, tensor)
-        return
-    if param_name not in module._parameters:
-        raise CheckpointError(f"{type(module).__name__} has no parameter {param_name!r} and no load_weight_ method "
-                              f"to receive it (a module swapped in by prepare() must implement load_weight_)")
-    setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading: one streaming loop for dense and 4-bit decoders
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                vision_dir: str | Path | None = None, kernels: Kernels | None = None,
-               place_tensor: PlaceTensor | None = None,
-               prepare: Callable[[nn.Module], None] | None = None, quantize=None) -> Llava:
+               quantize: str | QuantConfig | None = None, show_progress: bool = False) -> Llava:
     """Load a LLaVA checkpoint folder into `ref.llava.Llava`, in eval mode, every parameter requires_grad=False.
 
     path: a folder with config.json and safetensors (any layout in the module docstring); vision_dir: the CLIP folder
-    for an original-format checkpoint. dtype: float32, bfloat16 or float16 (every tensor is cast to it). `prepare` and
-    `place_tensor` are the quantization hooks described in the module docstring. quantize: "nf4", "fp4" or a
-    `ref.quant.QuantConfig`: the decoder's linears become 4-bit as they stream in (`ref.quant.load_quantized_model`);
-    a folder written by `ref.quant.save_quantized` is read as stored, quantize given or not.
+    for an original-format checkpoint. dtype: float32, bfloat16 or float16 (every dense tensor is cast to it).
+    quantize: None (dense), "nf4", "fp4" or a `ref.quant.QuantConfig`: the decoder's linears become 4-bit as they
+    stream in. A folder written by `save_quantized` is read as stored, quantize given or not (it then only sets the
+    compute dtype). show_progress: a progress line on stderr (tensors and bytes read, rate, time left).
     """
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"loading dtype must be one of {LOAD_DTYPES}, got {dtype}")
-    from ref import quant  # imported here: ref.quant builds on this module
-
-    if quantize is not None or quant.is_quantized_checkpoint(path):
-        if prepare is not None or place_tensor is not None:
-            raise ValueError("quantize= sets the prepare/place_tensor hooks itself; pass one or the other")
-        return quant.load_quantized_model(path, quantize, dtype=dtype, device=device, vision_dir=vision_dir,
-                                          kernels=kernels)
+    if is_quantized_checkpoint(path):
+        return _load_prequantized(Path(path), dtype, device, quantize, kernels, show_progress)
     checkpoint = open_checkpoint(path, vision_dir, kernels)  # every check that needs no tensor data, first
     with torch.device("meta"):
         model = Llava(checkpoint.config, kernels)
-    if prepare is not None:
-        prepare(model)
-    place = place_tensor or place_tensor_default
-    for name, stored in iter_tensors(checkpoint):
-        owner, _, param_name = name.rpartition(".")
+    if quantize is not None:
+        quantize_model(model, as_quant_config(quantize))  # empty 4-bit shells in place of the decoder's linears
+    with TensorReader() as reader:
+        stream_tensors(model, checkpoint.entries, reader, dtype, device, _progress(checkpoint, show_progress))
+    return _finished(model, checkpoint.folder)
+
+
+def stream_tensors(model: nn.Module, entries: dict[str, TensorInfo], reader: TensorReader, dtype: torch.dtype,
+                   device: str | torch.device, progress: Progress | None = None) -> None:
+    """The streaming loop: one stored tensor at a time, read, cast to `dtype` on `device`, put in place."""
+    read = 0
+    for name, info in entries.items():
+        stored = reader.read(info.file, info.key)
+        read += stored.numel() * stored.element_size()
         tensor = stored.to(device=device, dtype=dtype)
         del stored  # peak memory: the model plus this one tensor (twice while casting)
-        place(model.get_submodule(owner), param_name, tensor)
+        place_tensor(model, name, tensor)
+        if progress is not None:
+            progress.update(1, f"{read / 2**20:,.0f} MiB read")
+    if progress is not None:
+        progress.close()
+
+
+def _progress(checkpoint: Checkpoint, show: bool) -> Progress | None:
+    if not show:
+        return None
+    return Progress(f"loading {checkpoint.folder}", len(checkpoint.entries), "tensors", min_seconds=2.0)
+
+
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put one checkpoint tensor in place. A 4-bit linear quantizes its weight and keeps no dense copy (the caller's
+    tensor is dropped at the next one: peak memory is the model plus this tensor); anything else takes the tensor as
+    its parameter, frozen."""
+    owner, _, param_name = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if isinstance(module, Linear4bit) and param_name == "weight":
+        module.set_weight(tensor)
+    else:
+        setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
+
+
+def _finished(model: nn.Module, folder: Path) -> nn.Module:
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
-        raise CheckpointError(f"{checkpoint.folder}: {len(still_meta)} parameter(s)/buffer(s) were never filled, "
-                              f"e.g. {still_meta[0]!r} (a module swapped in by prepare() left state on meta)")
+        raise CheckpointError(f"{folder}: {len(still_meta)} parameter(s)/buffer(s) were never filled, "
+                              f"e.g. {still_meta[0]!r}")
     model.eval()
     model.requires_grad_(False)
     return model
@@ -395,7 +440,111 @@ def load_state_dict(path: str | Path, vision_dir: str | Path | None = None) -> d
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Pre-quantized checkpoints (written by save_quantized)
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """A folder written by `save_quantized` (its config.json says bitsandbytes 4-bit)."""
+    file = Path(path) / "config.json"
+    try:
+        quantization = read_json(file).get("quantization_config")
+    except ValueError:
+        return False  # the loader reports a missing or broken config.json itself
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes" \
+        and bool(quantization.get("load_in_4bit"))
+
+
+def _split_quant_keys(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInfo], dict[str, dict[str, TensorInfo]]]:
+    """Stored keys -> (dense tensors, {packed weight key: {suffix: TensorInfo}}) by bitsandbytes' suffixes."""
+    quant: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in infos.items():
+        for suffix in QUANT_SUFFIXES:
+            if key.endswith(".weight." + suffix):
+                quant.setdefault(key[: -len(suffix) - 1], {})[suffix] = info
+    dense = {key: info for key, info in infos.items()
+             if key not in quant and not any(key.endswith(".weight." + s) for s in QUANT_SUFFIXES)}
+    return dense, quant
+
+
+def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kernels, show_progress: bool) -> Llava:
+    config = load_config(folder)
+    infos = read_headers(folder)
+    dense_infos, quant_infos = _split_quant_keys(infos)
+    for key in quant_infos:
+        if key not in infos:
+            raise CheckpointError(f"{folder}: quant state for {key!r} but no packed weight {key!r}")
+    with torch.device("meta"):
+        model = Llava(config, kernels)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # The layout that maps every packed weight onto a parameter names them; the dense rest is checked as usual.
+    quantized_names: dict[str, str] = {}
+    for layout in LAYOUTS.values():
+        mapped = {layout.to_internal(key): key for key in quant_infos}
+        if all(name in expected for name in mapped):
+            quantized_names = mapped
+            break
+    if quant_infos and not quantized_names:
+        raise CheckpointError(f"{folder}: packed 4-bit weights under keys no layout maps, e.g. "
+                              f"{sorted(quant_infos)[0]!r}")
+    dense_expected = {n: s for n, s in expected.items() if n not in quantized_names}
+    layout, entries, ignored = match_keys(dense_infos, dense_expected, LAYOUTS, str(folder))
+    checkpoint = Checkpoint(folder, None, config, layout, entries, ignored)
+
+    compute_dtype = None if quantize is None else as_quant_config(quantize).compute_dtype
+    for name, key in sorted(quantized_names.items()):  # empty 4-bit linears shaped as the file says
+        state = _read_quant_state(infos[key].file, key, quant_infos[key])
+        owner = name.removesuffix(".weight")
+        linear = model.get_submodule(owner)
+        if not isinstance(linear, nn.Linear) or tuple(state["shape"]) != tuple(linear.weight.shape):
+            raise CheckpointError(f"{infos[key].file}: {key!r} holds a 4-bit weight of shape {state['shape']}, but "
+                                  f"{owner!r} is {type(linear).__name__} {tuple(linear.weight.shape)}")
+        model.set_submodule(owner, Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                                              state["quant_type"], state["blocksize"], "nested_blocksize" in state,
+                                              compute_dtype, getattr(torch, state["dtype"]), device="meta"))
+    with TensorReader() as reader:
+        stream_tensors(model, entries, reader, dtype, device, _progress(checkpoint, show_progress))
+        for name, key in sorted(quantized_names.items()):  # one 4-bit linear at a time
+            packed = reader.read(infos[key].file, key).to(device)
+            parts = {suffix: reader.read(info.file, info.key).to(device) for suffix, info in quant_infos[key].items()}
+            try:
+                model.get_submodule(name.removesuffix(".weight")).load_packed(packed, parts)
+            except (QuantError, ValueError, KeyError, AssertionError) as err:
+                raise CheckpointError(f"{infos[key].file}: {key!r}: {err}") from err
+    return _finished(model, folder)
+
+
+def _read_quant_state(file: Path, key: str, parts: dict[str, TensorInfo]) -> dict:
+    """The JSON half of a packed QuantState (quant_type, blocksize, dtype, shape, nested_*)."""
+    keys = [s for s in parts if s.startswith("quant_state.")]
+    if len(keys) != 1:
+        raise CheckpointError(f"{file}: 4-bit weight {key!r} needs exactly one "
+                              f"{key}.quant_state.bitsandbytes__<nf4|fp4> tensor, found {keys}")
+    info = parts[keys[0]]
+    with TensorReader() as reader:
+        state = unpack_tensor_to_dict(reader.read(info.file, info.key))
+    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in state]
+    if missing:
+        raise CheckpointError(f"{info.file}: {info.key!r} lacks {missing}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Saving
+
+
+def _external_tensors(model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
+    if layout not in LAYOUTS or layout == "original":
+        raise ValueError(f"layout must be one of {[n for n in LAYOUTS if n != 'original']}, got {layout!r}")
+    to_external = LAYOUTS[layout].to_external
+    return {to_external(name): t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+
+
+def _write_folder(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})  # transformers requires format=pt
+    return folder
 
 
 def save_model(model: Llava, folder: str | Path, layout: str = "llava-hf", dtype: torch.dtype | None = None) -> Path:
@@ -403,17 +552,52 @@ def save_model(model: Llava, folder: str | Path, layout: str = "llava-hf", dtype
 
     The model must be a plain `Llava` (no swapped or quantized modules): its state_dict names must be the internal ones.
     """
-    if layout not in LAYOUTS or layout == "original":
-        raise ValueError(f"save_model layout must be one of {[n for n in LAYOUTS if n != 'original']}, got {layout!r}")
     expected = expected_shapes(model.config)
     state = model.state_dict()
     if set(state) != set(expected):
         odd = sorted(set(state) ^ set(expected))
         raise ValueError(f"save_model needs a plain Llava; its state_dict differs from the internal names at {odd[:3]}")
-    to_external = LAYOUTS[layout].to_external
-    tensors = {to_external(name): t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in state.items()}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_llava_hf_dict(), indent=2) + "\n")
-    save_file(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})  # transformers requires format=pt
-    return folder
+    tensors = {key: t.to(dtype or t.dtype) for key, t in _external_tensors(model, layout).items()}
+    return _write_folder(folder, model.config.to_llava_hf_dict(), tensors)
+
+
+def save_quantized(model: nn.Module, folder: str | Path, layout: str = "llava-hf") -> Path:
+    """config.json (with a bitsandbytes `quantization_config`) + model.safetensors: packed weights and quant state.
+
+    Keys follow `layout` like `save_model`, with bitsandbytes' per-weight suffixes for the 4-bit linears
+    (`...q_proj.weight`, `...q_proj.weight.absmax`, ...), the layout transformers uses for bnb-4bit checkpoints.
+    """
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    if not modules:
+        raise QuantError("the model has no 4-bit linears: save it with ref.weights.save_model")
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise QuantError("the model has LoRA adapters: save them with ref.lora.save_adapter (or merge them first)")
+    settings = {(m.quant_type, m.blocksize, m.double_quant) for m in modules.values()}
+    if len(settings) != 1:
+        raise QuantError(f"mixed 4-bit settings {sorted(settings)} cannot be described by one quantization_config")
+    (quant_type, blocksize, double_quant), = settings
+    config = model.config.to_llava_hf_dict()
+    config["quantization_config"] = {  # transformers' BitsAndBytesConfig fields
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_compute_dtype": "float32",  # informative only: our modules compute in the input's dtype
+        "blocksize": blocksize,  # not a transformers field; the packed quant state carries it too
+    }
+    return _write_folder(folder, config, _external_tensors(model, layout))
+
+
+WEIGHT_FILES = {"config.json", SINGLE_FILE, INDEX_FILE}
+
+
+def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
+    """Tokenizer, processor and other small files of a model folder: everything but the weights and config.json."""
+    copied = []
+    for file in sorted(Path(source).iterdir()):
+        if file.is_file() and file.name not in WEIGHT_FILES and file.suffix != ".safetensors":
+            shutil.copy2(file, Path(target) / file.name)
+            copied.append(file.name)
+    return copied

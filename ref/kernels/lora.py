@@ -5,8 +5,9 @@
 - `reference`: the two modules as written, autograd does the rest. The one to audit.
 - `fused`: one custom autograd function in the spirit of unsloth's fast_lora. W is dequantized (or read) inside
   forward and AGAIN inside backward instead of being kept, and the base's matmul is a plain dense matmul, so nothing
-  of size (out, in) outlives a call and only x, the dropped-out x and x A^T are saved. The chain rule it implements,
-  with g = dL/dy (..., out) and u = s * (x_d A^T) (..., r), x_d = dropout(x):
+  of size (out, in) outlives a call and only x, the dropped-out x and x A^T are saved. The base's matmul runs in the
+  4-bit layer's compute dtype when it has one (as `Linear4bit.forward` does), and its result is cast back to x's.
+  The chain rule it implements, with g = dL/dy (..., out) and u = s * (x_d A^T) (..., r), x_d = dropout(x):
       dL/dx   = g W                                      (through the frozen base)
       dL/dB   = s * g^T (x_d A^T)                        (out, r)
       dL/dA   = (s * g B)^T x_d                          (r, in)
@@ -19,15 +20,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ref.kernels.registry import register
+from ref.quant import Linear4bit
 
 
 def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base's (out, in) weight as a fresh dense tensor: dequantized for a 4-bit linear, cast for nn.Linear."""
-    if hasattr(base, "dequantize"):
+    if isinstance(base, Linear4bit):
         return base.dequantize(dtype)
     return base.weight.to(dtype)
+
+
+def base_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the base's matmul runs in: a 4-bit layer's compute_dtype when set, else the input's."""
+    return (base.compute_dtype if isinstance(base, Linear4bit) else None) or x.dtype
 
 
 @register("lora_linear", "reference")
@@ -42,21 +50,22 @@ def lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: 
 class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, adapter_x, lora_A, lora_B, base, scaling):
-        weight = dense_weight(base, x.dtype)  # (out, in), dropped at the end of forward
-        out = x @ weight.T
-        if getattr(base, "bias", None) is not None:
-            out = out + base.bias.to(out.dtype)
+        compute_dtype = base_compute_dtype(base, x)
+        weight = dense_weight(base, compute_dtype)  # (out, in), dropped at the end of forward
+        bias = None if base.bias is None else base.bias.to(compute_dtype)
+        out = F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)  # (..., out), one rounding as the base's own
         down = adapter_x @ lora_A.T  # (..., r)
         out = out + ((down @ lora_B.T) * scaling).to(out.dtype)  # (..., out)
         ctx.save_for_backward(adapter_x, down, lora_A, lora_B)
-        ctx.base, ctx.scaling, ctx.x_dtype = base, scaling, x.dtype
+        ctx.base, ctx.scaling, ctx.x_dtype, ctx.compute_dtype = base, scaling, x.dtype, compute_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         adapter_x, down, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scaling
-        grad_x = grad_out @ dense_weight(ctx.base, ctx.x_dtype)  # (..., in): W dequantized again, not kept
+        weight = dense_weight(ctx.base, ctx.compute_dtype)  # (out, in): W dequantized again, not kept
+        grad_x = (grad_out.to(ctx.compute_dtype) @ weight).to(ctx.x_dtype)  # (..., in)
         g = grad_out.to(lora_B.dtype)
         grad_B = s * (g.reshape(-1, g.shape[-1]).T @ down.reshape(-1, down.shape[-1]))  # (out, r)
         grad_down = s * (g @ lora_B)  # (..., r)

@@ -1,0 +1,73 @@
+"""What every program prints besides its results: one progress line, and one line per user error.
+
+    step 40/300  3.1 steps/s  ETA 1m24s  loss -2.4153 harm_nll 6.0121 ...    `Progress`
+    train.py: error: data.jsonl:3: unknown kind 'harmfull'; ...               `exit_on_user_error`, exit status 2
+
+On a terminal the progress line is rewritten in place; elsewhere (a log file, CI) a plain line is printed every
+`every` updates (at most one per `min_seconds`) and at the end, so logs stay readable. Both go to stderr: stdout is
+kept for results (eval.py's table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+
+def format_seconds(seconds: float) -> str:
+    """12s, 3m05s, 2h07m: short enough for a progress line."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """done/total, the rate since the start, the time left at that rate, and whatever the caller adds."""
+
+    def __init__(self, label: str, total: int, unit: str = "items", every: int = 1, done: int = 0,
+                 min_seconds: float = 0.0, stream=None):
+        self.label, self.total, self.unit, self.every, self.min_seconds = label, total, unit, max(1, every), min_seconds
+        self.done = self.start_done = done  # a resumed run starts part-way
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = self.last_print = time.perf_counter()
+        self.updates = 0
+
+    def line(self, info: str = "", now: float | None = None) -> str:
+        elapsed = (time.perf_counter() if now is None else now) - self.start
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = format_seconds((self.total - self.done) / rate) if rate > 0 else "?"
+        text = f"{self.label} {self.done}/{self.total}  {rate:.3g} {self.unit}/s  ETA {eta}"
+        return text + (f"  {info}" if info else "")
+
+    def update(self, n: int = 1, info: str = "") -> None:
+        self.done += n
+        self.updates += 1
+        now = time.perf_counter()
+        if self.tty:
+            print("\r" + self.line(info, now) + " " * 4, end="", file=self.stream, flush=True)
+            return
+        due = self.updates % self.every == 0 and now - self.last_print >= self.min_seconds
+        if due or self.done >= self.total:
+            print(self.line(info, now), file=self.stream, flush=True)
+            self.last_print = now
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream, flush=True)
+
+
+@contextlib.contextmanager
+def exit_on_user_error(prog: str):
+    """The user's errors become one line on stderr and exit status 2, as argparse reports bad options. Every error
+    this project raises for bad input is a ValueError whose message names the file, key, line or option; anything
+    else is a bug and keeps its traceback."""
+    try:
+        yield
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,147 @@
+"""A training run's folder: what train.py writes there and what eval.py (and a resumed train.py) reads back.
+
+    runs/<name>/args.json                    the exact options of the run (a resumed run takes them from here)
+                kernels.txt                  the resolved kernel table
+                log.jsonl                    one JSON line per optimizer step
+                checkpoint/state.safetensors adapter, AdamW moments, RNG states and the loop's position, in one file
+                adapter/                     the trained LoRA adapter (ref.lora.save_adapter)
+                summary.json                 tokens, estimated FLOPs, wall time, peak memory, why the run stopped
+
+Every file is written under a temporary name and renamed into place, so a crash never leaves half a file, and a
+checkpoint is never half old and half new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ref.config import read_json
+
+ARGS_FILE, SUMMARY_FILE, LOG_FILE, KERNELS_FILE = "args.json", "summary.json", "log.jsonl", "kernels.txt"
+ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE = "adapter", "checkpoint", "state.safetensors"
+
+
+class RunError(ValueError):
+    """A run folder, or a training checkpoint in it, that is missing, unreadable or does not fit the run."""
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write to a temporary name, then rename: a crash mid-write never leaves a half-written file under `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a run back
+
+
+def run_folder_of(adapter: str | Path) -> Path | None:
+    """The train.py run folder an adapter folder belongs to (runs/textual/adapter -> runs/textual), or None."""
+    adapter = Path(adapter)
+    return adapter.parent if adapter.name == ADAPTER_DIR and (adapter.parent / ARGS_FILE).is_file() else None
+
+
+def read_run_args(run: str | Path) -> dict:
+    """The options a train.py run was started with (its args.json)."""
+    return read_json(Path(run) / ARGS_FILE, RunError, "not a train.py run folder")
+
+
+def adapter_display_name(adapter: str | Path) -> str:
+    """runs/textual/adapter -> "textual" (train.py's layout); any other folder -> its own name."""
+    adapter = Path(adapter)
+    return adapter.resolve().parent.name if adapter.name == ADAPTER_DIR else adapter.name
+
+
+def read_train_summary(adapter: str | Path) -> dict | None:
+    """Tokens / FLOPs / seconds of the train.py run that wrote this adapter (the summary.json beside it), if any."""
+    for candidate in (Path(adapter).parent / SUMMARY_FILE, Path(adapter) / SUMMARY_FILE):
+        if candidate.is_file():
+            summary = read_json(candidate, RunError)
+            keys = ("mode", "steps", "tokens", "image_tokens", "estimated_flops", "wall_seconds")
+            return {"file": str(candidate), **{k: summary.get(k) for k in keys}}
+    return None
+
+
+def keep_log_before(log_path: Path, step: int) -> None:
+    """Drop log lines of steps >= `step` (run after the last checkpoint, before a crash): they are about to rerun."""
+    if log_path.exists():
+        lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < step]
+        write_atomically(log_path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training checkpoint: everything a resumed run needs to continue bit for bit
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every trainable parameter (the adapters), by name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Adapter, AdamW moments and RNG states as tensors, everything else (step, data position) as JSON metadata of
+    the same safetensors file: one file, renamed into place, so a checkpoint is never half old and half new."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    tensors = {f"param/{n}": t.contiguous() for n, t in trainable_tensors(model).items()}
+    opt_state = optimizer.state_dict()
+    for index, name in enumerate(names):
+        for key, value in opt_state["state"].get(index, {}).items():
+            tensors[f"adam/{name}/{key}"] = value.detach().reshape(-1) if value.ndim == 0 else value.contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    meta = {**state, "python_rng": _jsonable_random_state(), "param_names": names}
+    write_atomically(folder / CHECKPOINT_FILE,
+                     lambda p: save_file(tensors, str(p), metadata={"state": json.dumps(meta)}))
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Put a checkpoint's adapter, optimizer and RNG states back; return its metadata (step, data positions, ...)."""
+    path = folder / CHECKPOINT_FILE
+    params = dict(model.named_parameters())
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as err:
+        raise RunError(f"{path}: not a readable training checkpoint ({err})") from err
+    missing = [n for n in meta["param_names"] if f"param/{n}" not in tensors or n not in params]
+    if missing:
+        raise RunError(f"{path}: adapter tensor {missing[0]!r} is missing or has no place in this model")
+    with torch.no_grad():
+        for name in meta["param_names"]:
+            params[name].copy_(tensors[f"param/{name}"])
+    state = {}
+    for index, name in enumerate(meta["param_names"]):
+        prefix = f"adam/{name}/"
+        moments = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        if moments:
+            moments["step"] = moments["step"].reshape(())
+            state[index] = moments
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    random.setstate(_random_state_from_json(meta["python_rng"]))
+    return meta
+
+
+def _jsonable_random_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _random_state_from_json(saved):
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
