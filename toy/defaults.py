@@ -1,0 +1,77 @@
+"""What the bare programs take from the toy: `python train.py` and `python eval.py` with no model named run on the
+committed toy checkpoint, its training-side unlearning records, its held-out suites, its normal data and its judges.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from evals.suites import AttackSample, NormalPair, NormalReader, Suite, SuiteError, SuiteOptions, SuiteReader
+from ref.unlearning_data import Record
+from toy import world
+from toy.images import render_image
+
+TOY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy_llava"
+THREADS = 1  # the toy's tiny matrices gain nothing from more threads and lose a lot when the cores are shared
+
+
+class ToyModelError(ValueError):
+    """The toy checkpoint the bare commands need is not there."""
+
+
+def is_toy_model(path: str | Path) -> bool:
+    return Path(path).resolve() == TOY_MODEL.resolve()
+
+
+def require_toy_model(path: str | Path) -> None:
+    """A model path that names the toy must find the committed checkpoint there."""
+    if is_toy_model(path) and not (TOY_MODEL / "config.json").is_file():
+        raise ToyModelError(f"{TOY_MODEL}: the toy model is not there; build it with `python -m toy.build` "
+                            f"(or give --model DIR)")
+
+
+def unlearning_records(with_images: bool) -> list[Record]:
+    """train.py --data toy: the training side of the world's split (text only, or with images for the baseline)."""
+    return world.unlearning_records(split="train", with_images=with_images)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval.py: the held-out suites as evals.suites.Suite, and their benign answers as normal data
+
+SUITE_KINDS = {"text_attacks": "attack", "figstep_attacks": "attack", "piece_attacks": "attack",
+               "over_refusal": "over_refusal", "benign_text": "benign", "benign_image": "benign"}
+
+
+def toy_suites(names: Sequence[str] | None = None, max_samples: int | None = None) -> list[Suite]:
+    """The world's held-out suites (`world.eval_suites()`), images rendered (64 px, tiny)."""
+    available = world.eval_suites()
+    names = list(available) if not names else list(names)
+    suites = []
+    for name in names:
+        if name not in available:
+            raise SuiteError(f"toy:{name}: no such toy suite; toy suites: {sorted(available)}")
+        samples = []
+        for item in available[name][:max_samples]:
+            source = {k: v for k, v in (("image_spec", item.image), ("expected", item.expected),
+                                        ("topic", item.topic)) if v is not None}
+            image = render_image(item.image) if item.image is not None else None
+            samples.append(AttackSample(item.id, name, item.prompt, image=image, source=source))
+        suites.append(Suite(name, SUITE_KINDS[name], samples, f"toy:{name}"))
+    return suites
+
+
+def _read_suites(name: str | None, path: str, options: SuiteOptions, spec: str) -> list[Suite]:
+    return toy_suites([path] if path else None, options.max_samples)
+
+
+def _read_normal(path: str, max_samples: int | None) -> list[NormalPair]:
+    pairs = [NormalPair(s.id, s.prompt, s.source["expected"], s.image)
+             for suite in toy_suites(["benign_text", "benign_image"]) for s in suite.samples]
+    return pairs[:max_samples]
+
+
+SUITE_READER = SuiteReader("the embedded toy world's held-out suites (toy/world.py); 'toy' = all, 'toy:NAME' = one",
+                           _read_suites, needs_path=False)
+NORMAL_READER = NormalReader("the toy world's held-out benign tasks (text and image) with their exact answers",
+                             _read_normal, needs_path=False)
