@@ -27,16 +27,31 @@ from pathlib import Path
 
 import torch
 
-from ref import evaluate as ev
-from ref.attacks import AttackSample
+from evals import judges as judge_registry
+from evals.generation import Sampling, chat_prompt, generate_responses, tokenize_samples
+from evals.report import write_report
+from evals.scoring import image_reference, judge_suite, normal_batches, utility_metrics
+from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
 from ref import kernels as kernel_registry
+from ref.config import DTYPES
 from ref.data import load_processor
-from ref.lora import load_adapter
+from ref.lora import load_adapter, remove_adapters
+from ref.console import Progress, exit_on_user_error
+from ref.runs import adapter_display_name, read_run_args, read_train_summary, run_folder_of
 from ref.weights import load_model
+from toy import defaults as toy
+from toy import judges as toy_judges
 
 ROOT = Path(__file__).resolve().parent
-TOY_MODEL = ROOT / "assets" / "toy_llava"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# eval.py knows every suite kind, normal-data kind and judge of evals/, and the toy's (its bare default).
+SUITE_READERS = {**READERS, "toy": toy.SUITE_READER}
+NORMAL_DATA_READERS = {**NORMAL_READERS, "toy": toy.NORMAL_READER}
+JUDGES = {**judge_registry.JUDGES, **toy_judges.JUDGES}
+PHRASE_JUDGES = sorted(n for n in JUDGES if n not in (*judge_registry.MODEL_JUDGES, "toy_harm"))
+
+
+class EvalError(ValueError):
+    """An option or adapter eval.py cannot use; raised before any generation starts."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -44,14 +59,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    suite_kinds = "\n".join(f"  {k:<8} {v}" for k, v in ev.SPEC_KINDS.items())
-    normal_kinds = "\n".join(f"  {k:<10} {v}" for k, v in ev.NORMAL_KINDS.items())
+    suite_kinds = "\n".join(f"  {k:<8} {v.description}" for k, v in SUITE_READERS.items())
+    normal_kinds = "\n".join(f"  {k:<10} {v.description}" for k, v in NORMAL_DATA_READERS.items())
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
         epilog=f"suite kinds (--suite [NAME=]KIND:PATH):\n{suite_kinds}\n\nnormal data kinds (--normal KIND:PATH):\n"
-               f"{normal_kinds}\n\njudges: {', '.join(ev.JUDGE_NAMES)}")
+               f"{normal_kinds}\n\njudges: {', '.join(sorted(JUDGES))}")
     io = p.add_argument_group("models")
-    io.add_argument("--model", default=str(TOY_MODEL),
+    io.add_argument("--model", default=str(toy.TOY_MODEL),
                     help="LLaVA model folder (config.json, safetensors, tokenizer.json); default: the toy, "
                          "assets/toy_llava")
     io.add_argument("--vision-dir", default=None, help="CLIP folder, for an original-format LLaVA checkpoint")
@@ -88,12 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "column the text reader finds)")
 
     judging = p.add_argument_group("judges")
-    judging.add_argument("--judge", action="append", default=None, choices=ev.JUDGE_NAMES,
+    judging.add_argument("--judge", action="append", default=None, choices=sorted(JUDGES),
                          help="judge for attack suites, repeatable (each gets its own columns).\n"
                               "Default: 'toy' (refusal phrases) and 'toy_harm' (harmful steps given) with the toy "
                               "model, else 'gcg'")
-    judging.add_argument("--refusal-judge", default=None,
-                         choices=[n for n in ev.JUDGE_NAMES if n not in ("llamaguard", "toy_harm")],
+    judging.add_argument("--refusal-judge", default=None, choices=PHRASE_JUDGES,
                          help="phrase judge deciding refusals on over-refusal suites (default: 'toy' with the toy "
                               "model, else 'xstest')")
     judging.add_argument("--judge-model", default=None,
@@ -118,51 +132,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def is_toy(model: str) -> bool:
-    return Path(model).resolve() == TOY_MODEL.resolve()
-
-
 def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Namespace:
-    """The embedded default (issue 6): with the toy model, its suites, its judge, its normal data, the run adapters."""
-    toy = is_toy(args.model)
-    if toy and not (TOY_MODEL / "config.json").is_file():
-        raise ev.EvalError(f"{TOY_MODEL}: the toy model is not there; build it with `python -m weights_tools.build_toy`"
-                           f" (or give --model DIR)")
+    """The embedded default: with the toy model, its suites, its judges, its normal data, the run adapters."""
+    toy.require_toy_model(args.model)
+    is_toy = toy.is_toy_model(args.model)
     if args.suite is None:
-        if not toy:
-            raise ev.EvalError("give at least one --suite KIND:PATH for a model other than the toy (see --help)")
+        if not is_toy:
+            raise EvalError("give at least one --suite KIND:PATH for a model other than the toy (see --help)")
         args.suite = ["toy"]
-    # A toy model (or a toy rebuilt elsewhere, evaluated on the toy suites) is judged by the toy's own markers.
-    toy = toy or all(spec.split(":")[0] == "toy" for spec in args.suite)
-    args.judge = args.judge or (["toy", "toy_harm"] if toy else ["gcg"])
-    args.refusal_judge = args.refusal_judge or ("toy" if toy else "xstest")
+    # A toy model (or a toy rebuilt elsewhere, evaluated on the toy suites) is judged by the toy's own judges.
+    is_toy = is_toy or all(spec.split(":")[0] == "toy" for spec in args.suite)
+    args.judge = args.judge or (["toy", "toy_harm"] if is_toy else ["gcg"])
+    args.refusal_judge = args.refusal_judge or ("toy" if is_toy else "xstest")
     if args.normal is None:
-        args.normal = "toy" if toy else "none"
-    if args.threads is None and toy:
-        args.threads = 1
+        args.normal = "toy" if is_toy else "none"
+    if args.threads is None and is_toy:
+        args.threads = toy.THREADS
     if args.no_adapters:
         args.adapter = []
     elif args.adapter is None:
-        args.adapter = [str(p) for p in sorted((root / "runs").glob("*/adapter")) if p.is_dir()] if toy else []
+        args.adapter = [str(p) for p in sorted((root / "runs").glob("*/adapter")) if p.is_dir()] if is_toy else []
     return args
 
 
-def resolve_quantize(requested: str, adapters: list[tuple[str, Path]]) -> str:
+def adapter_run_args(adapters: list[tuple[str, Path]]) -> dict[str, dict]:
+    """The options of the train.py run behind each adapter that has one (its args.json), by adapter name."""
+    return {name: read_run_args(run) for name, folder in adapters if (run := run_folder_of(folder)) is not None}
+
+
+def resolve_quantize(requested: str, run_args: dict[str, dict]) -> str:
     """--quantize auto -> the quantization every adapter's train.py run recorded (they must agree), else none."""
     if requested != "auto":
         return requested
-    recorded = {}
-    for name, folder in adapters:
-        run_args = folder.parent / "args.json"
-        if folder.name == "adapter" and run_args.is_file():
-            try:
-                recorded[name] = json.loads(run_args.read_text()).get("quantize")
-            except (OSError, json.JSONDecodeError) as err:
-                raise ev.EvalError(f"{run_args}: not valid JSON ({err})") from err
+    recorded = {name: saved.get("quantize") for name, saved in run_args.items()}
     choices = {q for q in recorded.values() if q}
     if len(choices) > 1:
-        raise ev.EvalError(f"the adapters were trained on differently quantized bases {recorded}; choose one with "
-                           f"--quantize none|nf4|fp4")
+        raise EvalError(f"the adapters were trained on differently quantized bases {recorded}; choose one with "
+                        f"--quantize none|nf4|fp4")
     return choices.pop() if choices else "none"
 
 
@@ -171,13 +177,16 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep:
-            name, folder = ev.adapter_display_name(Path(spec)), spec
+            name, folder = adapter_display_name(spec), spec
         adapters.append((name, Path(folder)))
     names = [n for n, _ in adapters]
     clash = sorted({n for n in names if names.count(n) > 1 or n == "base"})
     if clash:
-        raise ev.EvalError(f"adapter name(s) {clash} clash (with each other or with 'base'); name them: "
-                           f"--adapter NAME=DIR")
+        raise EvalError(f"adapter name(s) {clash} clash (with each other or with 'base'); name them: "
+                        f"--adapter NAME=DIR")
+    for name, folder in adapters:
+        if not folder.is_dir():
+            raise EvalError(f"--adapter {name}: {folder}: no such folder")
     return adapters
 
 
@@ -189,22 +198,21 @@ def load_base(args, kernels):
     """The base model, loaded once for every row of the table (dense, or 4-bit decoder linears)."""
     quantize = None if args.quantize == "none" else args.quantize
     return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, vision_dir=args.vision_dir,
-                      kernels=kernels, quantize=quantize)
+                      kernels=kernels, quantize=quantize, show_progress=True)
 
 
-def check_adapters(model, adapters: list[tuple[str, Path]], model_dir: str) -> dict[str, dict | None]:
+def check_adapters(model, adapters: list[tuple[str, Path]], run_args: dict[str, dict],
+                   model_dir: str) -> dict[str, dict | None]:
     """Load each adapter onto the base and remove it again: an adapter for another model fails now, not mid-run.
     Returns each adapter's train.py summary (tokens, FLOPs, seconds) where its run folder has one."""
     summaries = {}
     for name, folder in adapters:
         load_adapter(model, folder)  # LoraError naming the key when it does not fit this model
-        ev.remove_adapters(model)
-        summaries[name] = ev.train_summary(folder)
-        run_args = folder.parent / "args.json"
-        if folder.name == "adapter" and run_args.is_file():
-            trained_on = json.loads(run_args.read_text()).get("model")
-            if trained_on and Path(trained_on).resolve() != Path(model_dir).resolve():
-                warnings.warn(f"adapter {name} ({folder}) was trained on {trained_on}, evaluated on {model_dir}")
+        remove_adapters(model)
+        summaries[name] = read_train_summary(folder)
+        trained_on = run_args.get(name, {}).get("model")
+        if trained_on and Path(trained_on).resolve() != Path(model_dir).resolve():
+            warnings.warn(f"adapter {name} ({folder}) was trained on {trained_on}, evaluated on {model_dir}")
     return summaries
 
 
@@ -214,7 +222,7 @@ class JudgeModelGenerate:
     Keeps the last outputs, so the JSONL can show what the judge said about each response."""
 
     def __init__(self, judge_dir: str, device: str, batch_size: int):
-        self.model = load_model(judge_dir, device=device)
+        self.model = load_model(judge_dir, device=device, show_progress=True)
         self.processor = load_processor(judge_dir)
         self.batch_size = batch_size
         self.last_outputs: list[str] = []
@@ -223,8 +231,8 @@ class JudgeModelGenerate:
         samples = [AttackSample(f"judge-{i}", "judge", p) for i, p in enumerate(prompts)]
         tokenizer = self.processor.tokenizer
         ids = [tokenizer.encode(p, add_bos=True) for p in prompts]  # the guard prompt carries its own template
-        outs = ev.generate_responses(self.model, self.processor, samples, ids, ev.Sampling(max_new_tokens=8),
-                                     self.batch_size)
+        outs = generate_responses(self.model, self.processor, samples, ids, Sampling(max_new_tokens=8),
+                                  self.batch_size)
         self.last_outputs = [o.response for o in outs]
         return self.last_outputs
 
@@ -233,29 +241,29 @@ class JudgeModelGenerate:
 # 3. Evaluating one model
 
 
-def evaluate_model(model, name, adapter_dir, processor, suites, prompt_ids, normal_batches, judges, refusal_judge,
+def evaluate_model(model, name, adapter_dir, processor, suites, prompt_ids, normal_data, judges, refusal_judge,
                    sampling, args, responses_file) -> dict:
     entry = {"name": name, "adapter": None if adapter_dir is None else str(adapter_dir), "suites": {}}
     start = time.perf_counter()
     for suite in suites:
-        progress = ev.Progress(f"[{name}] {suite.name}", len(suite.samples))
-        generations = ev.generate_responses(model, processor, suite.samples, prompt_ids[suite.name], sampling,
-                                            args.batch_size, progress)
+        progress = Progress(f"[{name}] {suite.name}", len(suite.samples), "prompts")
+        generations = generate_responses(model, processor, suite.samples, prompt_ids[suite.name], sampling,
+                                         args.batch_size, progress)
         progress.close()
-        verdicts, summary = ev.judge_suite(suite, generations, judges, refusal_judge)
+        verdicts, summary = judge_suite(suite, generations, judges, refusal_judge)
         entry["suites"][suite.name] = summary
         for sample, generation, verdict in zip(suite.samples, generations, verdicts):
             record = {"model": name, "adapter": entry["adapter"], "suite": suite.name, "kind": suite.kind,
-                      "id": sample.id, "prompt": sample.prompt, "image": ev.image_reference(sample),
-                      "chat_prompt": ev.chat_prompt(sample, args.prompt_format), "response": generation.response,
+                      "id": sample.id, "prompt": sample.prompt, "image": image_reference(sample),
+                      "chat_prompt": chat_prompt(sample, args.prompt_format), "response": generation.response,
                       "new_tokens": generation.new_tokens, "stopped_at_eos": generation.stopped_at_eos, **verdict,
                       "source": sample.source}
             responses_file.write(json.dumps(record, default=str) + "\n")
         responses_file.flush()
     entry["generation_seconds"] = time.perf_counter() - start
-    if normal_batches:
+    if normal_data:
         start = time.perf_counter()
-        entry["utility"] = ev.utility_metrics(model, normal_batches, has_adapter=adapter_dir is not None)
+        entry["utility"] = utility_metrics(model, normal_data, has_adapter=adapter_dir is not None)
         entry["utility_seconds"] = time.perf_counter() - start
     return entry
 
@@ -268,32 +276,30 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     args = resolve_defaults(args)
     adapters = parse_adapters(args.adapter)
-    args.quantize = resolve_quantize(args.quantize, adapters)
+    run_args = adapter_run_args(adapters)
+    args.quantize = resolve_quantize(args.quantize, run_args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kernels = kernel_registry.resolve(args.kernels)
     processor = load_processor(args.model, args.vision_dir)
-    image_size = processor.image_size
 
     # Everything that can be wrong with the inputs is found here, before the first token is generated.
-    suites = ev.load_suites(args.suite, args.max_samples, image_size, args.piece_column)
-    prompt_ids = {s.name: ev.tokenize_samples(processor, s.samples, args.prompt_format, args.max_new_tokens)
+    options = SuiteOptions(args.max_samples, processor.image_size, args.piece_column)
+    suites = load_suites(args.suite, options, SUITE_READERS)
+    prompt_ids = {s.name: tokenize_samples(processor, s.samples, args.prompt_format, args.max_new_tokens)
                   for s in suites}
-    normal = [] if args.normal == "none" else ev.load_normal(args.normal, args.max_samples)
-    normal_batches = list(ev.normal_batches(processor, normal, args.prompt_format, args.batch_size))
+    normal = [] if args.normal == "none" else load_normal(args.normal, args.max_samples, NORMAL_DATA_READERS)
+    normal_data = list(normal_batches(processor, normal, args.prompt_format, args.batch_size))
     judge_generate = None
-    if "llamaguard" in args.judge:
+    if any(name in judge_registry.MODEL_JUDGES for name in args.judge):
         if not args.judge_model:
-            raise ev.EvalError("judge 'llamaguard' needs a judge model: --judge-model DIR")
+            raise EvalError(f"judge(s) {list(judge_registry.MODEL_JUDGES)} need a judge model: --judge-model DIR")
         judge_generate = JudgeModelGenerate(args.judge_model, args.device, args.batch_size)
-    judges = {name: ev.make_judge(name, judge_generate) for name in args.judge}
-    refusal_judge = ev.make_judge(args.refusal_judge)
-    for adapter_name, folder in adapters:
-        if not folder.is_dir():
-            raise ev.EvalError(f"--adapter {adapter_name}: {folder}: no such folder")
+    judges = {name: judge_registry.judge(name, JUDGES, generate=judge_generate) for name in args.judge}
+    refusal_judge = judge_registry.judge(args.refusal_judge, JUDGES)
     model = load_base(args, kernels)
-    summaries = check_adapters(model, adapters, args.model)
-    sampling = ev.Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
+    summaries = check_adapters(model, adapters, run_args, args.model)
+    sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
     print(f"eval: model {args.model} ({args.quantize}, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} threads); models: base"
           + "".join(f", {n}" for n, _ in adapters) + "; suites: "
@@ -305,15 +311,15 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     models = []
     with (out / "responses.jsonl").open("w") as responses_file:
-        models.append(evaluate_model(model, "base", None, processor, suites, prompt_ids, normal_batches, judges,
+        models.append(evaluate_model(model, "base", None, processor, suites, prompt_ids, normal_data, judges,
                                      refusal_judge, sampling, args, responses_file))
         for name, folder in adapters:
             load_adapter(model, folder)  # onto the same base: no reload
-            entry = evaluate_model(model, name, folder, processor, suites, prompt_ids, normal_batches, judges,
+            entry = evaluate_model(model, name, folder, processor, suites, prompt_ids, normal_data, judges,
                                    refusal_judge, sampling, args, responses_file)
             entry["train"] = summaries[name]
             models.append(entry)
-            ev.remove_adapters(model)
+            remove_adapters(model)
 
     report = {
         "model": str(args.model), "quantize": args.quantize, "dtype": args.dtype, "prompt_format": args.prompt_format,
@@ -326,7 +332,7 @@ def run(args: argparse.Namespace) -> dict:
         "models": models, "responses": str(out / "responses.jsonl"), "argv": sys.argv[1:],
         "seconds": time.perf_counter() - t0,
     }
-    _, md_path = ev.write_report(out, report)
+    _, md_path = write_report(out, report)
     print(md_path.read_text())
     print(f"eval: {report['seconds']:.1f} s; report in {out / 'report.json'}, {md_path}, responses in "
           f"{out / 'responses.jsonl'}", file=sys.stderr)
@@ -335,12 +341,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
+    with exit_on_user_error("eval.py"):
         return run(args)
-    except ValueError as err:  # every bad-input error of ref/ is a ValueError subclass with a message naming the input
-        if argv is not None:
-            raise  # called from Python (tests): keep the exception
-        sys.exit(f"eval.py: error: {err}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Memory: each case runs in a FRESH subprocess, which builds the model and its bat
 runs one step and reports peak RSS minus that baseline (the step's working set: activations, logits, gradients;
 allocator slack included). Time: the median of `--repeats` further steps. The multimodal case feeds each record an
 image (frozen tower and projector, forward only) and a prompt holding its 576 image tokens; FLOPs are train.py's
-estimate (train.batch_flops), the same count its summary reports.
+estimate (ref.losses.batch_flops), the same count its summary reports.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def make_batch(model, prompt_tokens: int, response_tokens: int, records: int, wi
     """`records` rows, each: BOS, [576 image tokens], prompt, response; labels on the response only."""
     import torch
 
-    from ref.losses import IGNORE, Batch
+    from ref.data import IGNORE_INDEX
+    from ref.losses import Batch
 
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -72,7 +73,7 @@ def make_batch(model, prompt_tokens: int, response_tokens: int, records: int, wi
         prompt = [1] + image + torch.randint(3, 32000, (prompt_tokens,), generator=g).tolist()
         response = torch.randint(3, 32000, (per_row,), generator=g).tolist()
         rows.append(prompt + response)
-        labels.append([IGNORE] * len(prompt) + response)
+        labels.append([IGNORE_INDEX] * len(prompt) + response)
     input_ids = torch.tensor(rows)
     pixel_values = torch.randn(records, 3, 336, 336, generator=g) if with_image else None
     return Batch(input_ids, torch.ones_like(input_ids), torch.tensor(labels), pixel_values)
@@ -82,9 +83,8 @@ def run_case(args, preset: str, multimodal: bool) -> dict:
     """One case, in this (fresh) process."""
     import torch
 
-    import train
     from ref import kernels as kernel_registry
-    from ref.losses import LossWeights, unlearning_loss
+    from ref.losses import LossWeights, batch_flops, unlearning_loss
     from ref.lora import adapters_disabled
 
     torch.set_num_threads(args.threads)
@@ -106,7 +106,7 @@ def run_case(args, preset: str, multimodal: bool) -> dict:
     step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     times = [step() for _ in range(args.repeats)]
-    flops = sum(train.batch_flops(model, b, True, i == 2) for i, b in enumerate(batches))
+    flops = sum(batch_flops(model, b, True, i == 2) for i, b in enumerate(batches))
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     image_tokens = sum(int((b.input_ids == model.config.image_token_index).sum()) for b in batches)
     return {"preset": preset, "mode": "multimodal" if multimodal else "textual", "response_tokens": args.response_tokens,
@@ -120,9 +120,9 @@ def llava_7b_flops_table(prompt_tokens: int, response_tokens: int) -> str:
 
     import torch
 
-    import train
     from ref.config import LlavaConfig
-    from ref.losses import IGNORE, Batch
+    from ref.data import IGNORE_INDEX
+    from ref.losses import Batch, batch_flops
 
     model = SimpleNamespace(config=LlavaConfig())  # the 7B defaults: CLIP ViT-L/14-336, Vicuna-7B
     lines = []
@@ -131,10 +131,10 @@ def llava_7b_flops_table(prompt_tokens: int, response_tokens: int) -> str:
         length = 1 + n_image + prompt_tokens + response_tokens
         ids = torch.zeros(2, length, dtype=torch.long)
         ids[:, 1:1 + n_image] = model.config.image_token_index
-        labels = torch.full((2, length), IGNORE)
+        labels = torch.full((2, length), IGNORE_INDEX)
         labels[:, -response_tokens:] = 0
         batch = Batch(ids, torch.ones_like(ids), labels, torch.zeros(2, 3, 1, 1) if with_image else None)
-        flops = sum(train.batch_flops(model, batch, True, term == 2) for term in range(3))
+        flops = sum(batch_flops(model, batch, True, term == 2) for term in range(3))
         lines.append((("multimodal" if with_image else "textual"), flops))
     (_, text), (_, multi) = lines
     return (f"LLaVA-1.5-7B, 3 terms x 2 records, prompt {prompt_tokens} + response {response_tokens} tokens: "

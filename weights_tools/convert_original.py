@@ -29,14 +29,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ref.config import load_config
+from ref.config import DTYPES, load_config
 from ref.weights import (FLOAT_DTYPES, INDEX_FILE, LAYOUTS, SINGLE_FILE, CheckpointError, TensorInfo, match_checkpoint,
                          open_checkpoint, read_headers, read_index)
 
 BIN_FILE, BIN_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
 PAD_MULTIPLE = 64
 EMBED, LM_HEAD = "language_model.embed_tokens.weight", "lm_head.weight"
-DTYPES = {"keep": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OUTPUT_DTYPES = {"keep": None, **DTYPES}
 _TORCH_TO_SAFETENSORS = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 
 
@@ -156,11 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model_dir", type=Path, help="original LLaVA folder (config.json with mm_* keys, weights)")
     parser.add_argument("clip_dir", type=Path, help="CLIP folder (openai/clip-vit-large-patch14-336)")
     parser.add_argument("out_dir", type=Path, help="output folder (llava-hf layout)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="keep",
+    parser.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep",
                         help="cast the weights (default: keep the stored dtypes)")
     args = parser.parse_args(argv)
     try:
-        out = convert_original(args.model_dir, args.clip_dir, args.out_dir, DTYPES[args.dtype])
+        out = convert_original(args.model_dir, args.clip_dir, args.out_dir, OUTPUT_DTYPES[args.dtype])
     except (ValueError, OSError) as err:
         parser.exit(2, f"convert_original: error: {err}\n")
     print(f"wrote {out} (llava-hf layout)")

@@ -12,39 +12,25 @@ A 4-bit base is refused: merging into 4 bits rounds the result (train on 4 bits,
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 
 from ref import lora, weights
-from ref.quant import is_quantized_checkpoint
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-WEIGHT_FILES = {"config.json", weights.SINGLE_FILE, weights.INDEX_FILE}
-
-
-def copy_side_files(source: Path, target: Path) -> list[str]:
-    """Tokenizer, processor and other small files: everything but the weights and config.json."""
-    copied = []
-    for file in sorted(source.iterdir()):
-        if file.is_file() and file.name not in WEIGHT_FILES and file.suffix != ".safetensors":
-            shutil.copy2(file, target / file.name)
-            copied.append(file.name)
-    return copied
+from ref.config import DTYPES
 
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float16,
           peft_out: Path | None = None) -> Path:
-    if is_quantized_checkpoint(base_dir):
+    if weights.is_quantized_checkpoint(base_dir):
         raise ValueError(f"{base_dir}: a 4-bit checkpoint; merge into the dense checkpoint it was quantized from")
-    model = weights.load_model(base_dir, dtype=torch.float32)
+    model = weights.load_model(base_dir, dtype=torch.float32, show_progress=True)
     config = lora.load_adapter(model, adapter_dir)
     if peft_out is not None:
         lora.export_peft(model, peft_out, config, base_model_name_or_path=str(base_dir))
     lora.merge_and_unload(model)
     weights.save_model(model, out_dir, dtype=dtype)
-    copy_side_files(Path(base_dir), Path(out_dir))
+    weights.copy_side_files(base_dir, out_dir)
     return Path(out_dir)
 
 

@@ -6,8 +6,8 @@
 The checkpoint streams in tensor by tensor (peak memory: the 4-bit model plus one tensor); the decoder's linears are
 quantized from `--dtype` (default float16, the dtype LLaVA ships in) and the rest kept in it. OUT_DIR gets config.json
 with a bitsandbytes `quantization_config` and model.safetensors with the packed weights and bitsandbytes' quant state
-(`ref.quant.save_quantized`); `ref.weights.load_model(OUT_DIR)` reads it back bit for bit. Tokenizer and processor files
-are copied along.
+(`ref.weights.save_quantized`); `ref.weights.load_model(OUT_DIR)` reads it back bit for bit. Tokenizer and processor
+files are copied along.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
-from ref import quant
-from weights_tools.merge_adapter import DTYPES, copy_side_files
+from ref import quant, weights
+from ref.config import DTYPES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,11 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     config = quant.QuantConfig(args.quant_type, args.blocksize, not args.no_double_quant)
     start = time.perf_counter()
     try:
-        model = quant.load_quantized_model(args.model_dir, config, dtype=DTYPES[args.dtype], vision_dir=args.vision_dir)
+        model = weights.load_model(args.model_dir, DTYPES[args.dtype], vision_dir=args.vision_dir, quantize=config,
+                                   show_progress=True)
     except ValueError as err:  # CheckpointError, ConfigError, QuantError
         parser.exit(2, f"quantize: error: {err}\n")
-    quant.save_quantized(model, args.out_dir)
-    copy_side_files(args.model_dir, args.out_dir)
+    weights.save_quantized(model, args.out_dir)
+    weights.copy_side_files(args.model_dir, args.out_dir)
     n_4bit = sum(isinstance(m, quant.Linear4bit) for m in model.modules())
     print(f"quantized {n_4bit} linears ({args.quant_type}, blocksize {args.blocksize}, double quant "
           f"{not args.no_double_quant}) in {time.perf_counter() - start:.1f}s: {args.out_dir} holds "

@@ -1,6 +1,6 @@
 """Benchmark: load time and peak memory of the streaming 4-bit load, against a dense load and transformers.
 
-    python -m weights_tools.bench_load [--layers 3] [--dir DIR] [--keep] [--skip-transformers]
+    python benchmarks/bench_load.py [--layers 3] [--dir DIR] [--keep] [--skip-transformers]
 
 Writes a synthetic llava-hf checkpoint in float16 (decoder layers at LLaMA-7B width: hidden 4096, MLP 11008, 32 heads,
 vocabulary 32064; a small vision tower), by default 3 decoder layers, about 1.8 GB, into a temporary folder (streamed
@@ -31,7 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ref.config import LlavaConfig, TextConfig, VisionConfig
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere
+
+from ref.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 MiB = 2**20
 
@@ -108,8 +111,8 @@ def run_child(kind: str, folder: Path) -> dict:
 
 
 def measure(kind: str, folder: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "weights_tools.bench_load", "--child", kind, "--dir", str(folder)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, __file__, "--child", kind, "--dir", str(folder)],
+                            capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         return {"kind": kind, "error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -141,7 +144,7 @@ def report(rows: list[dict], info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m weights_tools.bench_load", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_load.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=3, help="decoder layers at 7B width (about 405 MB each)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint folder afterwards")
