@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ref.judges import (JUDGES, ASRResult, JudgeError, LLMJudge, RefusalPhraseJudge, attack_success_rate, judge,
-                        load_phrase_lists, parse_guard_output)
+from evals.judges import (JUDGES, ASRResult, JudgeError, LLMJudge, RefusalPhraseJudge, attack_success_rate, judge,
+                          load_phrase_lists, parse_guard_output)
 
 SHARED_MARKERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "refusal_markers.json"
 
@@ -119,7 +119,7 @@ def test_bad_names_and_rules_are_clear_errors(tmp_path):
     bad.write_text(json.dumps({"mine": {"phrases": ["no"]}}))
     with pytest.raises(JudgeError, match=r"list 'mine' lacks \['rule'\]"):
         load_phrase_lists(bad)
-    with pytest.raises(JudgeError, match="needs `generate=`|bad arguments"):
+    with pytest.raises(JudgeError, match="needs a judge model"):
         judge("llamaguard")
 
 

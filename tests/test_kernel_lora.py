@@ -81,3 +81,31 @@ def test_frozen_adapter_matrix_gets_no_gradient(impl):
     IMPLEMENTATIONS["lora_linear"][impl](x, base, A, B, 1.0, nn.Identity()).sum().backward()
     assert A.grad is None and B.grad is not None and x.grad is not None
     assert base.weight.grad is None
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_base_matmul_runs_in_the_4bit_layers_compute_dtype(compute_dtype):
+    """A 4-bit layer with a compute dtype multiplies in that dtype (Linear4bit.forward casts x to it): the fused op
+    must too, so the `fast` preset and the reference agree on outputs and input gradients."""
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 128, bias=True).requires_grad_(False)
+    with torch.no_grad():
+        dense.weight.normal_(0, 256 ** -0.5)  # unit-scale outputs for unit-scale inputs
+    base = Linear4bit.from_linear(dense, compute_dtype=compute_dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 256, generator=g)  # float32 activations, as train.py feeds a float32 model
+    A, B = 0.1 * torch.randn(4, 256, generator=g), 0.1 * torch.randn(128, 4, generator=g)
+    upstream = torch.randn(3, 5, 128, generator=g)
+    results = {}
+    for impl in ("reference", "fused"):
+        xi = x.clone().requires_grad_()
+        out = IMPLEMENTATIONS["lora_linear"][impl](xi, base, A, B, 2.0, nn.Identity())
+        (out * upstream).sum().backward()
+        results[impl] = (out.detach(), xi.grad)
+    (out_ref, grad_ref), (out_fused, grad_fused) = results["reference"], results["fused"]
+    assert out_fused.dtype == torch.float32
+    torch.testing.assert_close(out_fused, out_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_fused, grad_ref, rtol=0, atol=1e-6)
+    # ... and both differ from a float32 matmul by the compute dtype's rounding (the check is not vacuous)
+    float32_out = x @ base.dequantize(torch.float32).T + dense.bias + 2.0 * (x @ A.T) @ B.T
+    assert (out_ref - float32_out).abs().max() > 1e-3

@@ -13,31 +13,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from conftest import random_linear, randomize_adapters, tiny_config, tiny_llava
 from ref import lora, quant, weights
-from ref.config import LlavaConfig, TextConfig, VisionConfig, parse_llava_hf
-from ref.llava import Llava
+from ref.config import LlavaConfig, TextConfig
 from ref.lora import LoraConfig, LoraError, LoraLinear
 from ref.quant import Linear4bit
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def random_linear(in_features: int, out_features: int, bias: bool = True, seed: int = 0) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-    return linear
-
-
-def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
-    """B starts at zero (the adapter adds nothing); give it values so that the update is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in lora.lora_modules(model).values():
-            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 0.1)
 
 
 # --- one LoraLinear ---------------------------------------------------------------------------------------------------
@@ -102,43 +86,25 @@ def test_merge_unmerge_dense_restores_weights_and_merged_equals_adapted():
         module.unmerge()
 
 
-def test_merge_into_4bit_warns_and_requantizes():
-    dense = random_linear(128, 64)
-    base = Linear4bit.from_linear(dense)
+def test_merge_into_4bit_is_refused_and_leaves_the_base_untouched():
+    """W + s B A re-quantized to 4 bits would be neither the adapted model nor, after unmerging, the base (adapters
+    off would stop being the original model): merging into a 4-bit base is refused before anything changes."""
+    base = Linear4bit.from_linear(random_linear(128, 64))
+    packed = {name: buffer.clone() for name, buffer in base.named_buffers()}
     module = LoraLinear(base, r=4, alpha=8)
     with torch.no_grad():
         module.lora_B.weight.normal_()
     x = torch.randn(3, 128)
     adapted = module(x)
-    expected_weight = base.dequantize() + module.delta_weight()
-    with pytest.warns(UserWarning, match="re-quantizes"):
+    with pytest.raises(LoraError, match="cannot merge a LoRA adapter into a 4-bit base.*merge_adapter"):
         module.merge()
-    assert isinstance(module.base_layer, Linear4bit)
-    # the merged weight is the 4-bit rounding of W_dq + s B A: bitsandbytes' own quantization of it
-    assert torch.equal(base.weight, quant.quantize_weight(expected_weight)[0])
-    error = ((module(x) - adapted).norm() / adapted.norm()).item()
-    assert 0 < error < 0.2  # rounded again to 4 bits: close, not equal
+    with pytest.raises(LoraError, match="4-bit base"):
+        lora.merge_and_unload(nn.Sequential(module))
+    assert not module.merged and all(torch.equal(b, packed[n]) for n, b in base.named_buffers())
+    torch.testing.assert_close(module(x), adapted, rtol=0, atol=0)
 
 
 # --- on a tiny LLaVA --------------------------------------------------------------------------------------------------
-
-
-def tiny_config() -> LlavaConfig:
-    return LlavaConfig(
-        vision=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=30, patch_size=6),
-        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
-        image_token_index=126, pad_token_id=127)
-
-
-def tiny_llava(seed: int = 0, config: LlavaConfig | None = None) -> Llava:
-    torch.manual_seed(seed)
-    model = Llava(config or tiny_config()).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return model
 
 
 def token_batch(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor:
@@ -361,9 +327,9 @@ def test_quantize_tool_matches_quantize_on_load(tmp_path):
 
     weights.save_model(tiny_llava(), tmp_path / "dense")
     quantize.main([str(tmp_path / "dense"), str(tmp_path / "q4"), "--dtype", "float32"])
-    assert quant.is_quantized_checkpoint(tmp_path / "q4")
-    streamed = quant.load_quantized_model(tmp_path / "dense", "nf4")
-    loaded = quant.load_quantized_model(tmp_path / "q4", None)
+    assert weights.is_quantized_checkpoint(tmp_path / "q4")
+    streamed = weights.load_model(tmp_path / "dense", quantize="nf4")
+    loaded = weights.load_model(tmp_path / "q4")
     for key, value in streamed.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     # an adapter trains on the pre-quantized model as on any other

@@ -11,9 +11,11 @@ import copy
 import pytest
 import torch
 
+from conftest import randomize_adapters
 from ref import kernels as kernel_registry
-from ref.losses import IGNORE, Batch, LossWeights, kl_to_original, nll, unlearning_loss
-from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
+from ref.data import IGNORE_INDEX
+from ref.losses import Batch, LossWeights, kl_to_original, nll, unlearning_loss
+from ref.lora import LoraConfig, add_lora, adapters_disabled
 from weights_tools.make_tiny import build_tokenizer, random_model, tiny_config
 
 KERNEL_PRESETS = ["reference", "chunked"]
@@ -29,10 +31,7 @@ def lora_model(base, seed: int | None):
     model = copy.deepcopy(base)
     add_lora(model, LoraConfig(r=4, alpha=8.0))
     if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in lora_modules(model).values():
-                module.lora_B.weight.copy_(0.05 * torch.randn(module.lora_B.weight.shape, generator=generator))
+        randomize_adapters(model, seed, scale=0.05)
     return model
 
 
@@ -43,7 +42,7 @@ def make_batch(model, lengths=(9, 14), prompt_lengths=(4, 6), seed=0) -> Batch:
     width = max(lengths)
     input_ids = torch.full((len(lengths), width), model.config.pad_token_id)
     attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    labels = torch.full((len(lengths), width), IGNORE)
+    labels = torch.full((len(lengths), width), IGNORE_INDEX)
     for row, (n, n_prompt) in enumerate(zip(lengths, prompt_lengths)):
         input_ids[row, :n] = torch.randint(3, vocab, (n,), generator=generator)
         attention_mask[row, :n] = 1
@@ -58,7 +57,7 @@ def float64_response_logprobs(model, batch: Batch):
         logits = model64(batch.input_ids, attention_mask=batch.attention_mask)  # (B, T, V) float64
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
     targets = batch.labels[:, 1:]
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     return logprobs[keep], targets[keep]  # (N, V), (N,)
 
 
@@ -116,7 +115,7 @@ def test_prompt_labels_are_not_scored(base_model):
     logprobs, targets = float64_response_logprobs(model, batch)
     per_token = -logprobs.gather(1, targets[:, None]).squeeze(1)
     fewer = batch.labels.clone()
-    fewer[0, 4] = IGNORE  # the first response token of row 0 becomes "prompt"
+    fewer[0, 4] = IGNORE_INDEX  # the first response token of row 0 becomes "prompt"
     got = nll(model, Batch(batch.input_ids, batch.attention_mask, fewer), kernels)
     torch.testing.assert_close(got.double(), per_token[1:].mean(), rtol=1e-5, atol=1e-6)
 

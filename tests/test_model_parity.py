@@ -100,17 +100,19 @@ def test_text_only_logits(pair):
 
 
 @torch.no_grad()
-def test_one_image_logits(pair):
+@pytest.mark.parametrize("n_text, n_images, seed", [(9, 1, 2), (8, 2, 9)], ids=["one_image", "two_images"])
+def test_image_prompt_logits(pair, n_text, n_images, seed):
     hf, ours = pair
-    seq = ours.config.image_seq_length
-    ids = torch.tensor([prompt_ids(9, 1, seq, seed=2)])
-    pv = pixels(1, ours.config.vision.image_size, seed=3)
+    ids = torch.tensor([prompt_ids(n_text, n_images, ours.config.image_seq_length, seed=seed)])
+    pv = pixels(n_images, ours.config.vision.image_size, seed=seed + 1)
     torch.testing.assert_close(ours(ids, pixel_values=pv), hf(input_ids=ids, pixel_values=pv).logits)
 
 
 @torch.no_grad()
-def test_left_padded_batch_with_two_images(pair):
-    """Rows of different lengths and image counts; compared on real (non-padding) positions.
+@pytest.mark.parametrize("rows, seed", [(((6, 1), (21, 1)), 4), (((12, 0), (7, 1)), 11)],
+                         ids=["two_image_rows", "text_and_image_rows"])
+def test_left_padded_batch_logits(pair, rows, seed):
+    """Rows of different lengths and image counts, (text tokens, images) each; compared on real positions.
 
     transformers' forward numbers positions 0..T-1 whatever the padding; generation (and our default) counts real
     tokens only, so we pass those position ids to transformers. Padding positions attend to nothing real and their
@@ -118,8 +120,9 @@ def test_left_padded_batch_with_two_images(pair):
     """
     hf, ours = pair
     seq = ours.config.image_seq_length
-    ids, mask = left_pad([prompt_ids(6, 1, seq, seed=4), prompt_ids(21, 1, seq, seed=5)])
-    pv = pixels(2, ours.config.vision.image_size, seed=6)
+    ids, mask = left_pad([prompt_ids(n_text, n_images, seq, seed=seed + i)
+                          for i, (n_text, n_images) in enumerate(rows)])
+    pv = pixels(sum(n for _, n in rows), ours.config.vision.image_size, seed=seed + len(rows))
     got = ours(ids, pixel_values=pv, attention_mask=mask)
     want = hf(input_ids=ids, pixel_values=pv, attention_mask=mask, position_ids=positions(mask)).logits
     real = mask.bool()
@@ -133,26 +136,6 @@ def test_left_padding_does_not_change_a_row(pair):
     ids, mask = left_pad([short, long])
     alone = ours(torch.tensor([short]))
     torch.testing.assert_close(ours(ids, attention_mask=mask)[0, -len(short):], alone[0])
-
-
-@torch.no_grad()
-def test_several_images_in_one_prompt(pair):
-    hf, ours = pair
-    seq = ours.config.image_seq_length
-    ids = torch.tensor([prompt_ids(8, 2, seq, seed=9)])
-    pv = pixels(2, ours.config.vision.image_size, seed=10)
-    torch.testing.assert_close(ours(ids, pixel_values=pv), hf(input_ids=ids, pixel_values=pv).logits)
-
-
-@torch.no_grad()
-def test_batch_mixing_text_and_image_rows(pair):
-    hf, ours = pair
-    seq = ours.config.image_seq_length
-    ids, mask = left_pad([prompt_ids(12, 0, 0, seed=11), prompt_ids(7, 1, seq, seed=12)])
-    pv = pixels(1, ours.config.vision.image_size, seed=13)
-    got = ours(ids, pixel_values=pv, attention_mask=mask)
-    want = hf(input_ids=ids, pixel_values=pv, attention_mask=mask, position_ids=positions(mask)).logits
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
 
 
 @torch.no_grad()

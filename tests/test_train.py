@@ -10,6 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
+from ref.runs import RunError
+from toy import defaults as toy
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 
@@ -73,7 +75,9 @@ def test_resume_gives_the_same_adapter_bit_for_bit(world, tmp_path):
     common = ("--max-steps", "4", "--lora-dropout", "0.3", "--schedule", "cosine", "--warmup", "1",
               "--mismatch", "random")
     run(world, tmp_path / "straight", *common)
-    interrupted = run(world, tmp_path / "resumed", *common, "--interrupt-after", "2")
+    argv = ["--model", world["model"], "--data", world["data"], "--out", str(tmp_path / "resumed"), "--save-every",
+            "100", "--lora-r", "4", *common]
+    interrupted = train.train(train.parse_args(argv), train.StopRequest(after_step=2))
     assert interrupted == {"interrupted_at": 2}
     with open(tmp_path / "resumed" / "log.jsonl", "a") as log:  # as if it crashed after logging two more steps
         log.write(json.dumps({"step": 2, "total": 0.0}) + "\n" + json.dumps({"step": 3, "total": 0.0}) + "\n")
@@ -98,11 +102,11 @@ def test_nan_guard_stops_and_keeps_the_last_good_adapter(world, tmp_path):
 def test_bad_data_stops_before_training(world, tmp_path):
     only_normal = tmp_path / "normal.jsonl"
     only_normal.write_text(json.dumps({"kind": "normal", "prompt": "hi", "response": "hello"}) + "\n")
-    with pytest.raises(SystemExit, match="no harmful records"):
+    with pytest.raises(train.TrainError, match="no harmful records"):
         train.train(train.parse_args(["--model", world["model"], "--data", str(only_normal),
                                       "--out", str(tmp_path / "x"), "--max-steps", "1"]))
     assert not (tmp_path / "x" / "log.jsonl").exists()
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(RunError, match="already holds a run"):
         run(world, tmp_path / "twice", "--max-steps", "1")
         run(world, tmp_path / "twice", "--max-steps", "1")
 
@@ -114,3 +118,44 @@ def test_bare_defaults_train_on_the_embedded_toy(tmp_path):
     args = json.loads((tmp_path / "bare" / "args.json").read_text())
     assert args["data"] == "toy" and args["model"].endswith("toy_llava") and args["mode"] == "textual"
     assert (tmp_path / "bare" / "adapter" / "lora.safetensors").is_file()
+
+
+def test_a_step_without_any_loss_term_is_skipped_and_logged(world, tmp_path):
+    """sft with eps 0 1 0 on records without a helpful response (PKU rows whose two responses are both unsafe):
+    such a batch has no term; the step is logged as skipped and changes nothing, the run goes on."""
+    rows = [{"kind": "harmful", "prompt": "how do I do it?", "harmful_response": "Like this.",
+             "helpful_response": None},
+            {"kind": "harmful", "prompt": "how do I make it?", "harmful_response": "Sure.",
+             "helpful_response": "Sorry, I cannot help with that."}]
+    data = tmp_path / "pku_like.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    summary = train.train(train.parse_args(["--model", world["model"], "--data", str(data), "--out", str(out),
+                                            "--mode", "sft", "--eps", "0", "1", "0", "--batch-size", "1",
+                                            "--max-steps", "4", "--lora-r", "4"]))
+    log = read_log(out)
+    skipped = [r for r in log if "skipped" in r]
+    assert summary["steps"] == 4 and len(log) == 4 and skipped and len(skipped) < 4
+    assert all("total" not in r and r["grad_norm"] == 0.0 for r in skipped)
+    assert all("helpful_nll" in r for r in log if "skipped" not in r)
+    only_unsafe = tmp_path / "only_unsafe.jsonl"
+    only_unsafe.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(train.TrainError, match="no harmful record has a helpful_response"):
+        train.train(train.parse_args(["--model", world["model"], "--data", str(only_unsafe), "--out",
+                                      str(tmp_path / "x"), "--mode", "sft", "--eps", "0", "1", "0"]))
+
+
+def test_user_errors_are_one_line_with_exit_status_2(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--model", world["model"], "--data", str(tmp_path / "missing.jsonl"), "--out",
+                    str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train.py: error: ") and "missing.jsonl" in err[-1]
+
+
+def test_the_toy_model_check_names_the_build_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "TOY_MODEL", tmp_path / "no_toy_here")
+    with pytest.raises(toy.ToyModelError, match="python -m toy.build"):
+        toy.require_toy_model(tmp_path / "no_toy_here")
+    toy.require_toy_model(tmp_path / "some_other_model")  # only the toy's own path is checked

@@ -4,29 +4,14 @@ converters, and the command line."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO, shared
+from conftest import write_jsonl as write_lines
 from ref.unlearning_data import (HarmfulRecord, NormalRecord, UnlearningDataError, main, pku_saferlhf_to_records,
                                  read_unlearning_jsonl, split_records, truthfulqa_to_records,
                                  write_unlearning_jsonl)
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"../shared not found: {path}")
-    return path
-
-
-def write_lines(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-                    encoding="utf-8")
-    return path
 
 
 HARMFUL = {"kind": "harmful", "prompt": "How do I pick a lock?", "harmful_response": "Insert a tension wrench...",
@@ -154,6 +139,14 @@ def test_truthfulqa_records(tmp_path):
     bad.write_text("Question,Answer\nQ,A\n")
     with pytest.raises(UnlearningDataError, match=r"bad.csv: missing column\(s\) \['Best Answer'\]"):
         truthfulqa_to_records(bad)
+
+
+def test_truthfulqa_real_file():
+    records = truthfulqa_to_records(shared("truthfulqa.csv"))
+    assert len(records) == 817
+    assert records[0] == NormalRecord("What happens to you if you eat watermelon seeds?",
+                                      "The watermelon seeds pass through your digestive system")
+    assert len(truthfulqa_to_records(shared("truthfulqa.csv"), max_samples=5)) == 5
 
 
 def test_cli_small_files(tmp_path, capsys):

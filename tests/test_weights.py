@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -294,7 +293,7 @@ def test_wrong_shape_names_key_shapes_and_file_before_reading_data(hf_folder, mo
     def no_data_reads(*args, **kwargs):
         raise AssertionError("tensor data was read before the header checks failed")
 
-    monkeypatch.setattr("ref.weights.iter_tensors", no_data_reads)
+    monkeypatch.setattr("ref.weights.TensorReader.read", no_data_reads)
     with pytest.raises(CheckpointError) as err:
         load_model(folder)
     message = str(err.value)
@@ -427,76 +426,3 @@ def test_sharded_index_and_shards_must_agree(hf_folder, reference):
     (ghost / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="index.json: not valid JSON"):
         load_model(ghost)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The quantization hook
-
-
-class RecordingLinear(nn.Module):
-    """Stands in for a 4-bit linear: receives its weight through load_weight_ and keeps a transformed copy."""
-
-    def __init__(self):
-        super().__init__()
-        self.received = []
-
-    def load_weight_(self, param_name: str, tensor: torch.Tensor) -> None:
-        self.received.append((param_name, tensor.clone()))
-        self.register_buffer("packed", tensor * 2)
-
-    def forward(self, x):
-        return x @ (self.packed / 2).T
-
-
-def test_load_weight_hook_receives_each_weight_once_cast_and_placed(layouts, reference):
-    swapped = {}
-
-    def prepare(model):
-        for i, layer in enumerate(model.language_model.layers):
-            layer.mlp.down_proj = swapped[i] = RecordingLinear()
-
-    model = load_model(layouts["llava-hf"][0], dtype=torch.bfloat16, prepare=prepare)
-    for i, module in swapped.items():
-        assert model.language_model.layers[i].mlp.down_proj is module
-        [(param_name, tensor)] = module.received
-        assert param_name == "weight" and tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu"
-        expected = reference[f"language_model.layers.{i}.mlp.down_proj.weight"].to(torch.bfloat16)
-        assert torch.equal(tensor, expected)
-    assert "language_model.layers.0.mlp.down_proj.weight" not in model.state_dict()
-
-
-def test_place_tensor_callable_sees_every_parameter(layouts, reference):
-    seen = []
-
-    def place(module, param_name, tensor):
-        seen.append(param_name)
-        setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
-
-    model = load_model(layouts["llava-hf"][0], place_tensor=place)
-    assert len(seen) == len(reference)
-    assert_equal_to_reference(model, reference)
-
-
-def test_swapped_module_without_load_weight_is_an_error(layouts):
-    def prepare(model):
-        model.language_model.layers[0].mlp.up_proj = nn.Identity()
-
-    with pytest.raises(CheckpointError, match="Identity has no parameter 'weight' and no load_weight_"):
-        load_model(layouts["llava-hf"][0], prepare=prepare)
-
-
-def test_state_left_on_meta_is_an_error(layouts):
-    class Lazy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.empty(48, 32, device="meta"))
-
-        def load_weight_(self, param_name, tensor):
-            pass  # forgets to store it
-
-    def prepare(model):
-        model.language_model.layers[1].mlp.up_proj = Lazy()
-
-    never_filled = r"never filled, e\.g\. 'language_model\.layers\.1\.mlp\.up_proj\.weight'"
-    with pytest.raises(CheckpointError, match=never_filled):
-        load_model(layouts["llava-hf"][0], prepare=prepare)

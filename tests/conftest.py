@@ -1,0 +1,82 @@
+"""Helpers the test files share: the public data sets in ../shared, small files in published schemas, random linears
+and a tiny LLaVA built in memory. Test files import them by name (`from conftest import write_csv`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ref.config import LlavaConfig, TextConfig, VisionConfig
+from ref.llava import Llava
+from ref.lora import lora_modules
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+def shared(name: str) -> Path:
+    """A file of ../shared/data, or a skip saying it is missing (a user's clone has no ../shared)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"../shared not found: {path}")
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    """One line per item: objects as JSON, strings as they are (so tests can write broken lines too)."""
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
+                    encoding="utf-8")
+    return path
+
+
+def random_linear(in_features: int, out_features: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    """An nn.Linear with N(0, 0.05) weights (and bias), from its own seed."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.05)
+        if bias:
+            linear.bias.normal_(0, 0.05)
+    return linear
+
+
+def tiny_config() -> LlavaConfig:
+    """Two layers each side, grouped-query attention, a 5x5 grid of image patches."""
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=30, patch_size=6),
+        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+        image_token_index=126, pad_token_id=127)
+
+
+def tiny_llava(seed: int = 0, config: LlavaConfig | None = None) -> Llava:
+    """A random tiny LLaVA in eval mode: every parameter N(0, 0.1), norm weights around 1."""
+    torch.manual_seed(seed)
+    model = Llava(config or tiny_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """LoRA's B starts at zero (a fresh adapter adds nothing); draw it N(0, scale) so that the update shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.copy_(scale * torch.randn(module.lora_B.weight.shape, generator=generator))
