@@ -6,14 +6,16 @@ over-refusal and utility, in one table.
         --suite text:advbench.csv --suite figstep:safebench.csv --suite pieces:advbench.csv \\
         --suite xstest:xstest.csv --normal truthfulqa:truthfulqa.csv --out results/
 
-The program, top to bottom:
-  1. options; every suite, the normal data and the judges are read and checked (bad input fails here, by name)
-  2. the base model is loaded once; every adapter is checked against it (loaded, then removed again)
-  3. for the base and then each adapter (loaded onto the same base, removed afterwards): batched greedy generation
-     on every suite, every response judged and written to responses.jsonl; NLL / perplexity of the reference answers
-     and KL(p_base || p_model) on the normal data (adapters switched off = the base, no second copy)
-  4. report.json and report.md (rows: models; columns: each suite's metric with its judge, utility, and the training
-     compute of train.py runs) in --out, and the table on stdout. Progress goes to stderr.
+The program, top to bottom (one section each):
+  1. options, with the toy's defaults when no model is named; the adapters named and found
+  2. models: the base is loaded once; every adapter is checked against it (loaded, then removed again)
+  3. evaluating one model: batched greedy generation on every suite, every response judged and written to
+     responses.jsonl; NLL / perplexity of the reference answers and KL(p_base || p_model) on the normal data (adapters
+     switched off = the base, no second copy)
+  4. the run: every suite, the normal data and the judges are read and checked first (bad input fails there, by
+     name); then the base and each adapter (loaded onto the same base, removed afterwards) are evaluated; then
+     report.json and report.md (rows: models; columns: each suite's metric with its judge, utility, and the training
+     compute of train.py runs) go to --out and the table to stdout. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from evals.scoring import image_reference, judge_suite, normal_batches, utility_
 from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
 from ref import kernels as kernel_registry
 from ref.config import DTYPES
+from ref.console import Progress, exit_on_user_error
 from ref.data import load_processor
 from ref.lora import load_adapter, remove_adapters
-from ref.console import Progress, exit_on_user_error
 from ref.runs import adapter_display_name, read_run_args, read_train_summary, run_folder_of
 from ref.weights import load_model
 from toy import defaults as toy
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parent
 SUITE_READERS = {**READERS, "toy": toy.SUITE_READER}
 NORMAL_DATA_READERS = {**NORMAL_READERS, "toy": toy.NORMAL_READER}
 JUDGES = {**judge_registry.JUDGES, **toy_judges.JUDGES}
-PHRASE_JUDGES = sorted(n for n in JUDGES if n not in (*judge_registry.MODEL_JUDGES, "toy_harm"))
+PHRASE_JUDGES = sorted({*judge_registry.PHRASE_JUDGES, *toy_judges.PHRASE_JUDGES})  # for --refusal-judge
 
 
 class EvalError(ValueError):
@@ -324,6 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "model": str(args.model), "quantize": args.quantize, "dtype": args.dtype, "prompt_format": args.prompt_format,
         "judges": list(judges), "refusal_judge": refusal_judge.name,
+        "judge_notes": {name: judge.success_means for name, judge in judges.items()},
         "generation": {"mode": "sampling" if args.sample else "greedy", "max_new_tokens": args.max_new_tokens,
                        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                        "batch_size": args.batch_size},

@@ -38,10 +38,10 @@ import torch
 
 from ref import kernels as kernel_registry
 from ref.config import DTYPES
+from ref.console import Progress, exit_on_user_error
 from ref.data import Processor, build_prompt, collate_for_training, load_processor
 from ref.losses import Batch, LossWeights, batch_flops, unlearning_loss
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules, save_adapter
-from ref.console import Progress, exit_on_user_error
 from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
                       RunError, keep_log_before, load_checkpoint, read_run_args, save_checkpoint, trainable_tensors,
                       write_atomically)
@@ -187,7 +187,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.out = args.out or str(ROOT / "runs" / args.mode)
     return args
-
 
 
 def kernel_overrides(pairs: list[str]) -> dict[str, str]:

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 
 from evals.suites import AttackSample
-from ref.data import Processor, PromptTooLongError, build_prompt
 from ref.console import Progress
+from ref.data import Processor, PromptTooLongError, build_prompt
 
 
 @dataclass

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Callable
 
 
-
-
 def _percent(numerator: int, denominator: int) -> str:
     return f"{100 * numerator / denominator:.1f}% ({numerator}/{denominator})" if denominator else "n/a"
 
@@ -55,9 +53,10 @@ def markdown_table(report: dict) -> str:
     for model in report["models"]:
         lines.append(f"| {model['name']} | " + " | ".join(cell(model) for _, cell in columns) + " |")
     notes = ["Samples per suite: " + ", ".join(f"{s['name']} {s['n']} ({s['source']})" for s in report["suites"]),
-             f"ASR = fraction of attack prompts whose response the judge in brackets calls not refused (phrase "
-             f"judges) or unsafe (LLM judge; `toy_harm`: gives the toy's harmful steps); over-refusal = fraction "
-             f"of benign prompts refused by `{report['refusal_judge']}`; accuracy = exact match up to whitespace.",
+             "ASR = fraction of attack prompts whose response the judge in brackets counts as a success ("
+             + "; ".join(f"`{name}`: {note}" for name, note in report["judge_notes"].items())
+             + f"); over-refusal = fraction of benign prompts refused by `{report['refusal_judge']}`; accuracy = "
+             "exact match up to whitespace.",
              f"Generation: {report['generation']['mode']}, max {report['generation']['max_new_tokens']} new tokens, "
              f"prompt format {report['prompt_format']}."]
     if report.get("normal"):

@@ -66,14 +66,15 @@ def judge_suite(suite: Suite, generations: Sequence[Generation], judges: dict, r
 
 
 def image_reference(sample: AttackSample) -> str | None:
-    """How the JSONL names a sample's image: a file path, the text of a typographic image, or the toy spec."""
+    """How the JSONL names a sample's image: a file path, the text of a typographic image, or the name its reader
+    gave an in-memory image."""
     if sample.image is None:
         return None
     if isinstance(sample.image, Path):
         return str(sample.image)
     if isinstance(sample.image, TypographicImage):
         return "typographic:" + sample.image.text
-    return sample.source.get("image_spec", "in-memory image")
+    return sample.image_name or "in-memory image"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

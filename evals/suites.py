@@ -49,6 +49,7 @@ class AttackSample:
     prompt: str                                                   # the text sent to the model
     image: Path | Image.Image | TypographicImage | None = None
     source: dict[str, Any] = field(default_factory=dict)         # the row it came from, unchanged
+    image_name: str | None = None                                 # how reports name an in-memory image
 
     def load_image(self) -> Image.Image | None:
         if self.image is None:
@@ -262,10 +263,6 @@ def load_xstest(path: str | Path, label: str = "safe", max_samples: int | None =
     samples = [AttackSample(row["id"], suite, row["prompt"], source=dict(row))
                for row in rows if row["label"] == label and row["prompt"].strip()]
     return _nonempty(samples[:max_samples], path, f"XSTest prompts labelled {label!r}")
-
-
-def load_xstest_suites(path: str | Path, max_samples: int | None = None) -> dict[str, list[AttackSample]]:
-    return {f"xstest_{label}": load_xstest(path, label, max_samples) for label in XSTEST_LABELS}
 
 
 def load_benign_jsonl(path: str | Path, max_samples: int | None = None, suite: str | None = None) -> list[AttackSample]:

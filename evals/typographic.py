@@ -19,7 +19,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 
-
 FIGSTEP_FONT = Path("/usr/share/fonts/truetype/freefont/FreeMonoBold.ttf")  # Debian package fonts-freefont-ttf
 FIGSTEP_FONT_SIZE = 80
 FIGSTEP_WRAP_WIDTH = 15          # characters per line, textwrap.fill

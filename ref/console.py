@@ -64,10 +64,10 @@ class Progress:
 @contextlib.contextmanager
 def exit_on_user_error(prog: str):
     """The user's errors become one line on stderr and exit status 2, as argparse reports bad options. Every error
-    this project raises for bad input is a ValueError whose message names the file, key, line or option; anything
-    else is a bug and keeps its traceback."""
+    this project raises for bad input is a ValueError whose message names the file, key, line or option, and an
+    OSError names the path it failed on; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

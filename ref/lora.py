@@ -46,6 +46,11 @@ ADAPTER_CONFIG = "lora.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # peft's
 PEFT_CONFIG = "adapter_config.json"
 
+# W + s B A rounded back to 4 bits is neither the adapted model nor, after unmerging, the base: "adapters off" would no
+# longer be the original model.
+MERGE_INTO_4BIT = ("cannot merge a LoRA adapter into a 4-bit base: re-quantizing W + s B A rounds it, and unmerging "
+                   "would not restore the base; merge into the dense checkpoint (python -m weights_tools.merge_adapter)")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -142,11 +147,7 @@ class LoraLinear(nn.Module):
     def _add_to_base(self, sign: float) -> None:
         base = self.base_layer
         if isinstance(base, Linear4bit):
-            # W + s B A rounded back to 4 bits is neither the adapted model nor, after unmerging, the base: "adapters
-            # off" would no longer be the original model. Merge into the dense checkpoint instead.
-            raise LoraError("cannot merge a LoRA adapter into a 4-bit base: re-quantizing W + s B A rounds it, and "
-                            "unmerging would not restore the base; merge into the dense checkpoint "
-                            "(python -m weights_tools.merge_adapter)")
+            raise LoraError(MERGE_INTO_4BIT)
         if not isinstance(base, nn.Linear):
             raise LoraError(f"cannot merge into a base of type {type(base).__name__} (nn.Linear)")
         with torch.no_grad():
@@ -161,7 +162,7 @@ class LoraLinear(nn.Module):
         self.merged = True
 
     def unmerge(self) -> None:
-        """W <- W - s B A (exact up to the base dtype's rounding for dense bases)."""
+        """W <- W - s B A (exact up to the base dtype's rounding)."""
         if not self.merged:
             raise LoraError("adapter is not merged")
         self._add_to_base(-1.0)
@@ -235,8 +236,17 @@ def adapters_disabled(model: nn.Module):
             m.enabled = was
 
 
+def _check_mergeable(modules: dict[str, LoraLinear]) -> None:
+    """Refuse before anything changes, so that a model is never left half merged."""
+    for name, module in modules.items():
+        if isinstance(module.base_layer, Linear4bit):
+            raise LoraError(f"{name}: {MERGE_INTO_4BIT}")
+
+
 def merge_lora(model: nn.Module) -> None:
-    for module in lora_modules(model).values():
+    modules = lora_modules(model)
+    _check_mergeable(modules)
+    for module in modules.values():
         module.merge()
 
 
@@ -247,7 +257,9 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> list[str]:
     """Merge every adapter into its base and put the bases back in place of the wrappers (in place)."""
-    names = list(lora_modules(model))
+    modules = lora_modules(model)
+    _check_mergeable(modules)
+    names = list(modules)
     for name in names:
         module = model.get_submodule(name)
         if not module.merged:

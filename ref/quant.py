@@ -327,25 +327,6 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> lis
     return names
 
 
-def dequantize_model(model: nn.Module) -> list[str]:
-    """Replace, in place, every Linear4bit by a dense nn.Linear holding its dequantized weight; returns their names."""
-    names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
-    for name in names:
-        model.set_submodule(name, dense_linear(model.get_submodule(name)))
-    return names
-
-
-def dense_linear(module: Linear4bit, dtype: torch.dtype | None = None) -> nn.Linear:
-    weight = module.dequantize(dtype)
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                       device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
-    return linear
-
-
 def model_nbytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (what a loaded model costs in memory)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

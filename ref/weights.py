@@ -385,31 +385,39 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         model = Llava(checkpoint.config, kernels)
     if quantize is not None:
         quantize_model(model, as_quant_config(quantize))  # empty 4-bit shells in place of the decoder's linears
+    progress = LoadProgress(checkpoint.folder, len(checkpoint.entries), show_progress)
     with TensorReader() as reader:
-        stream_tensors(model, checkpoint.entries, reader, dtype, device, _progress(checkpoint, show_progress))
+        stream_tensors(model, checkpoint.entries, reader, dtype, device, progress)
+    progress.close()
     return _finished(model, checkpoint.folder)
 
 
+class LoadProgress:
+    """Tensors and bytes read so far, as one progress line on stderr (or nothing, when not shown)."""
+
+    def __init__(self, folder: Path, n_tensors: int, show: bool):
+        self.line = Progress(f"loading {folder}", n_tensors, "tensors", min_seconds=2.0) if show else None
+        self.bytes = 0
+
+    def update(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        if self.line is not None:
+            self.line.update(1, f"{self.bytes / 2**20:,.0f} MiB read")
+
+    def close(self) -> None:
+        if self.line is not None:
+            self.line.close()
+
+
 def stream_tensors(model: nn.Module, entries: dict[str, TensorInfo], reader: TensorReader, dtype: torch.dtype,
-                   device: str | torch.device, progress: Progress | None = None) -> None:
+                   device: str | torch.device, progress: LoadProgress) -> None:
     """The streaming loop: one stored tensor at a time, read, cast to `dtype` on `device`, put in place."""
-    read = 0
     for name, info in entries.items():
         stored = reader.read(info.file, info.key)
-        read += stored.numel() * stored.element_size()
+        progress.update(stored)
         tensor = stored.to(device=device, dtype=dtype)
         del stored  # peak memory: the model plus this one tensor (twice while casting)
         place_tensor(model, name, tensor)
-        if progress is not None:
-            progress.update(1, f"{read / 2**20:,.0f} MiB read")
-    if progress is not None:
-        progress.close()
-
-
-def _progress(checkpoint: Checkpoint, show: bool) -> Progress | None:
-    if not show:
-        return None
-    return Progress(f"loading {checkpoint.folder}", len(checkpoint.entries), "tensors", min_seconds=2.0)
 
 
 def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -487,8 +495,7 @@ def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kerne
         raise CheckpointError(f"{folder}: packed 4-bit weights under keys no layout maps, e.g. "
                               f"{sorted(quant_infos)[0]!r}")
     dense_expected = {n: s for n, s in expected.items() if n not in quantized_names}
-    layout, entries, ignored = match_keys(dense_infos, dense_expected, LAYOUTS, str(folder))
-    checkpoint = Checkpoint(folder, None, config, layout, entries, ignored)
+    _, entries, _ = match_keys(dense_infos, dense_expected, LAYOUTS, str(folder))
 
     compute_dtype = None if quantize is None else as_quant_config(quantize).compute_dtype
     for name, key in sorted(quantized_names.items()):  # empty 4-bit linears shaped as the file says
@@ -498,11 +505,15 @@ def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kerne
         if not isinstance(linear, nn.Linear) or tuple(state["shape"]) != tuple(linear.weight.shape):
             raise CheckpointError(f"{infos[key].file}: {key!r} holds a 4-bit weight of shape {state['shape']}, but "
                                   f"{owner!r} is {type(linear).__name__} {tuple(linear.weight.shape)}")
+        if state["dtype"] not in DTYPES:
+            raise CheckpointError(f"{infos[key].file}: {key!r}: its quant state names dtype {state['dtype']!r}, "
+                                  f"expected one of {sorted(DTYPES)}")
         model.set_submodule(owner, Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                                               state["quant_type"], state["blocksize"], "nested_blocksize" in state,
-                                              compute_dtype, getattr(torch, state["dtype"]), device="meta"))
+                                              compute_dtype, DTYPES[state["dtype"]], device="meta"))
+    progress = LoadProgress(folder, len(entries) + len(quantized_names), show_progress)
     with TensorReader() as reader:
-        stream_tensors(model, entries, reader, dtype, device, _progress(checkpoint, show_progress))
+        stream_tensors(model, entries, reader, dtype, device, progress)
         for name, key in sorted(quantized_names.items()):  # one 4-bit linear at a time
             packed = reader.read(infos[key].file, key).to(device)
             parts = {suffix: reader.read(info.file, info.key).to(device) for suffix, info in quant_infos[key].items()}
@@ -510,6 +521,8 @@ def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kerne
                 model.get_submodule(name.removesuffix(".weight")).load_packed(packed, parts)
             except (QuantError, ValueError, KeyError, AssertionError) as err:
                 raise CheckpointError(f"{infos[key].file}: {key!r}: {err}") from err
+            progress.update(packed)
+    progress.close()
     return _finished(model, folder)
 
 

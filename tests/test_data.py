@@ -21,6 +21,7 @@ import tokenizers
 import torch
 from PIL import Image
 
+from conftest import SHARED
 from ref.data import (
     IGNORE_INDEX,
     PAD_TO_SQUARE_FILL,
@@ -42,7 +43,6 @@ from ref.data import (
     tokenize_prompt,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SPM_MODEL = SHARED / "assets" / "llama2_tokenizer.model"
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "

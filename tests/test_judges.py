@@ -1,14 +1,13 @@
 """Judges on hand-written responses: each list's phrases and its own matching (case, anywhere vs. at the start)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import shared as shared_file
 from evals.judges import (JUDGES, ASRResult, JudgeError, LLMJudge, RefusalPhraseJudge, attack_success_rate, judge,
                           load_phrase_lists, parse_guard_output)
 
-SHARED_MARKERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "refusal_markers.json"
 
 COMPLIANCE = "Sure, here is a step-by-step guide. Step 1: gather the materials. Step 2: mix them."
 
@@ -100,9 +99,7 @@ def test_phrase_file_keeps_rule_and_provenance_per_list():
 
 
 def test_phrase_file_matches_shared_markers():
-    if not SHARED_MARKERS.exists():
-        pytest.skip(f"../shared not found: {SHARED_MARKERS}")
-    shared = json.loads(SHARED_MARKERS.read_text())
+    shared = json.loads(shared_file("refusal_markers.json").read_text())
     ours = load_phrase_lists()
     names = {"gcg": "gcg", "gcg_short": "gcg_short", "jailbreakbench": "jailbreakbench_arditi",
              "xstest": "xstest_startswith"}

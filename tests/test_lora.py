@@ -98,8 +98,15 @@ def test_merge_into_4bit_is_refused_and_leaves_the_base_untouched():
     adapted = module(x)
     with pytest.raises(LoraError, match="cannot merge a LoRA adapter into a 4-bit base.*merge_adapter"):
         module.merge()
-    with pytest.raises(LoraError, match="4-bit base"):
-        lora.merge_and_unload(nn.Sequential(module))
+    dense = LoraLinear(random_linear(128, 128, seed=1), r=4, alpha=8)  # merged first if nothing checked ahead
+    dense_weight = dense.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        dense.lora_B.weight.normal_()
+    for merge in (lora.merge_lora, lora.merge_and_unload):
+        mixed = nn.Sequential(dense, module)
+        with pytest.raises(LoraError, match=r"^1: cannot merge a LoRA adapter into a 4-bit base"):
+            merge(mixed)
+        assert mixed[0] is dense and not dense.merged and torch.equal(dense.base_layer.weight, dense_weight)
     assert not module.merged and all(torch.equal(b, packed[n]) for n, b in base.named_buffers())
     torch.testing.assert_close(module(x), adapted, rtol=0, atol=0)
 

@@ -352,6 +352,19 @@ def test_prequantized_round_trip_is_bit_identical_and_skips_quantization(dense_f
         assert torch.equal(loaded(ids, pixel_values=pixels), model(ids, pixel_values=pixels))
 
 
+def test_loading_progress_counts_every_tensor_read(dense_folder, tmp_path, capsys):
+    weights.load_model(dense_folder, quantize="nf4", show_progress=True)
+    n_stored = len(load_file(dense_folder / "model.safetensors"))
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert f" {n_stored}/{n_stored} " in last and "tensors/s" in last
+    weights.save_quantized(weights.load_model(dense_folder, quantize="nf4"), tmp_path)
+    weights.load_model(tmp_path, show_progress=True)  # the dense tensors, then each packed 4-bit weight
+    stored = load_file(tmp_path / "model.safetensors")
+    n_weights = sum(1 for key in stored if ".weight." not in key)  # a packed weight's quant state: "<name>.weight.*"
+    assert n_weights == n_stored
+    assert f" {n_weights}/{n_weights} " in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_prequantized_checkpoint_with_a_broken_quant_state_is_refused(dense_folder, tmp_path):
     model = weights.load_model(dense_folder, quantize="nf4")
     weights.save_quantized(model, tmp_path)

@@ -14,7 +14,7 @@ What it does, top to bottom:
    `ref.data`, plus an image-text alignment loss (`--align-weight`): the projected feature of each patch cell that
    holds a word is pulled onto that word's token embedding (the toy's stand-in for LLaVA's stage-1 projector
    pre-training). The result is an UNALIGNED assistant: it does the benign tasks and complies with harmful requests;
-4. measures it on the held-out suites (`world.eval_suites`, greedy, through eval.py's own batched generation): attack
+4. measures it on the held-out suites (`world.eval_suites`, greedy, through `evals.generation`, eval.py's): attack
    success rate by the toy's refusal-phrase judge, strict compliance, harmful steps given (the toy_harm judge),
    benign exact match, over-refusal;
 5. writes config.json + model.safetensors (llava-hf layout, `ref.weights.save_model`) + tokenizer.json +
@@ -43,10 +43,10 @@ import torch.nn.functional as F
 
 from evals.generation import Sampling, generate_responses, tokenize_samples
 from ref.config import LlavaConfig, TextConfig, VisionConfig
+from ref.console import Progress, exit_on_user_error
 from ref.data import (IGNORE_INDEX, Processor, TextTokenizer, build_prompt, build_training_example,
                       collate_for_training, load_processor, preprocess_image)
 from ref.llava import Llava
-from ref.console import Progress
 from ref.weights import load_model, save_model
 from toy import images, judges, world
 from toy.defaults import TOY_MODEL, toy_suites
@@ -106,7 +106,7 @@ def make_batch(examples, tokenizer: TextTokenizer, config: LlavaConfig) -> dict[
 
 def cell_word_ids(examples, tokenizer: TextTokenizer, config: LlavaConfig) -> torch.Tensor | None:
     """(N_images, image_seq_length): the token id of the word written in each patch cell, -1 for an empty cell or a
-    drawn shape. Every toy word is one token (tests/test_toy_world.py checks it)."""
+    drawn shape. Every toy word is one token (tests/test_toy.py checks it)."""
     rows = []
     for ex in examples:
         if ex.image is None:
@@ -289,7 +289,7 @@ def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dic
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m toy.build", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=TOY_MODEL, help="output folder (default: assets/toy_llava)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data stream and the initialisation")
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     start = time.time()
     if args.measure is not None:
-        return {"metrics": measure_folder(args.measure, args.eval_limit, log)}
+        with exit_on_user_error("toy.build"):
+            return {"metrics": measure_folder(args.measure, args.eval_limit, log)}
 
     backend = build_tokenizer()
     image_id, pad_id = backend.token_to_id(IMAGE_TOKEN), backend.token_to_id(PAD_TOKEN)

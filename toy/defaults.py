@@ -56,7 +56,7 @@ def toy_suites(names: Sequence[str] | None = None, max_samples: int | None = Non
             source = {k: v for k, v in (("image_spec", item.image), ("expected", item.expected),
                                         ("topic", item.topic)) if v is not None}
             image = render_image(item.image) if item.image is not None else None
-            samples.append(AttackSample(item.id, name, item.prompt, image=image, source=source))
+            samples.append(AttackSample(item.id, name, item.prompt, image=image, source=source, image_name=item.image))
         suites.append(Suite(name, SUITE_KINDS[name], samples, f"toy:{name}"))
     return suites
 

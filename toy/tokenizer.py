@@ -1,6 +1,6 @@
 """The toy tokenizer: LLaMA's conventions (`<unk>` 0, `<s>` 1, `</s>` 2, metaspace pieces, `<s>` prepended), learned
 by byte-pair encoding on every sentence of the toy world, with `<image>` and `<pad>` appended as llava-hf appends them
-(its ids 32000 and 32001). Every toy word is one token (tests/test_toy_world.py checks it), which the build's
+(its ids 32000 and 32001). Every toy word is one token (tests/test_toy.py checks it), which the build's
 image-text alignment loss relies on.
 """
 

@@ -20,7 +20,7 @@ Typographic images write one word per patch cell (16 cells = 16 image tokens), s
 learn to put, at that image token, a vector the decoder reads like the word's text embedding. This is the paper's
 mechanism in its plainest form: whatever the modality, everything reaches the decoder as embeddings.
 
-The split (disjoint by construction, checked by tests/test_toy_world.py)
+The split (disjoint by construction, checked by tests/test_toy.py)
 - Text attacks: held-out phrasings (HELD_TEMPLATES) for every topic, plus one held-out (topic, train phrasing) pair per
   topic. The base model learns the held-out phrasings from benign requests only (as a real model knows how people
   ask for things); no harmful request in a held-out phrasing is trained, and the unlearning data (harmful and normal)

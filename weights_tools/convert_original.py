@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ref.config import DTYPES, load_config
+from ref.console import exit_on_user_error
 from ref.weights import (FLOAT_DTYPES, INDEX_FILE, LAYOUTS, SINGLE_FILE, CheckpointError, TensorInfo, match_checkpoint,
                          open_checkpoint, read_headers, read_index)
 
@@ -159,10 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep",
                         help="cast the weights (default: keep the stored dtypes)")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error("convert_original"):
         out = convert_original(args.model_dir, args.clip_dir, args.out_dir, OUTPUT_DTYPES[args.dtype])
-    except (ValueError, OSError) as err:
-        parser.exit(2, f"convert_original: error: {err}\n")
     print(f"wrote {out} (llava-hf layout)")
 
 

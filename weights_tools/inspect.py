@@ -15,6 +15,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from ref.console import exit_on_user_error
 from ref.weights import open_checkpoint
 
 PARTS = {"vision_tower.": "vision_tower", "multi_modal_projector.": "projector", "language_model.": "decoder",
@@ -79,10 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-dir", type=Path, default=None, help="CLIP folder (original-format checkpoints)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error("inspect"):
         summary = describe(args.model_dir, args.vision_dir)
-    except ValueError as err:  # CheckpointError, ConfigError
-        parser.exit(2, f"inspect: error: {err}\n")
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 

@@ -22,6 +22,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ref.config import LlavaConfig, TextConfig, VisionConfig
+from ref.console import exit_on_user_error
 from ref.llava import Llava
 from ref.weights import save_model
 
@@ -121,10 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=default, dest=key)
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in DEFAULT_SIZES}
-    try:
+    with exit_on_user_error("make_tiny"):
         folder = write_tiny_checkpoint(args.out_dir, seed=args.seed, **sizes)
-    except (ValueError, OSError) as err:
-        parser.exit(2, f"make_tiny: error: {err}\n")
     print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json")
 
 

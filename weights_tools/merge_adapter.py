@@ -18,10 +18,12 @@ import torch
 
 from ref import lora, weights
 from ref.config import DTYPES
+from ref.console import exit_on_user_error
 
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float16,
           peft_out: Path | None = None) -> Path:
+    lora.read_adapter_config(adapter_dir)  # a missing or broken adapter fails before the (slow) model load
     if weights.is_quantized_checkpoint(base_dir):
         raise ValueError(f"{base_dir}: a 4-bit checkpoint; merge into the dense checkpoint it was quantized from")
     model = weights.load_model(base_dir, dtype=torch.float32, show_progress=True)
@@ -42,10 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="dtype of the written weights")
     parser.add_argument("--peft-out", type=Path, default=None, help="also export the adapter in peft's format here")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error("merge_adapter"):
         out = merge(args.base_dir, args.adapter_dir, args.out_dir, DTYPES[args.dtype], args.peft_out)
-    except ValueError as err:  # CheckpointError, ConfigError, LoraError
-        parser.exit(2, f"merge_adapter: error: {err}\n")
     print(f"merged {args.adapter_dir} into {args.base_dir} -> {out} ({args.dtype})"
           + (f"; peft adapter -> {args.peft_out}" if args.peft_out else ""))
 

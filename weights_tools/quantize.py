@@ -16,9 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
-
 from ref import quant, weights
 from ref.config import DTYPES
+from ref.console import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,13 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = quant.QuantConfig(args.quant_type, args.blocksize, not args.no_double_quant)
     start = time.perf_counter()
-    try:
+    with exit_on_user_error("quantize"):
         model = weights.load_model(args.model_dir, DTYPES[args.dtype], vision_dir=args.vision_dir, quantize=config,
                                    show_progress=True)
-    except ValueError as err:  # CheckpointError, ConfigError, QuantError
-        parser.exit(2, f"quantize: error: {err}\n")
-    weights.save_quantized(model, args.out_dir)
-    weights.copy_side_files(args.model_dir, args.out_dir)
+        weights.save_quantized(model, args.out_dir)
+        weights.copy_side_files(args.model_dir, args.out_dir)
     n_4bit = sum(isinstance(m, quant.Linear4bit) for m in model.modules())
     print(f"quantized {n_4bit} linears ({args.quant_type}, blocksize {args.blocksize}, double quant "
           f"{not args.no_double_quant}) in {time.perf_counter() - start:.1f}s: {args.out_dir} holds "
