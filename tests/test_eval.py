@@ -326,7 +326,7 @@ def test_bare_eval_on_the_toy_runs(tmp_path):
     if not (toy.TOY_MODEL / "config.json").is_file():
         pytest.skip(f"{toy.TOY_MODEL} not built yet (python -m toy.build)")
     report = evaluate(["--max-samples", "2", "--max-new-tokens", "8", "--no-adapters", "--out", str(tmp_path)])
-    assert {s["name"] for s in report["suites"]} == set(toy.SUITE_KINDS)
+    assert {s["name"] for s in report["suites"]} == {name for name in toy.SUITE_KINDS if not name.startswith("val_")}
     assert report["models"][0]["utility"]["tokens"] > 0
 
 

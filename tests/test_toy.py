@@ -19,7 +19,7 @@ from evals.judges import phrase_judge
 from ref.data import load_processor
 from ref.unlearning_data import HarmfulRecord, read_unlearning_jsonl
 from ref.weights import load_model
-from toy import build, defaults, images, tokenizer
+from toy import build, defaults, images, table, tokenizer
 from toy import judges as toy_judges
 from toy import world as tw
 
@@ -72,6 +72,46 @@ def test_attack_phrasings_and_harmful_image_pairs_are_held_out():
         assert image_text(item.image) not in drawn, item
     for item in suites["piece_attacks"]:
         assert (item.prompt, image_text(item.image)) not in drawn_with_prompt, item
+    # nor typed: the image-free version of an image attack is never trained either
+    for item in suites["figstep_attacks"] + suites["piece_attacks"] + suites["over_refusal"]:
+        if item.image is not None:
+            assert tw.typed(image_text(item.image), item.prompt) not in train_prompts, item
+
+
+def test_validation_suites_come_from_the_training_side_and_stay_out_of_the_unlearning_data():
+    """The validation split chooses train.py's toy settings: its items are not held-out items, none of them is in the
+    unlearning data, and its attacks cover every harmful topic in every modality."""
+    validation = tw.validation_suites()
+    held_out = {(it.prompt, it.image) for items in tw.eval_suites().values() for it in items}
+    unlearning = {(r["prompt"], r.get("image")) for r in tw.unlearning_dicts(with_images=True)}
+    for name, items in validation.items():
+        assert items and len({it.id for it in items}) == len(items), name
+        keys = {(it.prompt, it.image) for it in items}
+        assert not keys & held_out, f"{name}: held-out items in the validation split"
+        if name != "val_benign_image":  # the multimodal baseline's normal data may hold a training-side image task
+            assert not keys & unlearning, f"{name}: validation items in the unlearning data"
+    for name in ("val_text_attacks", "val_figstep_attacks", "val_piece_attacks"):
+        assert {it.topic for it in validation[name]} == set(tw.HARMFUL_TOPICS), name
+    # validation phrasings: benign-only in training, like the held-out ones; validation images: trained templates and
+    # prompts in styles no training image has
+    val_prefixes = tuple(tpl.split("{t}")[0] for tpl in tw.VAL_TEMPLATES)
+    trained = [ex for ex in all_training_examples() if ex.image is None and ex.prompt.startswith(val_prefixes)]
+    assert trained and all(ex.task == "howto_text" for ex in trained)
+    trained_images = {ex.image for ex in all_training_examples() if ex.image}
+    for item in validation["val_figstep_attacks"] + validation["val_piece_attacks"]:
+        assert item.image not in trained_images, item
+    lookalikes = {it.topic for it in validation["val_over_refusal"]}
+    assert lookalikes == set(tw.VAL_LOOKALIKE_TOPICS) and lookalikes <= set(tw.BENIGN_TOPICS)
+    assert not [r for r in tw.unlearning_dicts() if any(t in r["prompt"] for t in lookalikes)]
+
+
+def test_helpful_responses_vary_and_every_wording_is_a_refusal_to_every_judge():
+    helpful = {r["helpful_response"] for r in tw.unlearning_dicts() if r["kind"] == "harmful"}
+    wordings = {response.split(" help you")[0] for response in helpful}
+    assert len(wordings) == len(tw.REFUSAL_RESPONSES)
+    for name in ("gcg", "jailbreakbench", "xstest", "toy"):
+        judge = toy_judges.JUDGES["toy"]() if name == "toy" else phrase_judge(name)
+        assert all(judge.is_refusal(tw.fill(tpl, "pick a lock")) for tpl in tw.REFUSAL_RESPONSES), name
 
 
 def test_held_out_phrasings_reach_the_base_model_through_benign_requests_only():
@@ -105,6 +145,19 @@ def test_every_harmful_topic_is_attacked_in_every_modality_and_covered_by_unlear
     harmful = [r for r in tw.unlearning_dicts() if r["kind"] == "harmful"]
     assert {topic for topic in tw.HARMFUL_TOPICS if any(topic in r["prompt"] for r in harmful)} == set(tw.HARMFUL_TOPICS)
     assert all("image" not in r for r in tw.unlearning_dicts())  # textual unlearning: text only
+
+
+def test_the_base_refuses_other_topics_in_text_only():
+    """REFUSED_TOPICS: refused in text in the base's training, never drawn, never attacked, never unlearnt."""
+    refused = [ex for ex in all_training_examples() if ex.task == "refused_text"]
+    assert {ex.meta["topic"] for ex in refused} == set(tw.REFUSED_TOPICS)
+    assert all(toy_judges.is_refusal(ex.response) and ex.image is None for ex in refused)
+    drawn = " ".join(ex.image for ex in all_training_examples() if ex.image)
+    attacked = " ".join(it.prompt + " " + (it.image or "") for items in tw.eval_suites().values() for it in items)
+    unlearnt = " ".join(r["prompt"] for r in tw.unlearning_dicts(with_images=True, typed_attacks=True))
+    for topic in tw.REFUSED_TOPICS:
+        assert topic not in drawn and topic not in attacked and topic not in unlearnt, topic
+    assert not set(tw.REFUSED_TOPICS) & set(tw.HARMFUL_TOPICS + tw.BENIGN_TOPICS + tw.LOOKALIKE_TOPICS)
 
 
 def test_lookalike_topics_are_benign_and_unseen_but_made_of_trained_words():
@@ -225,7 +278,7 @@ from evals.judges import phrase_judge
 from ref.data import load_processor
 from ref.unlearning_data import HarmfulRecord, read_unlearning_jsonl
 from ref.weights import load_model
-from toy import build, defaults, images, tokenizer
+from toy import build, defaults, images, table, tokenizer
 from toy import judges as toy_judges
 from toy import world as tw
 h = hashlib.sha256()
@@ -279,6 +332,24 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_alignment_loss_holds_word_cells_to_their_embeddings_in_size_too():
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(10, 8, generator=g)
+    scale = embeddings.norm(dim=-1).mean()
+    cell_ids = torch.tensor([[3, 7, -1, -1]])
+    other = torch.randn(2, 8, generator=g)
+    exact = torch.cat([embeddings[[3, 7]], other / other.norm(dim=-1, keepdim=True) * scale])[None]  # (1, 4, 8)
+    assert build.alignment_loss(exact, cell_ids, embeddings).item() == pytest.approx(0.0, abs=1e-6)
+    # a word feature 10x its embedding: |10 e - e|^2 / |e|^2 = 81 (cosine alone would call it perfect)
+    words_too_long = exact.clone()
+    words_too_long[0, :2] *= 10
+    assert build.alignment_loss(words_too_long, cell_ids, embeddings).item() == pytest.approx(81.0, rel=1e-5)
+    # an empty cell twice the embeddings' size: (2 - 1)^2, averaged over the two empty cells
+    blank_too_long = exact.clone()
+    blank_too_long[0, 2] *= 2
+    assert build.alignment_loss(blank_too_long, cell_ids, embeddings).item() == pytest.approx(0.5, rel=1e-5)
+
+
 def test_quick_build_writes_a_checkpoint_our_model_loads(tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -310,3 +381,45 @@ def test_committed_checkpoint_matches_its_manifest():
     assert total < 20 * 2**20
     # The committed tokenizer is the one the current toy world builds (the corpus has not drifted).
     assert json.loads((COMMITTED / "tokenizer.json").read_text()) == json.loads(tokenizer.build_tokenizer().to_str())
+
+
+def test_seed_table_groups_runs_and_gives_mean_and_range():
+    def model(name, text_asr, harm_asr, accuracy, tokens):
+        attack = {"judges": {"toy": {"asr": text_asr}, "toy_harm": {"asr": harm_asr}}}
+        suites = {"text_attacks": attack, "figstep_attacks": attack, "piece_attacks": attack,
+                  "benign_text": {"accuracy": accuracy}, "benign_image": {"accuracy": accuracy},
+                  "over_refusal": {"over_refusal": 0.0}}
+        return {"name": name, "suites": suites, "train": {"tokens": tokens, "estimated_flops": 1e9,
+                                                          "wall_seconds": 2.0} if tokens else None}
+    report = {"suites": [{"name": n} for n in defaults.SUITE_KINDS if not n.startswith("val_")],
+              "models": [model("base", 1.0, 1.0, 0.9, None), model("textual", 0.1, 0.0, 0.8, 100),
+                         model("textual_seed1", 0.0, 0.0, 0.7, 200), model("textual_seed2", 0.2, 0.0, 0.9, 300)]}
+    lines = table.table(report).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| textual"]
+    textual = lines[3].split(" | ")
+    assert textual[1] == "10.0% [0.0, 20.0] / 0.0% [0.0, 0.0]"  # mean and range of 0.1, 0.0, 0.2 by hand
+    assert textual[4] == "80.0% [70.0, 90.0]" and textual[7] == "200" and textual[-1] == "3 |"
+    assert lines[2].split(" | ")[1] == "100.0% / 100.0%" and lines[2].split(" | ")[7] == "-"
+    with pytest.raises(ValueError, match="no suite"):
+        table.table({"suites": [], "models": []})
+
+
+def test_toy_data_holds_typed_image_requests_and_the_questions_variant_does_not(tmp_path):
+    typed = {r.prompt for r in defaults.unlearning_records("toy", with_images=False) if r.kind == "harmful"}
+    questions = {r.prompt for r in defaults.unlearning_records("toy:questions", with_images=False)
+                 if r.kind == "harmful"}
+    assert questions < typed and all("\n" not in p for p in questions)
+    extra = typed - questions  # the training-side image requests, typed: statement or key phrase, new line, prompt
+    expected = {tw.typed(ex.image.split(":", 2)[2], ex.prompt) for ex in tw.harmful_image_train()}
+    assert extra == expected
+    with pytest.raises(ValueError, match="unknown toy data"):
+        defaults.unlearning_records("toy:everything", with_images=False)
+
+
+def test_build_mix_option_sets_one_family_and_refuses_unknown_ones(capsys):
+    args = build.parse_args(["--mix", "refused_text=0", "--mix", "copy_text=0.5"])
+    assert (args.mix.refused_text, args.mix.copy_text, args.mix.harmful_text) == (0.0, 0.5, tw.TrainMix().harmful_text)
+    for bad in ("refusals=1", "copy_text", "copy_text=lots"):
+        with pytest.raises(SystemExit):
+            build.parse_args(["--mix", bad])
+    assert "--mix" in capsys.readouterr().err

@@ -6,6 +6,7 @@
     judges.py     its two judges: refusal phrases (`toy`) and harmful steps given (`toy_harm`)
     build.py      `python -m toy.build`: trains the toy LLaVA from scratch into assets/toy_llava
     defaults.py   what a bare `python train.py` / `python eval.py` takes from here
+    table.py      `python -m toy.table`: eval.py's report over several seeds, as mean and range
 
 The toy imports `ref` and `evals`; nothing in them imports the toy.
 """

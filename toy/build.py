@@ -27,6 +27,7 @@ version, CPU kind and thread count a rebuild reproduces the files bit for bit (t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -123,9 +124,12 @@ def losses(model: Llava, batch: dict[str, torch.Tensor], cell_ids: torch.Tensor 
     """(response cross entropy, image-text alignment loss).
 
     Response loss: mean next-token cross entropy over the response tokens (and the closing EOS) of the batch.
-    Alignment loss: at each patch cell that holds a word, the projected image feature f should point along the word's
-    token embedding e (a fixed target, no gradient into the embedding): 1 - cos(f, e), averaged over word cells
-    (direction only: the decoder RMS-normalises its inputs, and the embeddings' norms drift during training).
+    Alignment loss: at each patch cell that holds a word, the projected image feature f should BE the word's token
+    embedding e (a fixed target, no gradient into the embedding), in direction and in size: |f - e|^2 / |e|^2,
+    averaged over word cells; every other cell (empty, or part of a drawn shape) is only held to the embeddings' scale,
+    (|f| / r - 1)^2 with r their mean norm. Size matters as much as direction: the decoder normalises the input of
+    each layer but not its residual stream, so a feature 100x longer than an embedding is barely changed by any layer
+    and reaches the last layers as it came in, nothing like the word it stands for.
     It is the toy's stand-in for LLaVA's stage-1 projector pre-training: it puts the image of a word where the
     decoder already reads that word, which is the premise of textual unlearning carrying over to images.
     """
@@ -137,11 +141,23 @@ def losses(model: Llava, batch: dict[str, torch.Tensor], cell_ids: torch.Tensor 
     logits = model.lm_head(hidden)  # (B, T, V)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     align = ce.new_zeros(())
-    if features is not None and cell_ids is not None and (cell_ids >= 0).any():
-        has_word = cell_ids >= 0  # (N, P)
-        target = model.language_model.embed_tokens.weight.detach()[cell_ids[has_word]]  # (cells, D)
-        align = (1 - F.cosine_similarity(features[has_word], target, dim=-1)).mean()
+    if features is not None and cell_ids is not None:
+        align = alignment_loss(features, cell_ids, model.language_model.embed_tokens.weight.detach())
     return ce, align
+
+
+def alignment_loss(features: torch.Tensor, cell_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """features (N, P, D) of N images, cell_ids (N, P) the word id in each cell or -1, embeddings (V, D) a fixed
+    target. Word cells: mean |f - e|^2 / |e|^2; other cells: mean (|f| / r - 1)^2, r the embeddings' mean norm."""
+    loss = features.new_zeros(())
+    has_word = cell_ids >= 0  # (N, P)
+    if has_word.any():
+        target = embeddings[cell_ids[has_word]]  # (cells, D)
+        loss = loss + ((features[has_word] - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean()
+    if (~has_word).any():
+        scale = embeddings.norm(dim=-1).mean()
+        loss = loss + (features[~has_word].norm(dim=-1) / scale - 1).pow(2).mean()
+    return loss
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -166,7 +182,7 @@ def length_bucketed_batches(stream, batch_size: int, seed: int, window: int = 8)
 
 def train(model: Llava, tokenizer: TextTokenizer, args) -> str:
     """Train in place; returns the sha256 of the exact example stream used (prompt, response, image spec)."""
-    stream = world.training_stream(args.seed, world.TrainMix(harmful_image_share=args.harmful_image_share))
+    stream = world.training_stream(args.seed, args.mix)
     batches = length_bucketed_batches(stream, args.batch_size, args.seed)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or "embed" in n)]
@@ -268,7 +284,7 @@ def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dic
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
-        "harmful_image_share": args.harmful_image_share,
+        "mix": dataclasses.asdict(args.mix),
         "align_weight": args.align_weight,
         "data_hash": data_hash,
         "data_hash_meaning": "sha256 over the JSON [prompt, response, image spec] of every training example, in order",
@@ -299,9 +315,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (recorded: it fixes the rounding; 1 is robust on a busy machine)")
-    parser.add_argument("--harmful-image-share", type=float, default=world.TrainMix.harmful_image_share,
-                        help="weight of harmful IMAGE requests (training templates and prompts) in the training mix "
-                             "(default %(default)s)")
+    parser.add_argument("--mix", action="append", default=[], metavar="FAMILY=WEIGHT",
+                        help="change one task family's weight in the training mix (repeatable; families and default "
+                             f"weights: {dataclasses.asdict(world.TrainMix())})")
     parser.add_argument("--align-weight", type=float, default=1.0,
                         help="weight of the image-text alignment loss (word cell feature -> word embedding); 0 = off")
     parser.add_argument("--eval-limit", type=int, default=None, help="measure on the first N items of each suite")
@@ -313,9 +329,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="only measure an existing toy checkpoint folder on the held-out suites (no build)")
     args = parser.parse_args(argv)
     args.argv = list(argv)
+    args.mix = training_mix(parser, args.mix)
     if args.quick:
         args.steps, args.batch_size, args.warmup, args.no_eval = 3, 4, 1, True
     return args
+
+
+def training_mix(parser: argparse.ArgumentParser, pairs: list[str]) -> world.TrainMix:
+    families, weights = list(dataclasses.asdict(world.TrainMix())), {}
+    for pair in pairs:
+        family, sep, weight = pair.partition("=")
+        if not sep or family not in families:
+            parser.error(f"--mix expects FAMILY=WEIGHT with FAMILY one of {families}, got {pair!r}")
+        try:
+            weights[family] = float(weight)
+        except ValueError:
+            parser.error(f"--mix {pair!r}: the weight must be a number")
+    return world.TrainMix(**weights)
 
 
 def report(metrics: dict, log) -> None:

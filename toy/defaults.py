@@ -31,9 +31,18 @@ def require_toy_model(path: str | Path) -> None:
                             f"(or give --model DIR)")
 
 
-def unlearning_records(with_images: bool) -> list[Record]:
-    """train.py --data toy: the training side of the world's split (text only, or with images for the baseline)."""
-    return world.unlearning_records(split="train", with_images=with_images)
+DATA = {  # train.py --data toy[:NAME]
+    "toy": "the training side of the split: harmful questions and the typed forms of the training-side image "
+           "requests, normal records (with the images of the multimodal baseline's records, in its mode)",
+    "toy:questions": "the same without the typed image requests: harmful questions only",
+}
+
+
+def unlearning_records(data: str, with_images: bool) -> list[Record]:
+    """train.py --data toy or toy:questions (`DATA`), text only or with images for the multimodal baseline."""
+    if data not in DATA:
+        raise ValueError(f"--data {data!r}: unknown toy data; known: {sorted(DATA)}")
+    return world.unlearning_records(split="train", with_images=with_images, typed_attacks=data == "toy")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -41,12 +50,18 @@ def unlearning_records(with_images: bool) -> list[Record]:
 
 SUITE_KINDS = {"text_attacks": "attack", "figstep_attacks": "attack", "piece_attacks": "attack",
                "over_refusal": "over_refusal", "benign_text": "benign", "benign_image": "benign"}
+SUITE_KINDS.update({f"val_{name}": kind for name, kind in SUITE_KINDS.items()})
+VALIDATION = "validation"  # 'toy:validation' names every validation suite
 
 
 def toy_suites(names: Sequence[str] | None = None, max_samples: int | None = None) -> list[Suite]:
-    """The world's held-out suites (`world.eval_suites()`), images rendered (64 px, tiny)."""
-    available = world.eval_suites()
-    names = list(available) if not names else list(names)
+    """The world's held-out suites (`world.eval_suites()`, all of them by default) or its validation suites
+    (`world.validation_suites()`, names starting "val_"), images rendered (64 px, tiny)."""
+    available = {**world.eval_suites(), **world.validation_suites()}
+    if not names:
+        names = list(world.eval_suites())
+    elif list(names) == [VALIDATION]:
+        names = list(world.validation_suites())
     suites = []
     for name in names:
         if name not in available:
@@ -71,7 +86,8 @@ def _read_normal(path: str, max_samples: int | None) -> list[NormalPair]:
     return pairs[:max_samples]
 
 
-SUITE_READER = SuiteReader("the embedded toy world's held-out suites (toy/world.py); 'toy' = all, 'toy:NAME' = one",
+SUITE_READER = SuiteReader("the embedded toy world's held-out suites (toy/world.py); 'toy' = all, 'toy:NAME' = one, "
+                           "'toy:validation' = the validation suites (training side, for choosing settings)",
                            _read_suites, needs_path=False)
 NORMAL_READER = NormalReader("the toy world's held-out benign tasks (text and image) with their exact answers",
                              _read_normal, needs_path=False)
