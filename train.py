@@ -135,16 +135,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--model", default=str(toy.TOY_MODEL),
                     help="LLaVA model folder (llava-hf layout; default: the toy)")
     io.add_argument("--vision-dir", default=None, help="CLIP folder, for an original-format LLaVA checkpoint")
-    io.add_argument("--data", default="toy", help="unlearning JSONL (see ref/unlearning_data.py), or 'toy' for the "
-                                                   "embedded toy world's training records")
+    io.add_argument("--data", default="toy", help="unlearning JSONL (see ref/unlearning_data.py), or the embedded toy "
+                                                   "world's training records:\n" + "\n".join(
+                                                       f"  {name}: {what}" for name, what in toy.DATA.items()))
     io.add_argument("--out", default=None, help="run folder (default: runs/<mode>)")
     io.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     io.add_argument("--prompt-format", default="llava-hf", choices=["llava-hf", "vicuna_v1"])
 
     method = p.add_argument_group("method")
     method.add_argument("--mode", default="textual", choices=["textual", "multimodal", "sft"])
-    method.add_argument("--eps", type=float, nargs=3, default=[0.5, 1.0, 3.0], metavar=("HARM", "HELPFUL", "UTILITY"),
-                        help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (default 0.5 1 3, the toy's;"
+    method.add_argument("--eps", type=float, nargs=3, default=[0.5, 1.0, 5.0], metavar=("HARM", "HELPFUL", "UTILITY"),
+                        help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (default 0.5 1 5, the toy's;"
                              "\nYao et al. use 0.5 1 1; sft mode ignores eps1)")
     method.add_argument("--mismatch", default="helpful", choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
@@ -164,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="override one op's implementation (repeatable), e.g. --kernel attention=sdpa")
 
     opt = p.add_argument_group("optimisation (defaults are the embedded toy's; README gives a real model's)")
-    opt.add_argument("--lr", type=float, default=1e-3)
+    opt.add_argument("--lr", type=float, default=3e-4)
     opt.add_argument("--weight-decay", type=float, default=0.0)
     opt.add_argument("--batch-size", type=int, default=8, help="records per batch, for each of the three terms")
     opt.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
@@ -173,9 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opt.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
     opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--stop-harm-nll", type=float, default=5.0,
+    opt.add_argument("--stop-harm-nll", type=float, default=-1.0,
                      help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps, stop\n"
-                          "(a negative value turns the rule off)")
+                          "(a negative value, the toy's default, turns the rule off: it runs --max-steps)")
     opt.add_argument("--extra-batches", type=int, default=40)
 
     run = p.add_argument_group("run")
@@ -243,8 +244,8 @@ def build_model(args: argparse.Namespace, kernels: kernel_registry.Kernels):
 
 
 def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord]]:
-    if args.data == "toy":
-        records = toy.unlearning_records(with_images=args.mode == "multimodal")
+    if args.data in toy.DATA:
+        records = toy.unlearning_records(args.data, with_images=args.mode == "multimodal")
     else:
         records = read_unlearning_jsonl(args.data)
     harmful, normal = split_records(records)
