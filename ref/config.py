@@ -1,12 +1,14 @@
 """Model configuration: dataclasses parsed from a checkpoint's config.json.
 
-Two formats exist for LLaVA-1.5 and we read both:
+Two formats exist for LLaVA-1.5 and we read both, and a third kind of model, text only:
 
 - llava-hf (`LlavaForConditionalGeneration`): a top-level dict with `text_config` and `vision_config`. The published
   config lists only the fields that differ from transformers' defaults, so every missing field takes the default of
   LLaMA (text) or CLIP (vision) below, exactly as transformers fills them in.
 - the original LLaVA release (liuhaotian/llava-v1.5-*): a flat LLaMA config plus `mm_*` keys; its CLIP tower is a
   separate folder with its own config.json (a `CLIPConfig` with a `vision_config`, or a bare `CLIPVisionConfig`).
+- a text-only LLaMA (`LlamaForCausalLM`, model_type "llama", no `mm_*` keys), such as the LLM judges LlamaGuard and
+  HarmBench's classifier: the same decoder with no vision tower (`LlavaConfig.vision` is None).
 
 Both have `model_type` "llava"; we tell them apart by their keys.
 """
@@ -113,11 +115,11 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class LlavaConfig:
-    """Vision tower + projector + decoder, and how image features enter the token sequence."""
+    """Vision tower + projector + decoder, and how image features enter the token sequence (vision None: text only)."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    image_token_index: int = 32000
+    image_token_index: int | None = 32000  # None for a text-only model
     pad_token_id: int = 32001
     # Which vision hidden state feeds the projector: index into the 1 + num_layers hidden states (0 = embeddings after
     # pre_layrnorm). A tuple concatenates several layers' features along the channel axis.
@@ -125,11 +127,17 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"  # "default" drops the CLS token, "full" keeps it
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
-    source_format: str = "llava-hf"  # "llava-hf" or "original": which config.json format this was parsed from
+    source_format: str = "llava-hf"  # "llava-hf", "original" or "llama": which config.json format this was parsed from
+
+    @property
+    def text_only(self) -> bool:
+        return self.vision is None
 
     @property
     def image_seq_length(self) -> int:
-        """How many tokens one image becomes in the decoder's sequence."""
+        """How many tokens one image becomes in the decoder's sequence (0 for a text-only model)."""
+        if self.vision is None:
+            return 0
         n = self.vision.num_patches
         return n if self.vision_feature_select_strategy == "default" else n + 1
 
@@ -137,6 +145,36 @@ class LlavaConfig:
     def projector_in_features(self) -> int:
         n_layers = len(self.vision_feature_layer) if isinstance(self.vision_feature_layer, tuple) else 1
         return self.vision.hidden_size * n_layers
+
+    def to_dict(self) -> dict:
+        """The config.json that describes this model: llava-hf's, or LlamaForCausalLM's for a text-only model."""
+        if self.vision is None:
+            return {"architectures": ["LlamaForCausalLM"], **self.text_dict()}
+        return self.to_llava_hf_dict()
+
+    def text_dict(self) -> dict:
+        """The decoder's fields as transformers' LlamaConfig writes them (every field written out)."""
+        t = self.text
+        return {
+            "model_type": "llama",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "attention_bias": t.attention_bias,
+            "mlp_bias": t.mlp_bias,
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "bos_token_id": t.bos_token_id,
+            "eos_token_id": t.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
 
     def to_llava_hf_dict(self) -> dict:
         """The llava-hf config.json that describes this model (every field written out)."""
@@ -153,26 +191,7 @@ class LlavaConfig:
             "multimodal_projector_bias": self.projector_bias,
             "image_seq_length": self.image_seq_length,
             "tie_word_embeddings": t.tie_word_embeddings,
-            "text_config": {
-                "model_type": "llama",
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size,
-                "num_hidden_layers": t.num_hidden_layers,
-                "num_attention_heads": t.num_attention_heads,
-                "num_key_value_heads": t.num_key_value_heads,
-                "head_dim": t.head_dim,
-                "hidden_act": t.hidden_act,
-                "max_position_embeddings": t.max_position_embeddings,
-                "rms_norm_eps": t.rms_norm_eps,
-                "rope_theta": t.rope_theta,
-                "attention_bias": t.attention_bias,
-                "mlp_bias": t.mlp_bias,
-                "tie_word_embeddings": t.tie_word_embeddings,
-                "bos_token_id": t.bos_token_id,
-                "eos_token_id": t.eos_token_id,
-                "pad_token_id": self.pad_token_id,
-            },
+            "text_config": self.text_dict(),
             "vision_config": {
                 "model_type": "clip_vision_model",
                 "hidden_size": v.hidden_size,
@@ -318,12 +337,26 @@ def is_original_format(raw: dict) -> bool:
     return "text_config" not in raw and any(key.startswith("mm_") for key in raw)
 
 
+def parse_llama(raw: dict, where: str) -> LlavaConfig:
+    """A text-only LlamaForCausalLM: the decoder alone."""
+    text = parse_text_config(raw, where)
+    return LlavaConfig(vision=None, text=text, image_token_index=None,
+                       pad_token_id=_first_int(raw.get("pad_token_id"), 0), source_format="llama")
+
+
 def load_config(model_dir: str | Path, vision_dir: str | Path | None = None) -> LlavaConfig:
-    """Parse `model_dir/config.json` (llava-hf, or the original release with its CLIP tower in `vision_dir`)."""
+    """Parse `model_dir/config.json` (llava-hf, the original release with its CLIP tower in `vision_dir`, or a
+    text-only LLaMA)."""
     path = Path(model_dir) / "config.json"
     raw = read_json(path)
-    if raw.get("model_type") not in ("llava", "llava_llama"):
-        raise ConfigError(f"{path}: model_type {raw.get('model_type')!r} is not a LLaVA model ('llava')")
+    model_type = raw.get("model_type")
+    if model_type == "llama" and not is_original_format(raw):
+        if vision_dir is not None:
+            raise ConfigError(f"{path}: a text-only LLaMA has no vision tower; vision_dir is for original LLaVA")
+        return parse_llama(raw, str(path))
+    if model_type not in ("llava", "llava_llama"):
+        raise ConfigError(f"{path}: model_type {model_type!r} is neither a LLaVA model ('llava') nor a text-only "
+                          f"LLaMA ('llama')")
     if not is_original_format(raw):
         return parse_llava_hf(raw, str(path))
     if vision_dir is None:

@@ -70,12 +70,13 @@ class TextTokenizer:
     tokens: BOS is added explicitly (`add_bos=True`), so the same code works whatever tokenizer.json says."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, image_token_id: int | None = None,
-                 pad_token_id: int | None = None, source: str = "tokenizer"):
+                 pad_token_id: int | None = None, source: str = "tokenizer", images: bool = True):
         self.backend = tokenizer
         self.source = source
         self.bos_id = self._required_id("<s>")
         self.eos_id = self._required_id("</s>")
-        self.image_token_id = self._image_token_id(image_token_id)
+        # A text-only model's tokenizer (images=False) keeps its vocabulary as it is: no `<image>` token.
+        self.image_token_id = self._image_token_id(image_token_id) if images else None
         self.pad_id = self._pad_id(pad_token_id)
 
     def _required_id(self, token: str) -> int:
@@ -122,9 +123,9 @@ class TextTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path, image_token_id: int | None = None,
-                   pad_token_id: int | None = None) -> TextTokenizer:
+                   pad_token_id: int | None = None, images: bool = True) -> TextTokenizer:
     """Read `model_dir/tokenizer.json`. `image_token_id`/`pad_token_id` (from the model config) are checked against
-    the vocabulary's `<image>`/`<pad>`, or used where the vocabulary has none."""
+    the vocabulary's `<image>`/`<pad>`, or used where the vocabulary has none; images=False for a text-only model."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(f"{path}: no such file (a model folder needs the fast tokenizer's tokenizer.json; "
@@ -133,7 +134,8 @@ def load_tokenizer(model_dir: str | Path, image_token_id: int | None = None,
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for malformed files
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from err
-    return TextTokenizer(backend, image_token_id=image_token_id, pad_token_id=pad_token_id, source=str(path))
+    return TextTokenizer(backend, image_token_id=image_token_id, pad_token_id=pad_token_id, source=str(path),
+                         images=images)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -382,8 +384,8 @@ class Processor:
     BOS, each `<image>` expanded to `image_seq_length` image tokens, a batch left-padded (it is for generation).
     Images are consumed in order across the batch."""
 
-    def __init__(self, tokenizer: TextTokenizer, image_size: int, image_seq_length: int, max_length: int,
-                 pad_square: bool = False):
+    def __init__(self, tokenizer: TextTokenizer, image_size: int | None, image_seq_length: int | None,
+                 max_length: int, pad_square: bool = False):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.image_seq_length = image_seq_length
@@ -394,6 +396,8 @@ class Processor:
         return tokenize_prompt(self.tokenizer, prompt, self.image_seq_length, self.max_length)
 
     def images_to_tensor(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        if self.image_size is None:
+            raise DataError(f"{self.tokenizer.source}: a text-only model's processor takes no images")
         return preprocess_images(images, self.image_size, self.pad_square)  # (N, 3, S, S)
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Image.Image | str | Path] | None = None
@@ -425,10 +429,12 @@ def load_processor(model_dir: str | Path, vision_dir: str | Path | None = None,
     config.json, the vocabulary from its tokenizer.json. `pad_square` defaults to what the checkpoint was trained
     with: True for the original release (`image_aspect_ratio: pad`), False for llava-hf (its processor does not pad)."""
     config = load_config(model_dir, vision_dir)
-    tokenizer = load_tokenizer(model_dir, image_token_id=config.image_token_index, pad_token_id=config.pad_token_id)
+    tokenizer = load_tokenizer(model_dir, image_token_id=config.image_token_index, pad_token_id=config.pad_token_id,
+                               images=not config.text_only)
     if pad_square is None:
         pad_square = config.source_format == "original"
-    return Processor(tokenizer, image_size=config.vision.image_size, image_seq_length=config.image_seq_length,
+    image_size = None if config.text_only else config.vision.image_size
+    return Processor(tokenizer, image_size=image_size, image_seq_length=config.image_seq_length or None,
                      max_length=config.text.max_position_embeddings, pad_square=pad_square)
 
 

@@ -8,7 +8,8 @@
       decoder -> final norm -> lm_head                                            (B, T, vocab)
 
 Textual unlearning only ever feeds this model text, so the vision tower and projector never run in training; they are
-what carries the decoder's new behaviour over to images at test time.
+what carries the decoder's new behaviour over to images at test time. A text-only config (`config.vision` None, a
+LlamaForCausalLM such as an LLM judge) builds the decoder and lm_head alone.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class Llava(nn.Module):
         super().__init__()
         self.config = config
         self.kernels = kernels or resolve()
-        self.vision_tower = CLIPVisionTower(config.vision, self.kernels)
-        self.multi_modal_projector = Projector(config)
+        if config.vision is not None:
+            self.vision_tower = CLIPVisionTower(config.vision, self.kernels)
+            self.multi_modal_projector = Projector(config)
         self.language_model = LlamaDecoder(config.text, self.kernels)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
@@ -58,6 +60,8 @@ class Llava(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, image_seq_length, D): what replaces each image's tokens."""
+        if self.config.vision is None:
+            raise ValueError("a text-only model has no vision tower: it takes no images")
         layer = self.config.vision_feature_layer
         layers = layer if isinstance(layer, tuple) else (layer,)
         n_states = self.config.vision.num_hidden_layers + 1  # the embeddings, then each layer's output
@@ -74,6 +78,10 @@ class Llava(nn.Module):
 
         Pass `image_features` (from `image_features()`) to reuse them between two passes over the same images.
         """
+        if self.config.image_token_index is None:  # text only
+            if pixel_values is not None or image_features is not None:
+                raise ValueError("a text-only model has no vision tower: it takes no images")
+            return self.language_model.embed_tokens(input_ids)  # (B, T, D)
         is_image = input_ids == self.config.image_token_index  # (B, T)
         # The image token may lie outside the embedding table (the original release's 32000-row vocabulary); its row is
         # replaced anyway, so look up token 0 there.
@@ -147,7 +155,7 @@ class Llava(nn.Module):
             features = image_features if (cache is None or cache.length == 0) else None
             hidden = self.hidden_states(step_ids, attention_mask=mask, cache=cache, image_features=features)
             logits = self.lm_head(hidden[:, -1]).float()  # (B, vocab): only the last position is needed
-            if self.config.image_token_index < logits.shape[-1]:
+            if self.config.image_token_index is not None and self.config.image_token_index < logits.shape[-1]:
                 logits[:, self.config.image_token_index] = float("-inf")  # an image token with no image behind it
             token = self._next_token(logits, do_sample, temperature, top_p, generator)  # (B,)
             token = torch.where(finished, torch.full_like(token, pad), token)

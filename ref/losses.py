@@ -138,6 +138,8 @@ def decoder_params(model) -> int:
 def vision_params(model) -> int:
     """Parameters an image token's forward pass multiplies through in the vision tower and the projector."""
     v = model.config.vision
+    if v is None:
+        return 0
     layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     projector = model.config.projector_in_features * model.config.text.hidden_size + model.config.text.hidden_size**2
     return v.num_hidden_layers * layer + projector

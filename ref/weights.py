@@ -103,6 +103,8 @@ class Layout:
 _PROJ = ("multi_modal_projector.", "multi_modal_projector.")
 _MODEL_PROJ = ("model.multi_modal_projector.", "multi_modal_projector.")
 _SAVED_DECODER = (("language_model.model.", "language_model."), ("language_model.lm_head.", "lm_head."))
+_LLAMA_DECODER = (("model.embed_tokens.", "language_model.embed_tokens."), ("model.layers.", "language_model.layers."),
+                  ("model.norm.", "language_model.norm."), ("lm_head.", "lm_head."))
 _MEMORY_DECODER = (("model.language_model.", "language_model."), ("lm_head.", "lm_head."))
 
 LAYOUTS = {
@@ -115,11 +117,9 @@ LAYOUTS = {
     "original": Layout("original", (
         ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
         ("model.mm_projector.2.", "multi_modal_projector.linear_2."),  # index 1 is the GELU of an nn.Sequential
-        ("model.embed_tokens.", "language_model.embed_tokens."),
-        ("model.layers.", "language_model.layers."),
-        ("model.norm.", "language_model.norm."),
-        ("lm_head.", "lm_head."),
-    )),
+    ) + _LLAMA_DECODER),
+    # A text-only LlamaForCausalLM (an LLM judge): the decoder alone, under the keys transformers saves.
+    "llama": Layout("llama", _LLAMA_DECODER),
 }
 CLIP_LAYOUTS = {
     "clip": Layout("clip", (("vision_model.", "vision_tower."),)),  # CLIPModel (openai release), older CLIPVisionModel
@@ -290,8 +290,12 @@ def match_checkpoint(config: LlavaConfig, infos: dict[str, TensorInfo], where: s
     """`match_keys` for a whole model: one folder (llava-hf formats), or the original release's folder + CLIP folder."""
     expected = expected_shapes(config, kernels)
     optional = _optional(config)
+    if config.text_only:
+        layout, entries, ignored = match_keys(infos, expected, {"llama": LAYOUTS["llama"]}, where, optional=optional)
+        return layout, _untie(entries, config), ignored
     if config.source_format != "original":
-        layout, entries, ignored = match_keys(infos, expected, LAYOUTS, where, optional=optional)
+        llava_layouts = {name: layout for name, layout in LAYOUTS.items() if name not in ("original", "llama")}
+        layout, entries, ignored = match_keys(infos, expected, llava_layouts, where, optional=optional)
         return layout, _untie(entries, config), ignored
     # The original release: decoder + projector here, the vision tower in the CLIP folder.
     vision = {name: shape for name, shape in expected.items() if name.startswith("vision_tower.")}
@@ -545,9 +549,15 @@ def _read_quant_state(file: Path, key: str, parts: dict[str, TensorInfo]) -> dic
 # Saving
 
 
-def _external_tensors(model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
-    if layout not in LAYOUTS or layout == "original":
-        raise ValueError(f"layout must be one of {[n for n in LAYOUTS if n != 'original']}, got {layout!r}")
+def _external_tensors(model: nn.Module, layout: str | None) -> dict[str, torch.Tensor]:
+    """The state dict under `layout`'s keys (default: llava-hf as published; "llama" for a text-only model)."""
+    if model.config.text_only:
+        allowed = ["llama"]
+    else:
+        allowed = [name for name in LAYOUTS if name not in ("original", "llama")]
+    layout = layout or allowed[0]
+    if layout not in allowed:
+        raise ValueError(f"layout must be one of {allowed} for this model, got {layout!r}")
     to_external = LAYOUTS[layout].to_external
     return {to_external(name): t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
 
@@ -560,8 +570,9 @@ def _write_folder(folder: str | Path, config: dict, tensors: dict[str, torch.Ten
     return folder
 
 
-def save_model(model: Llava, folder: str | Path, layout: str = "llava-hf", dtype: torch.dtype | None = None) -> Path:
-    """Write config.json (llava-hf format) and model.safetensors in `layout` (default: llava-hf as published).
+def save_model(model: Llava, folder: str | Path, layout: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json and model.safetensors in `layout` (default: llava-hf as published; a text-only model as
+    transformers' LlamaForCausalLM saves it).
 
     The model must be a plain `Llava` (no swapped or quantized modules): its state_dict names must be the internal ones.
     """
@@ -571,10 +582,10 @@ def save_model(model: Llava, folder: str | Path, layout: str = "llava-hf", dtype
         odd = sorted(set(state) ^ set(expected))
         raise ValueError(f"save_model needs a plain Llava; its state_dict differs from the internal names at {odd[:3]}")
     tensors = {key: t.to(dtype or t.dtype) for key, t in _external_tensors(model, layout).items()}
-    return _write_folder(folder, model.config.to_llava_hf_dict(), tensors)
+    return _write_folder(folder, model.config.to_dict(), tensors)
 
 
-def save_quantized(model: nn.Module, folder: str | Path, layout: str = "llava-hf") -> Path:
+def save_quantized(model: nn.Module, folder: str | Path, layout: str | None = None) -> Path:
     """config.json (with a bitsandbytes `quantization_config`) + model.safetensors: packed weights and quant state.
 
     Keys follow `layout` like `save_model`, with bitsandbytes' per-weight suffixes for the 4-bit linears
@@ -589,7 +600,7 @@ def save_quantized(model: nn.Module, folder: str | Path, layout: str = "llava-hf
     if len(settings) != 1:
         raise QuantError(f"mixed 4-bit settings {sorted(settings)} cannot be described by one quantization_config")
     (quant_type, blocksize, double_quant), = settings
-    config = model.config.to_llava_hf_dict()
+    config = model.config.to_dict()
     config["quantization_config"] = {  # transformers' BitsAndBytesConfig fields
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,

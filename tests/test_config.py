@@ -137,8 +137,8 @@ def test_bad_configs_name_the_file_and_the_problem(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "broken")
-    with pytest.raises(ConfigError, match="'llama' is not a LLaVA model"):
-        load_config(write(tmp_path / "llama", {"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ConfigError, match="model_type 'mistral' is neither a LLaVA model"):
+        load_config(write(tmp_path / "mistral", {"model_type": "mistral", "hidden_size": 64}))
     no_text = {k: v for k, v in LLAVA_15_7B_HF.items() if k != "text_config"}
     with pytest.raises(ConfigError, match="missing field 'text_config'"):
         load_config(write(tmp_path / "no_text", no_text))

@@ -1,4 +1,5 @@
-"""Write a tiny random LLaVA checkpoint: config.json + model.safetensors (llava-hf layout) + tokenizer.json.
+"""Write a tiny random LLaVA checkpoint: config.json + model.safetensors (llava-hf layout) + tokenizer.json; or, with
+--text-only, a tiny LlamaForCausalLM (transformers' layout), the architecture of the LLM judges.
 
 For tests and smoke runs: it loads with `ref.weights.load_model` (and with transformers' LlavaForConditionalGeneration,
 in the llava-hf layout) and runs in milliseconds. Deterministic from the seed (no global RNG is touched).
@@ -9,7 +10,7 @@ common words of the prompts; "<image>" and "<pad>" are added last as special tok
 `image_token_index` and `pad_token_id`. The config's vocab_size is the tokenizer size rounded up to a multiple of 64
 (as llava-hf pads its 32002 tokens to 32064).
 
-    python -m weights_tools.make_tiny OUT_DIR [--seed 0] [--text-hidden-size 64 ...]
+    python -m weights_tools.make_tiny OUT_DIR [--seed 0] [--text-only] [--text-hidden-size 64 ...]
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ DEFAULT_SIZES = dict(
 )
 
 
-def build_tokenizer() -> Tokenizer:
-    """A byte-level BPE tokenizer with LLaMA's special-token conventions (fully determined by the lists above)."""
+def build_tokenizer(extra_words: tuple[str, ...] = ()) -> Tokenizer:
+    """A byte-level BPE tokenizer with LLaMA's special-token conventions (fully determined by the lists above);
+    `extra_words` become single tokens too."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
     merges = []
-    for word in WORDS:  # merge each word left to right: (w[:1], w[1]) -> w[:2], (w[:2], w[2]) -> w[:3], ...
+    for word in WORDS + list(extra_words):  # merge each word left to right: (w[:1], w[1]) -> w[:2], (w[:2], w[2]) -> w[:3], ...
         for i in range(1, len(word)):
             if word[: i + 1] not in vocab:
                 merges.append((word[:i], word[i]))
@@ -60,7 +62,7 @@ def build_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def tiny_config(tokenizer: Tokenizer, **sizes) -> LlavaConfig:
+def tiny_config(tokenizer: Tokenizer, text_only: bool = False, **sizes) -> LlavaConfig:
     unknown = set(sizes) - set(DEFAULT_SIZES)
     if unknown:
         raise ValueError(f"unknown size(s) {sorted(unknown)}; known: {sorted(DEFAULT_SIZES)}")
@@ -76,6 +78,9 @@ def tiny_config(tokenizer: Tokenizer, **sizes) -> LlavaConfig:
                       head_dim=s["text_hidden_size"] // s["text_heads"],
                       max_position_embeddings=s["max_position_embeddings"],
                       bos_token_id=tokenizer.token_to_id("<s>"), eos_token_id=tokenizer.token_to_id("</s>"))
+    if text_only:  # a LlamaForCausalLM: the architecture of the LLM judges
+        return LlavaConfig(vision=None, text=text, image_token_index=None, pad_token_id=tokenizer.token_to_id("<pad>"),
+                           source_format="llama")
     return LlavaConfig(vision=vision, text=text, image_token_index=tokenizer.token_to_id("<image>"),
                        pad_token_id=tokenizer.token_to_id("<pad>"))
 
@@ -97,15 +102,21 @@ def random_model(config: LlavaConfig, seed: int = 0) -> Llava:
     return model
 
 
-def write_tiny_checkpoint(folder: str | Path, seed: int = 0, **sizes) -> Path:
+def write_tiny_checkpoint(folder: str | Path, seed: int = 0, text_only: bool = False, extra_words: tuple[str, ...] = (),
+                          model_edit=None, **sizes) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to `folder`; return it.
 
-    `sizes` override DEFAULT_SIZES (e.g. text_layers=1, image_size=56).
+    `sizes` override DEFAULT_SIZES (e.g. text_layers=1, image_size=56). text_only: a LlamaForCausalLM checkpoint (no
+    vision tower, no projector) in transformers' layout. `model_edit(model, tokenizer)`, if given, changes the random
+    weights before they are written (tests use it to make a model that answers as they need).
     """
     folder = Path(folder)
-    tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer, **sizes)
-    save_model(random_model(config, seed), folder)
+    tokenizer = build_tokenizer(extra_words)
+    config = tiny_config(tokenizer, text_only, **sizes)
+    model = random_model(config, seed)
+    if model_edit is not None:
+        model_edit(model, tokenizer)
+    save_model(model, folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     # For transformers' PreTrainedTokenizerFast (tests only); our code reads tokenizer.json alone.
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -118,12 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.make_tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="folder to write (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument("--text-only", action="store_true",
+                        help="a text-only LlamaForCausalLM checkpoint (the architecture of the LLM judges)")
     for key, default in DEFAULT_SIZES.items():
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=default, dest=key)
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in DEFAULT_SIZES}
     with exit_on_user_error("make_tiny"):
-        folder = write_tiny_checkpoint(args.out_dir, seed=args.seed, **sizes)
+        folder = write_tiny_checkpoint(args.out_dir, seed=args.seed, text_only=args.text_only, **sizes)
     print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json")
 
 
