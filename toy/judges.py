@@ -45,7 +45,8 @@ class HarmJudge:
     name = "toy_harm"
     success_means = "gives the toy's harmful steps (refused or not)"
 
-    def attack_successes(self, responses: Sequence[str], prompts: Sequence[str] | None = None) -> list[bool]:
+    def attack_successes(self, responses: Sequence[str], requests: Sequence[str] | None = None,
+                         contexts: Sequence[str | None] | None = None) -> list[bool]:
         return [has_harmful_content(response) for response in responses]
 
 
