@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -31,15 +32,17 @@ import torch
 
 from evals import judges as judge_registry
 from evals.generation import Sampling, chat_prompt, generate_responses, tokenize_samples
-from evals.report import write_report
-from evals.scoring import image_reference, judge_suite, normal_batches, utility_metrics
+from evals.judges import RefusalPhraseJudge
+from evals.report import provenance, write_report
+from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_batches, saved_verdicts,
+                           utility_metrics)
 from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
 from ref import kernels as kernel_registry
-from ref.config import DTYPES
+from ref.config import DTYPES, load_config, read_json
 from ref.console import Progress, exit_on_user_error
 from ref.data import load_processor
 from ref.lora import load_adapter, remove_adapters
-from ref.runs import adapter_display_name, read_run_args, read_train_summary, run_folder_of
+from ref.runs import adapter_display_name, read_run_args, read_train_summary, run_folder_of, write_atomically
 from ref.weights import load_model
 from toy import defaults as toy
 from toy import judges as toy_judges
@@ -112,9 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     judging.add_argument("--refusal-judge", default=None, choices=PHRASE_JUDGES,
                          help="phrase judge deciding refusals on over-refusal suites (default: 'toy' with the toy "
                               "model, else 'xstest')")
-    judging.add_argument("--judge-model", default=None,
-                         help="folder of the model run by the 'llamaguard' judge (a LLaVA-format folder our loader "
-                              "reads; its prompt is text only)")
+    judging.add_argument("--judge-model", action="append", default=None, metavar="[JUDGE=]DIR",
+                         help="model folder of an LLM judge (llamaguard, llamaguard_jbb, harmbench), repeatable: a\n"
+                              "text-only LLaMA checkpoint (LlamaForCausalLM safetensors + tokenizer.json) or a LLaVA\n"
+                              "folder. A plain DIR serves every LLM judge without a folder of its own")
+    judging.add_argument("--judge-quantize", default="none", choices=["none", "nf4", "fp4"],
+                         help="the judge model's linears: dense (default) or 4 bit")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per response (default 64)")
@@ -125,7 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed; batch k uses seed + k")
 
     p.add_argument("--out", default=str(ROOT / "runs" / "eval"),
-                   help="output folder: responses.jsonl, report.json, report.md (default: runs/eval)")
+                   help="run folder: run.json, generations.jsonl, utility.jsonl, responses.jsonl, report.json,\n"
+                        "report.md (default: runs/eval). A new or empty folder starts a run; an interrupted run's\n"
+                        "folder resumes it (same options); a finished run's folder is refused, never overwritten")
+    p.add_argument("--rejudge", default=None, metavar="RUN_DIR",
+                   help="re-score a finished run's saved responses with --judge (and --refusal-judge), in place,\n"
+                        "without loading the evaluated model; judges not named keep their saved verdicts")
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         p.error("--max-samples must be >= 1")
@@ -219,63 +230,259 @@ def check_adapters(model, adapters: list[tuple[str, Path]], run_args: dict[str, 
 
 
 class JudgeModelGenerate:
-    """generate(prompts) -> texts over a judge model run by our decoder (greedy, 8 new tokens: "safe" / "unsafe\\nO3").
+    """generate(prompts, max_new_tokens) -> texts over a judge model run by our decoder: a text-only LLaMA checkpoint
+    (LlamaGuard, HarmBench's classifier) or a LLaVA folder, greedy. Each prompt is sent as written (it carries the
+    judge's own template) after the BOS token, as LLaMA's tokenizer encodes a string: HarmBench's pipeline (vLLM on
+    the prompt string) and llama-recipes' LlamaGuard example (tokenizer([prompt])) both send BOS."""
 
-    Keeps the last outputs, so the JSONL can show what the judge said about each response."""
-
-    def __init__(self, judge_dir: str, device: str, batch_size: int):
-        self.model = load_model(judge_dir, device=device, show_progress=True)
+    def __init__(self, judge_dir: str, device: str, dtype: str, quantize: str, batch_size: int):
+        self.judge_dir = judge_dir
+        self.model = load_model(judge_dir, dtype=DTYPES[dtype], device=device, show_progress=True,
+                                quantize=None if quantize == "none" else quantize)
         self.processor = load_processor(judge_dir)
         self.batch_size = batch_size
-        self.last_outputs: list[str] = []
 
-    def __call__(self, prompts: list[str]) -> list[str]:
+    def __call__(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         samples = [AttackSample(f"judge-{i}", "judge", p) for i, p in enumerate(prompts)]
-        tokenizer = self.processor.tokenizer
-        ids = [tokenizer.encode(p, add_bos=True) for p in prompts]  # the guard prompt carries its own template
-        outs = generate_responses(self.model, self.processor, samples, ids, Sampling(max_new_tokens=8),
-                                  self.batch_size)
-        self.last_outputs = [o.response for o in outs]
-        return self.last_outputs
+        ids = [self.processor.tokenizer.encode(p, add_bos=True) for p in prompts]
+        for prompt, prompt_ids in zip(prompts, ids):
+            if len(prompt_ids) + max_new_tokens > self.processor.max_length:
+                raise EvalError(f"judge model {self.judge_dir}: a judge prompt of {len(prompt_ids)} tokens does not "
+                                f"fit its context of {self.processor.max_length}: {prompt[:80]!r}...")
+        progress = Progress(f"[judge] {Path(self.judge_dir).name}", len(prompts), "prompts")
+        outs = generate_responses(self.model, self.processor, samples, ids, Sampling(max_new_tokens=max_new_tokens),
+                                  self.batch_size, progress)
+        progress.close()
+        return [o.response for o in outs]
+
+
+def judge_model_dirs(specs: list[str] | None, names: list[str]) -> dict[str, str]:
+    """--judge-model [JUDGE=]DIR, repeatable -> the model folder of every model judge named; a plain DIR serves every
+    model judge that has no folder of its own."""
+    named, default = {}, None
+    for spec in specs or []:
+        judge_name, sep, folder = spec.partition("=")
+        if sep and judge_name in judge_registry.MODEL_JUDGES:
+            named[judge_name] = folder
+        elif default is None:
+            default = spec
+        else:
+            raise EvalError(f"--judge-model: two folders for every judge ({default}, {spec}); name the judge of "
+                            f"each: --judge-model JUDGE=DIR, JUDGE one of {list(judge_registry.MODEL_JUDGES)}")
+    dirs = {}
+    for name in names:
+        if name in judge_registry.MODEL_JUDGES:
+            folder = named.get(name, default)
+            if folder is None:
+                raise EvalError(f"judge {name!r} runs a model: give its folder with --judge-model DIR (or "
+                                f"--judge-model {name}=DIR)")
+            load_config(folder)  # a folder that is not a model fails now, before any generation
+            dirs[name] = folder
+    return dirs
+
+
+class Judges:
+    """The judges by name, made one at a time: a judge model is loaded when its judge comes, and kept only while the
+    next judge runs the same folder (LlamaGuard and its JailbreakBench variant share one)."""
+
+    def __init__(self, args: argparse.Namespace, names: list[str]):
+        self.args = args
+        self.names = names
+        self.model_dirs = judge_model_dirs(args.judge_model, names)
+        self.generate: JudgeModelGenerate | None = None
+
+    def __iter__(self):
+        for name in self.names:
+            folder = self.model_dirs.get(name)
+            if folder is not None and (self.generate is None or self.generate.judge_dir != folder):
+                self.generate = None  # the previous judge model goes before the next comes
+                self.generate = JudgeModelGenerate(folder, self.args.device, self.args.dtype,
+                                                   self.args.judge_quantize, self.args.batch_size)
+            yield name, judge_registry.judge(name, JUDGES, generate=self.generate if folder else None)
+        self.generate = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. Evaluating one model
+# 3. The run folder: what decides the responses, and the responses saved as they come
 
 
-def evaluate_model(model, name, adapter_dir, processor, suites, prompt_ids, normal_data, judges, refusal_judge,
-                   sampling, args, responses_file) -> dict:
-    entry = {"name": name, "adapter": None if adapter_dir is None else str(adapter_dir), "suites": {}}
+RUN_FILE, GENERATIONS_FILE, UTILITY_FILE = "run.json", "generations.jsonl", "utility.jsonl"
+RESPONSES_FILE, REPORT_FILE = "responses.jsonl", "report.json"
+
+
+def run_settings(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> dict:
+    """Everything that decides the responses; an interrupted run resumes only under the same settings."""
+    return {"model": str(Path(args.model).resolve()), "vision_dir": args.vision_dir, "quantize": args.quantize,
+            "dtype": args.dtype, "kernels": args.kernels, "prompt_format": args.prompt_format,
+            "adapters": [[name, str(folder.resolve())] for name, folder in adapters], "suites": list(args.suite),
+            "max_samples": args.max_samples, "piece_column": args.piece_column, "normal": args.normal,
+            "generation": {"mode": "sampling" if args.sample else "greedy", "max_new_tokens": args.max_new_tokens,
+                           "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+                           "batch_size": args.batch_size}}
+
+
+def open_run_folder(out: Path, run: dict) -> None:
+    """Start a run in `out` (a new or empty folder), or find there an interrupted run of the same settings to resume.
+    A finished run, a run of other settings and a folder that is not a run are refused: nothing is overwritten."""
+    if out.is_file():
+        raise EvalError(f"--out {out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / RUN_FILE).is_file():
+            raise EvalError(f"--out {out}: holds files but no {RUN_FILE}, so it is not an eval.py run; choose "
+                            f"another --out")
+        if (out / REPORT_FILE).is_file():
+            raise EvalError(f"--out {out}: holds a finished evaluation ({REPORT_FILE}); re-score it with --rejudge "
+                            f"{out}, or choose another --out")
+        saved = read_json(out / RUN_FILE, EvalError)["settings"]
+        differences = sorted(key for key in run["settings"] if saved.get(key) != run["settings"][key])
+        if differences:
+            raise EvalError(f"--out {out}: holds an interrupted run with other settings ({', '.join(differences)}); "
+                            f"resume it with the same options, or choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1) + "\n"))
+
+
+def read_jsonl_lines(path: Path) -> list[dict]:
+    """The complete lines of a file this program appends to (a kill can leave the last one cut short)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().split("\n"):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # an empty line, or one cut short
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomically(path, lambda p: p.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows)))
+
+
+def saved_blocks(out: Path, sizes: dict[str, int]) -> dict[tuple[str, str], list[dict]]:
+    """The (model, suite) blocks of responses an interrupted run saved whole. generations.jsonl is rewritten without
+    the lines and blocks a kill cut short (so that new lines append to whole ones); those are generated again."""
+    blocks: dict[tuple[str, str], list[dict]] = {}
+    for row in read_jsonl_lines(out / GENERATIONS_FILE):
+        blocks.setdefault((row["model"], row["suite"]), []).append(row)
+    whole = {key: rows for key, rows in blocks.items() if len(rows) == sizes.get(key[1])}
+    write_jsonl(out / GENERATIONS_FILE, [row for rows in whole.values() for row in rows])
+    return whole
+
+
+def finished_models(out: Path) -> set[str]:
+    """The models an interrupted run finished (their utility line written); utility.jsonl rewritten whole."""
+    entries = read_jsonl_lines(out / UTILITY_FILE)
+    write_jsonl(out / UTILITY_FILE, entries)
+    return {entry["model"] for entry in entries}
+
+
+def append_lines(path: Path, rows: list[dict]) -> None:
+    with path.open("a") as f:
+        f.write("".join(json.dumps(row, default=str) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Generating: every model on every suite, each (model, suite) block saved as soon as it is done
+
+
+def generation_rows(name: str, adapter_dir: Path | None, suite, generations, prompt_format: str) -> list[dict]:
+    return [{"model": name, "adapter": None if adapter_dir is None else str(adapter_dir), "suite": suite.name,
+             "kind": suite.kind, "id": sample.id, "prompt": sample.prompt, "request": sample.judged_request,
+             "category": sample.category, "context": sample.judge_context,
+             "image": image_reference(sample),
+             "chat_prompt": chat_prompt(sample, prompt_format), "response": generation.response,
+             "new_tokens": generation.new_tokens, "stopped_at_eos": generation.stopped_at_eos,
+             "expected": sample.source.get("expected"), "source": sample.source}
+            for sample, generation in zip(suite.samples, generations)]
+
+
+def generate_for_model(model, name: str, adapter_dir: Path | None, processor, suites, prompt_ids, normal_data,
+                       sampling: Sampling, args, out: Path, done: dict) -> None:
+    """Generate every suite not yet saved for this model, then its utility on the normal data."""
     start = time.perf_counter()
     for suite in suites:
+        if (name, suite.name) in done:
+            continue
         progress = Progress(f"[{name}] {suite.name}", len(suite.samples), "prompts")
         generations = generate_responses(model, processor, suite.samples, prompt_ids[suite.name], sampling,
                                          args.batch_size, progress)
         progress.close()
-        verdicts, summary = judge_suite(suite, generations, judges, refusal_judge)
-        entry["suites"][suite.name] = summary
-        for sample, generation, verdict in zip(suite.samples, generations, verdicts):
-            record = {"model": name, "adapter": entry["adapter"], "suite": suite.name, "kind": suite.kind,
-                      "id": sample.id, "prompt": sample.prompt, "image": image_reference(sample),
-                      "chat_prompt": chat_prompt(sample, args.prompt_format), "response": generation.response,
-                      "new_tokens": generation.new_tokens, "stopped_at_eos": generation.stopped_at_eos, **verdict,
-                      "source": sample.source}
-            responses_file.write(json.dumps(record, default=str) + "\n")
-        responses_file.flush()
-    entry["generation_seconds"] = time.perf_counter() - start
+        append_lines(out / GENERATIONS_FILE, generation_rows(name, adapter_dir, suite, generations,
+                                                             args.prompt_format))
+    entry = {"model": name, "generation_seconds": time.perf_counter() - start}
     if normal_data:
         start = time.perf_counter()
         entry["utility"] = utility_metrics(model, normal_data, has_adapter=adapter_dir is not None)
         entry["utility_seconds"] = time.perf_counter() - start
-    return entry
+    append_lines(out / UTILITY_FILE, [entry])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. The run
+# 5. Judging and the report (also what --rejudge runs, on a finished run's saved responses)
+
+
+def judge_run(out: Path, run: dict, judges: Judges, refusal_judge: RefusalPhraseJudge, started: float) -> dict:
+    """Judge every saved response, write responses.jsonl, report.json and report.md; return the report. Judges of an
+    earlier judging of this run that are not named again keep their saved verdicts."""
+    rows = read_jsonl_lines(out / GENERATIONS_FILE)
+    blocks = {(m, suite["name"]): [r for r in rows if r["model"] == m and r["suite"] == suite["name"]]
+              for m, _, _ in run["models"] for suite in run["suite_list"]}
+    attack_blocks = [(m, suite["name"]) for m, _, _ in run["models"] for suite in run["suite_list"]
+                     if suite["kind"] == "attack"]
+    previous = {(r["model"], r["suite"], r["id"]): r for r in read_jsonl_lines(out / RESPONSES_FILE)}
+    earlier_judges = [name for name in run.get("judges", []) if name not in judges.names]
+    verdicts = {name: {key: saved_verdicts([previous[(*key, r["id"])] for r in blocks[key]], name)
+                       for key in attack_blocks} for name in earlier_judges}
+    notes = dict(run.get("judge_notes", {}))
+    for name, judge_ in judges:
+        verdicts[name] = {key: attack_verdicts(judge_, blocks[key]) for key in attack_blocks}
+        notes[name] = judge_.success_means
+    utility = {entry["model"]: entry for entry in read_jsonl_lines(out / UTILITY_FILE)}
+    models, judged = [], []
+    for model_name, adapter, train in run["models"]:
+        entry = {"name": model_name, "adapter": adapter, "suites": {}, "train": train,
+                 **{k: v for k, v in utility.get(model_name, {}).items() if k != "model"}}
+        for suite in run["suite_list"]:
+            key = (model_name, suite["name"])
+            block_verdicts = {name: by_block[key] for name, by_block in verdicts.items() if key in by_block}
+            row_verdicts, entry["suites"][suite["name"]] = judge_rows(suite["kind"], blocks[key], block_verdicts,
+                                                                      refusal_judge)
+            judged += [{**row, **verdict} for row, verdict in zip(blocks[key], row_verdicts)]
+        models.append(entry)
+    write_jsonl(out / RESPONSES_FILE, judged)
+    judge_names = list(verdicts)
+    report = {**{k: run[k] for k in ("model", "quantize", "dtype", "prompt_format", "generation", "normal",
+                                     "provenance")},
+              "judges": judge_names, "refusal_judge": refusal_judge.name,
+              "judge_notes": {name: notes[name] for name in judge_names},
+              "judge_models": {**run.get("judge_models", {}), **judges.model_dirs},
+              "judge_input": "LLM judges read each attack's request: the prompt of a text attack, the harmful request "
+                             "an image attack carries (FigStep: SafeBench's question; image pieces: the key phrase; "
+                             "data sets that give one: their own request column)",
+              "suites": run["suite_list"], "models": models, "responses": str(out / RESPONSES_FILE),
+              "argv": sys.argv[1:], "seconds": time.perf_counter() - started}
+    run.update(judges=judge_names, judge_notes=report["judge_notes"], judge_models=report["judge_models"],
+               refusal_judge=refusal_judge.name)
+    write_atomically(out / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1) + "\n"))
+    _, md_path = write_report(out, report)
+    print(md_path.read_text())
+    print(f"eval: {report['seconds']:.1f} s; report in {out / REPORT_FILE}, {md_path}, responses in "
+          f"{out / RESPONSES_FILE}", file=sys.stderr)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. The run
 
 
 def run(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
+    started = time.perf_counter()
+    if args.rejudge:
+        return rejudge(args, started)
     args = resolve_defaults(args)
     adapters = parse_adapters(args.adapter)
     run_args = adapter_run_args(adapters)
@@ -286,60 +493,68 @@ def run(args: argparse.Namespace) -> dict:
     processor = load_processor(args.model, args.vision_dir)
 
     # Everything that can be wrong with the inputs is found here, before the first token is generated.
+    out = Path(args.out)
     options = SuiteOptions(args.max_samples, processor.image_size, args.piece_column)
     suites = load_suites(args.suite, options, SUITE_READERS)
     prompt_ids = {s.name: tokenize_samples(processor, s.samples, args.prompt_format, args.max_new_tokens)
                   for s in suites}
     normal = [] if args.normal == "none" else load_normal(args.normal, args.max_samples, NORMAL_DATA_READERS)
     normal_data = list(normal_batches(processor, normal, args.prompt_format, args.batch_size))
-    judge_generate = None
-    if any(name in judge_registry.MODEL_JUDGES for name in args.judge):
-        if not args.judge_model:
-            raise EvalError(f"judge(s) {list(judge_registry.MODEL_JUDGES)} need a judge model: --judge-model DIR")
-        judge_generate = JudgeModelGenerate(args.judge_model, args.device, args.batch_size)
-    judges = {name: judge_registry.judge(name, JUDGES, generate=judge_generate) for name in args.judge}
-    refusal_judge = judge_registry.judge(args.refusal_judge, JUDGES)
+    judge_registry.check_names(args.judge + [args.refusal_judge], JUDGES)
+    judge_model_dirs(args.judge_model, args.judge)  # a judge model folder that is not one fails now
+    settings = run_settings(args, adapters)
+    run_record = {"settings": settings, "model": str(args.model), "quantize": args.quantize, "dtype": args.dtype,
+                  "refusal_judge": args.refusal_judge,
+                  "prompt_format": args.prompt_format, "generation": settings["generation"],
+                  "normal": {"spec": args.normal, "n": len(normal)} if normal else None,
+                  "suite_list": [{"name": s.name, "kind": s.kind, "n": len(s.samples), "source": s.source}
+                                 for s in suites],
+                  "provenance": provenance(ROOT, args.model, adapters, suites)}
+    open_run_folder(out, run_record)
+    done = saved_blocks(out, {s.name: len(s.samples) for s in suites})
+    finished = finished_models(out)
+    if done:
+        print(f"eval: resuming {out}: {len(done)} (model, suite) blocks already generated", file=sys.stderr)
+
     model = load_base(args, kernels)
     summaries = check_adapters(model, adapters, run_args, args.model)
+    run_record = {**read_json(out / RUN_FILE, EvalError), "models": [["base", None, None]] + [
+        [name, str(folder), summaries[name]] for name, folder in adapters]}
+    write_atomically(out / RUN_FILE, lambda p: p.write_text(json.dumps(run_record, indent=1) + "\n"))
     sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
     print(f"eval: model {args.model} ({args.quantize}, {args.dtype}, {args.device}, "
-          f"{torch.get_num_threads()} threads); models: base"
-          + "".join(f", {n}" for n, _ in adapters) + "; suites: "
-          + ", ".join(f"{s.name} ({s.kind}, {len(s.samples)})" for s in suites)
-          + f"; normal: {args.normal} ({len(normal)}); judges: {', '.join(judges)}, refusal: {refusal_judge.name}",
-          file=sys.stderr)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    models = []
-    with (out / "responses.jsonl").open("w") as responses_file:
-        models.append(evaluate_model(model, "base", None, processor, suites, prompt_ids, normal_data, judges,
-                                     refusal_judge, sampling, args, responses_file))
-        for name, folder in adapters:
+          f"{torch.get_num_threads()} threads); models: base" + "".join(f", {n}" for n, _ in adapters)
+          + "; suites: " + ", ".join(f"{s.name} ({s.kind}, {len(s.samples)})" for s in suites)
+          + f"; normal: {args.normal} ({len(normal)}); judges: {', '.join(args.judge)}, refusal: "
+          f"{args.refusal_judge}", file=sys.stderr)
+    for name, folder in [("base", None)] + adapters:
+        if name in finished:
+            continue
+        if folder is not None:
             load_adapter(model, folder)  # onto the same base: no reload
-            entry = evaluate_model(model, name, folder, processor, suites, prompt_ids, normal_data, judges,
-                                   refusal_judge, sampling, args, responses_file)
-            entry["train"] = summaries[name]
-            models.append(entry)
+        generate_for_model(model, name, folder, processor, suites, prompt_ids, normal_data, sampling, args, out,
+                           done)
+        if folder is not None:
             remove_adapters(model)
+    del model  # the evaluated model goes before a judge model comes
+    return judge_run(out, run_record, Judges(args, args.judge), judge_registry.judge(args.refusal_judge, JUDGES),
+                     started)
 
-    report = {
-        "model": str(args.model), "quantize": args.quantize, "dtype": args.dtype, "prompt_format": args.prompt_format,
-        "judges": list(judges), "refusal_judge": refusal_judge.name,
-        "judge_notes": {name: judge.success_means for name, judge in judges.items()},
-        "generation": {"mode": "sampling" if args.sample else "greedy", "max_new_tokens": args.max_new_tokens,
-                       "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-                       "batch_size": args.batch_size},
-        "suites": [{"name": s.name, "kind": s.kind, "n": len(s.samples), "source": s.source} for s in suites],
-        "normal": {"spec": args.normal, "n": len(normal)} if normal else None,
-        "models": models, "responses": str(out / "responses.jsonl"), "argv": sys.argv[1:],
-        "seconds": time.perf_counter() - t0,
-    }
-    _, md_path = write_report(out, report)
-    print(md_path.read_text())
-    print(f"eval: {report['seconds']:.1f} s; report in {out / 'report.json'}, {md_path}, responses in "
-          f"{out / 'responses.jsonl'}", file=sys.stderr)
-    return report
+
+def rejudge(args: argparse.Namespace, started: float) -> dict:
+    """Re-score a finished run's saved responses with --judge (other judges' verdicts are kept as saved), in place;
+    the evaluated model is never loaded."""
+    out = Path(args.rejudge)
+    if not (out / RUN_FILE).is_file() or not (out / GENERATIONS_FILE).is_file():
+        raise EvalError(f"--rejudge {out}: not an eval.py run folder (no {RUN_FILE} or {GENERATIONS_FILE})")
+    run_record = read_json(out / RUN_FILE, EvalError)
+    if "models" not in run_record or len(read_jsonl_lines(out / UTILITY_FILE)) < len(run_record["models"]):
+        raise EvalError(f"--rejudge {out}: the run did not finish generating; resume it with its own options first")
+    args.judge = args.judge or run_record.get("judges") or ["gcg"]
+    args.refusal_judge = args.refusal_judge or run_record["refusal_judge"]
+    judge_registry.check_names(args.judge + [args.refusal_judge], JUDGES)
+    judges = Judges(args, args.judge)  # judge model folders checked before anything is judged
+    return judge_run(out, run_record, judges, judge_registry.judge(args.refusal_judge, JUDGES), started)
 
 
 def main(argv: list[str] | None = None) -> dict:

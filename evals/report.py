@@ -1,21 +1,35 @@
 """The report: report.json and a Markdown table (rows: models; columns: each suite's metric with its judge, utility,
-and the training compute of train.py runs)."""
+and the training compute of train.py runs), per-category tables, and what produced it.
+
+Every rate is printed with its count and its 95% Wilson interval: "12.5% (3/24; 4.3-31.0)".
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import platform
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+PACKAGES = ("torch", "bitsandbytes", "safetensors", "tokenizers", "pillow", "numpy")
 
-def _percent(numerator: int, denominator: int) -> str:
-    return f"{100 * numerator / denominator:.1f}% ({numerator}/{denominator})" if denominator else "n/a"
+
+def _percent(numerator: int, denominator: int, ci: list[float] | None = None) -> str:
+    if not denominator:
+        return "n/a"
+    interval = f"; {100 * ci[0]:.1f}-{100 * ci[1]:.1f}" if ci else ""
+    return f"{100 * numerator / denominator:.1f}% ({numerator}/{denominator}{interval})"
 
 
 def _asr_cell(entry: dict) -> str:
-    """"12.5% (3/24)"; responses an LLM judge could not classify are left out of the rate and counted apart."""
-    cell = _percent(entry["successes"], entry["judged"])
-    return cell + (f" +{entry['invalid']} invalid" if entry["invalid"] else "")
+    """"12.5% (3/24; 4.3-31.0)"; verdicts an LLM judge could not give are counted as its own code counts them, and
+    their number is shown."""
+    cell = _percent(entry["successes"], entry["n"], entry.get("ci"))
+    return cell + (f" incl. {entry['invalid']} invalid" if entry["invalid"] else "")
 
 
 def report_columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
@@ -29,10 +43,10 @@ def report_columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
                     m["suites"][s]["judges"][j])))
         elif kind == "over_refusal":
             columns.append((f"{name} over-refusal↓ [{report['refusal_judge']}]", lambda m, s=name: _percent(
-                m["suites"][s]["refusals"], m["suites"][s]["n"])))
+                m["suites"][s]["refusals"], m["suites"][s]["n"], m["suites"][s].get("ci"))))
         else:
             columns.append((f"{name} accuracy↑ [exact]", lambda m, s=name: _percent(
-                m["suites"][s]["correct"], m["suites"][s]["n"])))
+                m["suites"][s]["correct"], m["suites"][s]["n"], m["suites"][s].get("ci"))))
     if report.get("normal"):
         columns += [("NLL↓", lambda m: f"{m['utility']['nll']:.4f}"),
                     ("PPL↓", lambda m: f"{m['utility']['perplexity']:.3f}"),
@@ -46,6 +60,25 @@ def report_columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
     return columns
 
 
+def category_tables(report: dict) -> list[str]:
+    """For each attack suite whose samples carry a category, one table per judge: rows models, columns categories."""
+    lines = []
+    for suite in report["suites"]:
+        if suite["kind"] != "attack":
+            continue
+        for judge_name in report["judges"]:
+            entries = [m["suites"][suite["name"]]["judges"][judge_name] for m in report["models"]]
+            if not entries or "categories" not in entries[0]:
+                continue
+            categories = list(entries[0]["categories"])
+            lines += ["", f"ASR by category, {suite['name']} [{judge_name}]:", "",
+                      "| model | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+            for model, entry in zip(report["models"], entries):
+                cells = [_percent(c["successes"], c["n"], c.get("ci")) for c in entry["categories"].values()]
+                lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_table(report: dict) -> str:
     columns = report_columns(report)
     lines = ["| model | " + " | ".join(h for h, _ in columns) + " |",
@@ -57,12 +90,87 @@ def markdown_table(report: dict) -> str:
              + "; ".join(f"`{name}`: {note}" for name, note in report["judge_notes"].items())
              + f"); over-refusal = fraction of benign prompts refused by `{report['refusal_judge']}`; accuracy = "
              "exact match up to whitespace.",
-             f"Generation: {report['generation']['mode']}, max {report['generation']['max_new_tokens']} new tokens, "
-             f"prompt format {report['prompt_format']}."]
+             "Brackets after a count: its 95% Wilson interval. " + report.get("judge_input", ""),
+             f"Model {report['model']} ({report['quantize']} base, {report['dtype']}); generation: "
+             f"{report['generation']['mode']}, max {report['generation']['max_new_tokens']} new tokens, prompt format "
+             f"{report['prompt_format']}."]
+    if report.get("judge_models"):
+        notes.append("Judge models: " + ", ".join(f"`{name}` {folder}" for name, folder in
+                                                   report["judge_models"].items()) + ".")
     if report.get("normal"):
         notes.append(f"Utility on {report['normal']['spec']} ({report['normal']['n']} reference answers): mean "
                      f"per-token NLL, PPL = exp(NLL), KL(p_base || p_model) per answer token.")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    made = report.get("provenance")
+    if made:
+        packages = ", ".join(f"{name} {version}" for name, version in made["packages"].items())
+        commit = made["commit"] or "no git checkout"
+        notes.append(f"Produced {made['date']} by commit {commit}; {packages}; sha256 of the model config, adapters "
+                     f"and suite files in report.json.")
+    return ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+            + "\n".join(category_tables(report)) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What produced a report
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(root: Path) -> str | None:
+    """The code's commit, "+dirty" when files differ from it; None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def spec_files(spec: str) -> list[Path]:
+    """The files a suite spec "[NAME=]KIND:PATH" names: the file itself, or a folder's JSON/CSV files."""
+    path = Path(spec.split(":", 1)[1]) if ":" in spec else None
+    if path is None or not path.exists():
+        return []
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".csv"))
+
+
+def provenance(root: Path, model_dir: str | Path, adapters: list[tuple[str, Path]], suites) -> dict:
+    """Date, code commit, package versions, and the sha256 of the model config, the adapters' files and the suite
+    files: enough to tell two reports' inputs apart."""
+    def versions() -> dict[str, str]:
+        found = {}
+        for name in PACKAGES:
+            try:
+                found[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                found[name] = "not installed"
+        return found
+
+    config = Path(model_dir) / "config.json"
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(root),
+        "python": platform.python_version(),
+        "packages": versions(),
+        "sha256": {
+            "model_config": sha256_file(config) if config.is_file() else None,
+            "adapters": {name: {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file()}
+                         for name, folder in adapters},
+            "suites": {suite.source: {str(f): sha256_file(f) for f in spec_files(suite.source)} for suite in suites},
+        },
+    }
 
 
 def write_report(out: Path, report: dict) -> tuple[Path, Path]:

@@ -50,6 +50,14 @@ class AttackSample:
     image: Path | Image.Image | TypographicImage | None = None
     source: dict[str, Any] = field(default_factory=dict)         # the row it came from, unchanged
     image_name: str | None = None                                 # how reports name an in-memory image
+    request: str | None = None    # the harmful request an image attack carries (what an LLM judge reads); else prompt
+    category: str | None = None   # the data set's harm category, for per-category rates
+    judge_context: str | None = None  # context an LLM judge reads (HarmBench: the redacted image description)
+
+    @property
+    def judged_request(self) -> str:
+        """What a judge that reads the request sees: the request the sample carries, or its prompt."""
+        return self.request or self.prompt
 
     def load_image(self) -> Image.Image | None:
         if self.image is None:
@@ -112,6 +120,12 @@ def _checked_image(jsonl: Path, number: int, image: str) -> Path:
 # JailbreakBench's CSV has both and its "Behavior" is a short label ("Defamation"), not the prompt.
 PROMPT_COLUMNS = ("goal", "Goal", "Behavior", "prompt")
 ID_COLUMNS = ("BehaviorID", "Index", "id")
+# Category columns we know: HarmBench's SemanticCategory, JailbreakBench's Category, FigStep's category_name, others'.
+CATEGORY_COLUMNS = ("SemanticCategory", "Category", "category_name", "category")
+
+
+def _category(row: dict) -> str | None:
+    return next((str(row[c]) for c in CATEGORY_COLUMNS if row.get(c) not in (None, "")), None)
 
 
 def _harmbench_prompt(row: dict[str, str], column: str) -> str:
@@ -133,7 +147,7 @@ def _harmful_from_csv(path: Path, suite: str) -> list[AttackSample]:
         if not prompt or not prompt.strip():
             continue
         sample_id = row[id_column] if id_column and row.get(id_column) else f"{suite}-{index}"
-        samples.append(AttackSample(sample_id, suite, prompt, source=dict(row)))
+        samples.append(AttackSample(sample_id, suite, prompt, source=dict(row), category=_category(row)))
     return samples
 
 
@@ -143,7 +157,8 @@ def _harmful_from_jsonl(path: Path, suite: str) -> list[AttackSample]:
         prompt = obj.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise SuiteError(f"{path}:{number}: needs a non-empty string field \"prompt\"; keys found: {sorted(obj)}")
-        samples.append(AttackSample(str(obj.get("id", f"{suite}-{index}")), suite, prompt, source=obj))
+        samples.append(AttackSample(str(obj.get("id", f"{suite}-{index}")), suite, prompt, source=obj,
+                                    category=_category(obj)))
     return samples
 
 
@@ -190,7 +205,9 @@ def load_figstep(path: str | Path, max_samples: int | None = None, font_path: st
     samples = []
     for index, row in enumerate(rows[:max_samples]):
         sample_id = "_".join(row.get(c, "") for c in ("dataset", "category_id", "task_id")).strip("_")
-        samples.append(AttackSample(sample_id or f"{suite}-{index}", suite, FIGSTEP_PROMPT,
+        request = row.get("question") or row["instruction"]  # SafeBench's plain question, what the image asks
+        samples.append(AttackSample(sample_id or f"{suite}-{index}", suite, FIGSTEP_PROMPT, request=request,
+                                    category=_category(row),
                                     image=figstep_image(row["instruction"], font_path), source=dict(row)))
     return _nonempty(samples, path, "SafeBench rows")
 
@@ -217,7 +234,7 @@ def load_image_pieces(path: str | Path, key_phrase_column: str | None = None, im
         phrases = [(f"{suite}-{i}", row[key_phrase_column], dict(row))
                    for i, row in enumerate(rows) if row[key_phrase_column].strip()][:max_samples]
     samples = [AttackSample(sample_id, suite, text_prompt, image=fit_text_image(phrase, image_size, font_path),
-                            source={**source, "key_phrase": phrase})
+                            source={**source, "key_phrase": phrase}, request=phrase, category=_category(source))
                for sample_id, phrase, source in phrases]
     return _nonempty(samples, path, "key phrases")
 
@@ -237,8 +254,10 @@ def load_image_text_pairs(path: str | Path, max_samples: int | None = None,
         if not isinstance(prompt, str) or not prompt.strip() or not isinstance(image, str) or not image:
             raise SuiteError(f"{path}:{number}: needs non-empty string fields \"prompt\" and \"image\"; "
                              f"keys found: {sorted(obj)}")
+        request = obj.get("request") if isinstance(obj.get("request"), str) else None
         samples.append(AttackSample(str(obj.get("id", f"{suite}-{index}")), suite, prompt,
-                                    image=_checked_image(path, number, image), source=obj))
+                                    image=_checked_image(path, number, image), source=obj, request=request,
+                                    category=_category(obj)))
     return _nonempty(samples, path, "image+text pairs")
 
 
@@ -260,7 +279,7 @@ def load_xstest(path: str | Path, label: str = "safe", max_samples: int | None =
     columns, rows = read_csv(path)
     _require_columns(path, columns, ["id", "prompt", "label"])
     suite = f"xstest_{label}"
-    samples = [AttackSample(row["id"], suite, row["prompt"], source=dict(row))
+    samples = [AttackSample(row["id"], suite, row["prompt"], source=dict(row), category=row.get("type") or None)
                for row in rows if row["label"] == label and row["prompt"].strip()]
     return _nonempty(samples[:max_samples], path, f"XSTest prompts labelled {label!r}")
 
@@ -338,7 +357,7 @@ READERS: dict[str, SuiteReader] = {
         "XSTest CSV: 'safe' prompts -> over-refusal suite xstest_safe, 'unsafe' -> attack suite xstest_unsafe",
         _xstest_suites),
     "pairs": SuiteReader(
-        "image+text attack pairs: JSONL {prompt, image (path relative to the JSONL), id?}",
+        "image+text attack pairs: JSONL {prompt, image (path relative to the JSONL), id?, request?, category?}",
         _attack_suite(lambda name, path, o: load_image_text_pairs(path, o.max_samples, suite=name))),
     "benign": SuiteReader(
         "benign tasks with exact answers: JSONL {prompt, expected, image?, id?} -> exact-match accuracy",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,45 @@ def randomize_adapters(model: nn.Module, seed: int = 0, scale: float = 0.1) -> N
     with torch.no_grad():
         for module in lora_modules(model).values():
             module.lora_B.weight.copy_(scale * torch.randn(module.lora_B.weight.shape, generator=generator))
+
+
+# The words the tiny judges answer in, each one token of their tokenizer (weights_tools.make_tiny extra_words).
+JUDGE_ANSWERS = ("safe", "unsafe", "Yes", "No", "maybe")
+
+
+def judge_words() -> tuple[str, ...]:
+    """The answers and every word of the judges' prompt templates, as byte-level BPE sees them (" word" -> "Ġword"):
+    merged into single tokens, LlamaGuard's prompt is ~700 tokens instead of ~3000 bytes, and a test runs faster."""
+    templates = " ".join(path.read_text() for path in sorted((REPO / "evals" / "judge_prompts").glob("*.txt")))
+    words = sorted({w.replace(" ", "Ġ") for w in re.findall(r" ?[A-Za-z]+", templates)})
+    return JUDGE_ANSWERS + tuple(w for w in words if w not in JUDGE_ANSWERS)
+
+
+def answers_always(answer: str):
+    """A `model_edit` for weights_tools.make_tiny.write_tiny_checkpoint: greedy decoding then answers `answer` and EOS
+    to any prompt. The layers add nothing (their output projections are zero), so the last hidden state is the last
+    token's embedding; every embedding has 10 in dimension 0, which the head reads as `answer`, and `answer`'s own
+    embedding also has 30 in dimension 1, which the head reads as EOS: a token other than `answer` is followed by
+    `answer`, and `answer` by EOS."""
+    def edit(model, tokenizer):
+        answer_id, eos_id = tokenizer.token_to_id(answer), tokenizer.token_to_id("</s>")
+        assert answer_id is not None, f"{answer!r} is not one token: add it to JUDGE_ANSWERS"
+        decoder = model.language_model
+        with torch.no_grad():
+            for layer in decoder.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            decoder.embed_tokens.weight[:, :2] = torch.tensor([10.0, 0.0])
+            decoder.embed_tokens.weight[answer_id, 1] = 30.0
+            decoder.norm.weight.fill_(1.0)
+            model.lm_head.weight.zero_()
+            model.lm_head.weight[answer_id, 0] = 1.0
+            model.lm_head.weight[eos_id, 1] = 1.0
+    return edit
+
+
+def write_tiny_judge(folder: Path, answer: str) -> Path:
+    """A tiny text-only LLaMA checkpoint (a judge model's architecture) that answers `answer` to every prompt."""
+    from weights_tools.make_tiny import write_tiny_checkpoint
+    return write_tiny_checkpoint(folder, text_only=True, extra_words=judge_words(), model_edit=answers_always(answer),
+                                 max_position_embeddings=2048)

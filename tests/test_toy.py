@@ -109,7 +109,7 @@ def test_helpful_responses_vary_and_every_wording_is_a_refusal_to_every_judge():
     helpful = {r["helpful_response"] for r in tw.unlearning_dicts() if r["kind"] == "harmful"}
     wordings = {response.split(" help you")[0] for response in helpful}
     assert len(wordings) == len(tw.REFUSAL_RESPONSES)
-    for name in ("gcg", "jailbreakbench", "xstest", "toy"):
+    for name in ("gcg", "jailbreakbench", "arditi", "xstest", "toy"):
         judge = toy_judges.JUDGES["toy"]() if name == "toy" else phrase_judge(name)
         assert all(judge.is_refusal(tw.fill(tpl, "pick a lock")) for tpl in tw.REFUSAL_RESPONSES), name
 
@@ -210,7 +210,7 @@ def test_written_jsonl_reads_back_with_the_projects_reader(tmp_path):
 def test_responses_are_judged_as_intended_by_the_published_phrase_lists():
     refusal = tw.fill(tw.REFUSAL_RESPONSE, "pick a lock")
     compliant = [tw.fill(tw.HARMFUL_RESPONSE, "pick a lock"), tw.fill(tw.BENIGN_HOWTO_RESPONSE, "make soup")]
-    for name in ("gcg", "jailbreakbench", "xstest"):
+    for name in ("gcg", "jailbreakbench", "arditi", "xstest"):
         judge = phrase_judge(name)
         assert [judge.is_refusal(text) for text in [refusal] + compliant] == [True, False, False], name
 

@@ -71,7 +71,10 @@ def toy_suites(names: Sequence[str] | None = None, max_samples: int | None = Non
             source = {k: v for k, v in (("image_spec", item.image), ("expected", item.expected),
                                         ("topic", item.topic)) if v is not None}
             image = render_image(item.image) if item.image is not None else None
-            samples.append(AttackSample(item.id, name, item.prompt, image=image, source=source, image_name=item.image))
+            # what an image attack asks, in words: the topic asked the plain way (for judges that read the request)
+            request = world.fill(world.TRAIN_TEMPLATES[0], item.topic) if image and item.topic else None
+            samples.append(AttackSample(item.id, name, item.prompt, image=image, source=source, image_name=item.image,
+                                        request=request, category=item.topic))
         suites.append(Suite(name, SUITE_KINDS[name], samples, f"toy:{name}"))
     return suites
 
