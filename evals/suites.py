@@ -20,6 +20,7 @@ A sample's `image` is a `Path`, a PIL image, or an `evals.typographic.Typographi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -78,12 +79,12 @@ class Suite:
     source: str  # the spec it was read from ("text:data/advbench.csv", "toy:text_attacks")
 
 
-def _check_max_samples(max_samples: int | None) -> None:
+def check_max_samples(max_samples: int | None) -> None:
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise SuiteError(f"max_samples must be a positive integer or None, got {max_samples!r}")
 
 
-def _nonempty(samples: list, path: Path, what: str) -> list:
+def nonempty(samples: list, path: Path, what: str) -> list:
     if not samples:
         raise SuiteError(f"{path}: no {what} found (empty suite)")
     return samples
@@ -116,53 +117,97 @@ def _checked_image(jsonl: Path, number: int, image: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # Text-only harmful prompts
 
-# Prompt columns we know, in the order we look for them. "goal"/"Goal" come before "Behavior" because
-# JailbreakBench's CSV has both and its "Behavior" is a short label ("Defamation"), not the prompt.
-PROMPT_COLUMNS = ("goal", "Goal", "Behavior", "prompt")
-ID_COLUMNS = ("BehaviorID", "Index", "id")
-# Category columns we know: HarmBench's SemanticCategory, JailbreakBench's Category, FigStep's category_name, others'.
-CATEGORY_COLUMNS = ("SemanticCategory", "Category", "category_name", "category")
+# The prompt columns of the field's published harmful-prompt sets, in the order we look for them: AdvBench "goal",
+# JailbreakBench "Goal" (before "Behavior": JailbreakBench's is a short label, "Defamation"), HarmBench "Behavior",
+# SimpleSafetyTests "prompt", StrongREJECT "forbidden_prompt", Do-Not-Answer and JailbreakV's RedTeam-2K "question",
+# HEx-PHI exports "instruction", SORRY-Bench "turns" (a list: its first turn). `prompt_column=` overrides them.
+PROMPT_COLUMNS = ("goal", "Goal", "Behavior", "prompt", "forbidden_prompt", "question", "Question", "instruction",
+                  "turns")
+ID_COLUMNS = ("BehaviorID", "Index", "id", "question_id")
+# Category columns we know: HarmBench's SemanticCategory, JailbreakBench's Category, FigStep's category_name, and the
+# category / harm_area / risk_area / policy of other sets.
+CATEGORY_COLUMNS = ("SemanticCategory", "Category", "category_name", "category", "harm_area", "risk_area", "policy")
 
 
 def _category(row: dict) -> str | None:
     return next((str(row[c]) for c in CATEGORY_COLUMNS if row.get(c) not in (None, "")), None)
 
 
-def _harmbench_prompt(row: dict[str, str], column: str) -> str:
-    """HarmBench puts a contextual behaviour's context before it: f"{context}\\n\\n---\\n\\n{behavior}"."""
+def _harmbench_prompt(row: dict, column: str) -> str:
+    """HarmBench puts a contextual behaviour's context before it: f"{context}\n\n---\n\n{behavior}"."""
     context = (row.get("ContextString") or "").strip()
     return f"{context}\n\n---\n\n{row[column]}" if column == "Behavior" and context else row[column]
 
 
-def _harmful_from_csv(path: Path, suite: str) -> list[AttackSample]:
-    columns, rows = read_csv(path)
+def _prompt_column(path: Path, columns: Sequence[str], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in columns:
+            raise SuiteError(f"{path}: no column {requested!r} (--prompt-column); columns found: {list(columns)}")
+        return requested
     column = next((c for c in PROMPT_COLUMNS if c in columns), None)
     if column is None:
-        raise SuiteError(f"{path}: no prompt column; expected one of {list(PROMPT_COLUMNS)}, "
-                         f"columns found: {columns}")
+        raise SuiteError(f"{path}: no prompt column; expected one of {list(PROMPT_COLUMNS)}, columns found: "
+                         f"{list(columns)}; name it with --prompt-column")
+    return column
+
+
+def _prompt_of(row: dict, column: str, where: str) -> str:
+    if column not in row:
+        raise SuiteError(f"{where}: no prompt field {column!r}; keys found: {sorted(row)}")
+    value = row[column]
+    if column == "turns" and isinstance(value, list) and value:  # SORRY-Bench: the first (only) turn
+        value = value[0]
+    if not isinstance(value, str):
+        raise SuiteError(f"{where}: the prompt ({column!r}) must be a string, got {type(value).__name__}")
+    return _harmbench_prompt(row, column) if column == "Behavior" else value
+
+
+def _samples_from_rows(path: Path, suite: str, numbered_rows: list[tuple[int, dict]], columns: Sequence[str],
+                       prompt_column: str | None, blank_is_error: bool) -> list[AttackSample]:
+    column = _prompt_column(path, columns, prompt_column)
     id_column = next((c for c in ID_COLUMNS if c in columns), None)
     samples = []
-    for index, row in enumerate(rows):
-        prompt = _harmbench_prompt(row, column)
-        if not prompt or not prompt.strip():
+    for index, (number, row) in enumerate(numbered_rows):
+        prompt = _prompt_of(row, column, f"{path}:{number}")
+        if not prompt.strip():
+            if blank_is_error:
+                raise SuiteError(f"{path}:{number}: empty prompt ({column!r})")
             continue
-        sample_id = row[id_column] if id_column and row.get(id_column) else f"{suite}-{index}"
+        sample_id = str(row[id_column]) if id_column and row.get(id_column) not in (None, "") else f"{suite}-{index}"
         samples.append(AttackSample(sample_id, suite, prompt, source=dict(row), category=_category(row)))
     return samples
 
 
-def _harmful_from_jsonl(path: Path, suite: str) -> list[AttackSample]:
-    samples = []
-    for index, (number, obj) in enumerate(read_jsonl(path)):
-        prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SuiteError(f"{path}:{number}: needs a non-empty string field \"prompt\"; keys found: {sorted(obj)}")
-        samples.append(AttackSample(str(obj.get("id", f"{suite}-{index}")), suite, prompt, source=obj,
-                                    category=_category(obj)))
-    return samples
+def _harmful_from_csv(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
+    columns, rows = data.read_csv_lines(path, SuiteError)
+    return _samples_from_rows(path, suite, rows, columns, prompt_column, blank_is_error=False)
 
 
-def _harmful_from_txt(path: Path, suite: str) -> list[AttackSample]:
+def _harmful_from_jsonl(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
+    rows = read_jsonl(path)
+    columns = list(dict.fromkeys(key for _, obj in rows for key in obj))
+    return _samples_from_rows(path, suite, rows, columns, prompt_column, blank_is_error=True)
+
+
+def _harmful_from_json(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
+    """A JSON list of objects (one per prompt) or of strings."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SuiteError(f"{path}: cannot read JSON: {err}") from err
+    if not isinstance(items, list):
+        raise SuiteError(f"{path}: expected a JSON list of prompts (objects or strings), got {type(items).__name__}")
+    if all(isinstance(item, str) for item in items):
+        return [AttackSample(f"{suite}-{i}", suite, p, source={"prompt": p}) for i, p in enumerate(items) if p.strip()]
+    bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
+    if bad is not None:
+        raise SuiteError(f"{path}: item {bad} is a {type(items[bad]).__name__}; expected every item an object")
+    columns = list(dict.fromkeys(key for obj in items for key in obj))
+    return _samples_from_rows(path, suite, [(i, obj) for i, obj in enumerate(items)], columns, prompt_column,
+                              blank_is_error=True)
+
+
+def _harmful_from_txt(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -171,21 +216,23 @@ def _harmful_from_txt(path: Path, suite: str) -> list[AttackSample]:
     return [AttackSample(f"{suite}-{i}", suite, p, source={"line": p}) for i, p in enumerate(prompts)]
 
 
-def load_harmful_prompts(path: str | Path, suite: str | None = None,
-                         max_samples: int | None = None) -> list[AttackSample]:
-    """Text-only harmful prompts from a CSV (AdvBench `goal`, JailbreakBench `Goal`/`goal`, HarmBench `Behavior`
-    with its `ContextString`, or `prompt`), a JSONL with a `prompt` field, or a .txt with one prompt per line.
+def load_harmful_prompts(path: str | Path, suite: str | None = None, max_samples: int | None = None,
+                         prompt_column: str | None = None) -> list[AttackSample]:
+    """Text-only harmful prompts from a published prompt set as downloaded: a CSV, a JSON list, a JSONL or a .txt
+    (one prompt per line). The prompt is the first of PROMPT_COLUMNS the file has (HarmBench's `Behavior` with its
+    `ContextString`), or `prompt_column`; no such column is an error listing the file's columns.
 
-    The suite name defaults to the file's stem. Blank prompts in CSV/.txt are skipped; in JSONL they are errors.
+    The suite name defaults to the file's stem. Blank prompts in CSV/.txt are skipped; in JSON/JSONL they are errors.
     """
     path = Path(path)
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     suite = suite or path.stem
-    readers = {".csv": _harmful_from_csv, ".jsonl": _harmful_from_jsonl, ".txt": _harmful_from_txt}
+    readers = {".csv": _harmful_from_csv, ".jsonl": _harmful_from_jsonl, ".json": _harmful_from_json,
+               ".txt": _harmful_from_txt}
     if path.suffix.lower() not in readers:
         raise SuiteError(f"{path}: unknown prompt file type {path.suffix!r}; expected one of {sorted(readers)}")
-    samples = readers[path.suffix.lower()](path, suite)
-    return _nonempty(samples[:max_samples], path, "prompts")
+    samples = readers[path.suffix.lower()](path, suite, prompt_column)
+    return nonempty(samples[:max_samples], path, "prompts")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,7 +245,7 @@ def load_figstep(path: str | Path, max_samples: int | None = None, font_path: st
     The SafeBench `question` (the plain harmful question) stays in `source`.
     """
     path = Path(path)
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     columns, rows = read_csv(path)
     _require_columns(path, columns, ["instruction"])
     load_font(FIGSTEP_FONT_SIZE, font_path)  # warns now, before any generation, when the font is missing
@@ -209,7 +256,7 @@ def load_figstep(path: str | Path, max_samples: int | None = None, font_path: st
         samples.append(AttackSample(sample_id or f"{suite}-{index}", suite, FIGSTEP_PROMPT, request=request,
                                     category=_category(row),
                                     image=figstep_image(row["instruction"], font_path), source=dict(row)))
-    return _nonempty(samples, path, "SafeBench rows")
+    return nonempty(samples, path, "SafeBench rows")
 
 
 def load_image_pieces(path: str | Path, key_phrase_column: str | None = None, image_size: int = 336,
@@ -225,7 +272,7 @@ def load_image_pieces(path: str | Path, key_phrase_column: str | None = None, im
     laid out at 336 and the image shrunk (see `fit_text_image`).
     """
     path = Path(path)
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     if key_phrase_column is None:
         phrases = [(s.id, s.prompt, s.source) for s in load_harmful_prompts(path, suite, max_samples)]
     else:
@@ -236,7 +283,7 @@ def load_image_pieces(path: str | Path, key_phrase_column: str | None = None, im
     samples = [AttackSample(sample_id, suite, text_prompt, image=fit_text_image(phrase, image_size, font_path),
                             source={**source, "key_phrase": phrase}, request=phrase, category=_category(source))
                for sample_id, phrase, source in phrases]
-    return _nonempty(samples, path, "key phrases")
+    return nonempty(samples, path, "key phrases")
 
 
 def load_image_text_pairs(path: str | Path, max_samples: int | None = None,
@@ -246,7 +293,7 @@ def load_image_text_pairs(path: str | Path, max_samples: int | None = None,
     Every image is opened and verified here, so a bad path fails at load time (naming its line), not mid-generation.
     """
     path = Path(path)
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     suite = suite or path.stem
     samples = []
     for index, (number, obj) in enumerate(read_jsonl(path)[:max_samples]):
@@ -258,7 +305,7 @@ def load_image_text_pairs(path: str | Path, max_samples: int | None = None,
         samples.append(AttackSample(str(obj.get("id", f"{suite}-{index}")), suite, prompt,
                                     image=_checked_image(path, number, image), source=obj, request=request,
                                     category=_category(obj)))
-    return _nonempty(samples, path, "image+text pairs")
+    return nonempty(samples, path, "image+text pairs")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,7 +320,7 @@ def load_xstest(path: str | Path, label: str = "safe", max_samples: int | None =
     Suite name: "xstest_safe" or "xstest_unsafe".
     """
     path = Path(path)
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     if label not in XSTEST_LABELS:
         raise SuiteError(f"XSTest label must be one of {XSTEST_LABELS}, got {label!r}")
     columns, rows = read_csv(path)
@@ -281,7 +328,7 @@ def load_xstest(path: str | Path, label: str = "safe", max_samples: int | None =
     suite = f"xstest_{label}"
     samples = [AttackSample(row["id"], suite, row["prompt"], source=dict(row), category=row.get("type") or None)
                for row in rows if row["label"] == label and row["prompt"].strip()]
-    return _nonempty(samples[:max_samples], path, f"XSTest prompts labelled {label!r}")
+    return nonempty(samples[:max_samples], path, f"XSTest prompts labelled {label!r}")
 
 
 def load_benign_jsonl(path: str | Path, max_samples: int | None = None, suite: str | None = None) -> list[AttackSample]:
@@ -312,6 +359,7 @@ class SuiteOptions:
     max_samples: int | None = None
     image_size: int = 336
     piece_column: str | None = None
+    prompt_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -323,7 +371,7 @@ class SuiteReader:
     needs_path: bool = True  # False: the kind alone is a suite ("toy"), a PATH then names a part of it
 
 
-def _attack_suite(loader: Callable[[str | None, str, SuiteOptions], list[AttackSample]], kind: str = "attack"):
+def attack_suite(loader: Callable[[str | None, str, SuiteOptions], list[AttackSample]], kind: str = "attack"):
     def read(name: str | None, path: str, options: SuiteOptions, spec: str) -> list[Suite]:
         samples = loader(name, path, options)
         return [Suite(samples[0].suite, kind, samples, spec)]
@@ -344,24 +392,25 @@ def _xstest_suites(name: str | None, path: str, options: SuiteOptions, spec: str
 
 READERS: dict[str, SuiteReader] = {
     "text": SuiteReader(
-        "harmful text prompts: AdvBench/HarmBench/JailbreakBench CSV, JSONL {prompt}, or .txt (one per line)",
-        _attack_suite(lambda name, path, o: load_harmful_prompts(path, name, o.max_samples))),
+        "harmful text prompts as published: CSV, JSON, JSONL or .txt (AdvBench, HarmBench, JailbreakBench,\n"
+        "           StrongREJECT, SORRY-Bench, ...; the prompt column found by name, or --prompt-column)",
+        attack_suite(lambda name, path, o: load_harmful_prompts(path, name, o.max_samples, o.prompt_column))),
     "figstep": SuiteReader(
         "FigStep: SafeBench CSV (column 'instruction') rendered as typographic images + FigStep's text prompt",
-        _attack_suite(lambda name, path, o: load_figstep(path, o.max_samples, suite=name or "figstep"))),
+        attack_suite(lambda name, path, o: load_figstep(path, o.max_samples, suite=name or "figstep"))),
     "pieces": SuiteReader(
         "image pieces: each harmful prompt (or --piece-column) as a typographic image + a benign text prompt",
-        _attack_suite(lambda name, path, o: load_image_pieces(path, o.piece_column, image_size=o.image_size,
+        attack_suite(lambda name, path, o: load_image_pieces(path, o.piece_column, image_size=o.image_size,
                                                               max_samples=o.max_samples, suite=name or "pieces"))),
     "xstest": SuiteReader(
         "XSTest CSV: 'safe' prompts -> over-refusal suite xstest_safe, 'unsafe' -> attack suite xstest_unsafe",
         _xstest_suites),
     "pairs": SuiteReader(
         "image+text attack pairs: JSONL {prompt, image (path relative to the JSONL), id?, request?, category?}",
-        _attack_suite(lambda name, path, o: load_image_text_pairs(path, o.max_samples, suite=name))),
+        attack_suite(lambda name, path, o: load_image_text_pairs(path, o.max_samples, suite=name))),
     "benign": SuiteReader(
         "benign tasks with exact answers: JSONL {prompt, expected, image?, id?} -> exact-match accuracy",
-        _attack_suite(lambda name, path, o: load_benign_jsonl(path, o.max_samples, suite=name), kind="benign")),
+        attack_suite(lambda name, path, o: load_benign_jsonl(path, o.max_samples, suite=name), kind="benign")),
 }
 
 

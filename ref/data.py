@@ -476,6 +476,23 @@ def read_csv(path: str | Path, error: type[ValueError] = DataError) -> tuple[lis
     return columns, rows
 
 
+def read_csv_lines(path: str | Path, error: type[ValueError] = DataError) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(column names, (line number, row) for each row): like read_jsonl, so that an error can name the line a row
+    starts on (a quoted value may span several lines)."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows, start = [], 2  # line 1 is the header
+            for row in reader:
+                rows.append((start, row))
+                start = reader.line_num + 1
+            columns = list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise error(f"{path}: cannot read CSV: {err}") from err
+    return columns, rows
+
+
 def require_columns(path: str | Path, columns: list[str], needed: list[str],
                     error: type[ValueError] = DataError) -> None:
     missing = [c for c in needed if c not in columns]

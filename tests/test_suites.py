@@ -130,9 +130,13 @@ def test_jsonl_and_txt_prompts(tmp_path):
 
 
 def test_harmful_prompt_errors(tmp_path):
-    no_column = write_csv(tmp_path / "x.csv", ["question", "answer"], [["a", "b"]])
-    with pytest.raises(SuiteError, match=r"x.csv: no prompt column.*columns found: \['question', 'answer'\]"):
+    no_column = write_csv(tmp_path / "x.csv", ["query", "answer"], [["a", "b"]])
+    with pytest.raises(SuiteError, match=r"x.csv: no prompt column.*columns found: \['query', 'answer'\]; name it "
+                                         r"with --prompt-column"):
         load_harmful_prompts(no_column)
+    assert [s.prompt for s in load_harmful_prompts(no_column, prompt_column="query")] == ["a"]
+    with pytest.raises(SuiteError, match=r"x.csv: no column 'Query' \(--prompt-column\); columns found"):
+        load_harmful_prompts(no_column, prompt_column="Query")
     empty = write_csv(tmp_path / "empty.csv", ["goal", "target"], [])
     with pytest.raises(SuiteError, match="empty.csv: no prompts found"):
         load_harmful_prompts(empty)
@@ -144,7 +148,7 @@ def test_harmful_prompt_errors(tmp_path):
     with pytest.raises(SuiteError, match="bad.jsonl:2: not valid JSON"):
         load_harmful_prompts(bad_json)
     no_prompt = write_jsonl(tmp_path / "np.jsonl", [{"prompt": "ok"}, {"text": "x"}])
-    with pytest.raises(SuiteError, match=r"np.jsonl:2: needs a non-empty string field \"prompt\""):
+    with pytest.raises(SuiteError, match=r"np.jsonl:2: no prompt field 'prompt'; keys found: \['text'\]"):
         load_harmful_prompts(no_prompt)
     with pytest.raises(SuiteError, match="unknown prompt file type '.parquet'"):
         load_harmful_prompts(tmp_path / "x.parquet")
