@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from evals import judges as judge_registry
+from evals.benchmarks import BENCHMARK_READERS
 from evals.generation import Sampling, chat_prompt, generate_responses, tokenize_samples
 from evals.judges import RefusalPhraseJudge
 from evals.report import provenance, write_report
@@ -49,7 +50,7 @@ from toy import judges as toy_judges
 
 ROOT = Path(__file__).resolve().parent
 # eval.py knows every suite kind, normal-data kind and judge of evals/, and the toy's (its bare default).
-SUITE_READERS = {**READERS, "toy": toy.SUITE_READER}
+SUITE_READERS = {**READERS, **BENCHMARK_READERS, "toy": toy.SUITE_READER}
 NORMAL_DATA_READERS = {**NORMAL_READERS, "toy": toy.NORMAL_READER}
 JUDGES = {**judge_registry.JUDGES, **toy_judges.JUDGES}
 PHRASE_JUDGES = sorted({*judge_registry.PHRASE_JUDGES, *toy_judges.PHRASE_JUDGES})  # for --refusal-judge
@@ -64,7 +65,8 @@ class EvalError(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    suite_kinds = "\n".join(f"  {k:<8} {v.description}" for k, v in SUITE_READERS.items())
+    width = max(map(len, SUITE_READERS))
+    suite_kinds = "\n".join(f"  {k:<{width}} {v.description}" for k, v in SUITE_READERS.items())
     normal_kinds = "\n".join(f"  {k:<10} {v.description}" for k, v in NORMAL_DATA_READERS.items())
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
@@ -103,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "Default: 'toy' with the toy model, otherwise none")
     data.add_argument("--max-samples", type=int, default=None,
                       help="use only the first N samples of every suite and of the normal data")
+    data.add_argument("--prompt-column", default=None,
+                      help="text suites: the column (field) holding the prompt, where the file's is not one of the\n"
+                           "names the field's prompt sets use (goal, Goal, Behavior, prompt, forbidden_prompt, ...)")
     data.add_argument("--piece-column", default=None,
                       help="pieces suites: the CSV column holding the key phrase (default: the harmful prompt "
                            "column the text reader finds)")
@@ -315,7 +320,8 @@ def run_settings(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> 
     return {"model": str(Path(args.model).resolve()), "vision_dir": args.vision_dir, "quantize": args.quantize,
             "dtype": args.dtype, "kernels": args.kernels, "prompt_format": args.prompt_format,
             "adapters": [[name, str(folder.resolve())] for name, folder in adapters], "suites": list(args.suite),
-            "max_samples": args.max_samples, "piece_column": args.piece_column, "normal": args.normal,
+            "max_samples": args.max_samples, "piece_column": args.piece_column,
+            "prompt_column": args.prompt_column, "normal": args.normal,
             "generation": {"mode": "sampling" if args.sample else "greedy", "max_new_tokens": args.max_new_tokens,
                            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                            "batch_size": args.batch_size}}
@@ -494,7 +500,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Everything that can be wrong with the inputs is found here, before the first token is generated.
     out = Path(args.out)
-    options = SuiteOptions(args.max_samples, processor.image_size, args.piece_column)
+    options = SuiteOptions(args.max_samples, processor.image_size, args.piece_column, args.prompt_column)
     suites = load_suites(args.suite, options, SUITE_READERS)
     prompt_ids = {s.name: tokenize_samples(processor, s.samples, args.prompt_format, args.max_new_tokens)
                   for s in suites}

@@ -1,4 +1,4 @@
-"""Unlearning data: a JSONL schema, a strict reader, converters from PKU-SafeRLHF and TruthfulQA, and a writer.
+"""Unlearning data: a JSONL schema, a strict reader, converters from PKU-SafeRLHF, VLGuard and TruthfulQA, a writer.
 
 Schema: one JSON object per line, with a "kind" and no other keys than those listed (a misspelt key is an error).
 
@@ -23,11 +23,16 @@ Converters:
     both safe              -> harmful_response = null (nothing to unlearn), helpful_response = the safer one
                               (`safer_response_id`)
   `pairs_only=True` (CLI: --pairs-only) keeps only the first case.
+- VLGuard's train.json (image+text): a harmful instruction on an unsafe image, or an unsafe instruction on a safe
+  image -> a harmful record with VLGuard's refusal as helpful_response (no harmful answer is published); a safe
+  instruction on a safe image -> a normal record. Records keep their image (absolute path): the multimodal
+  unlearning and SFT baselines' data.
 - TruthfulQA rows: (Question, Best Answer) -> a normal record.
 
 Command line (writes harmful records first, then normal ones, and prints the counts):
 
     python -m ref.unlearning_data --pku pku.jsonl --truthfulqa truthfulqa.csv --out unlearning.jsonl
+    python -m ref.unlearning_data --vlguard VLGuard/train.json --truthfulqa truthfulqa.csv --out multimodal.jsonl
 """
 
 from __future__ import annotations
@@ -194,6 +199,80 @@ def pku_saferlhf_to_records(path: str | Path, max_samples: int | None = None,
     return records
 
 
+@dataclass(frozen=True)
+class VLGuardItem:
+    """One (image, instruction, response) of VLGuard (Zong et al. 2024): `pairing` is "unsafes" (an unsafe image and
+    its `instruction`), "safe_unsafes" (a safe image and its `unsafe_instruction`) or "safe_safes" (a safe image and
+    its `safe_instruction`), the subsets of VLGuard's own evaluation; `response` is VLGuard's answer (a refusal for
+    the first two)."""
+
+    id: str
+    image: Path
+    pairing: str
+    instruction: str
+    response: str
+    category: str | None  # harmful_category, given for unsafe images only
+
+
+VLGUARD_PAIRINGS = {"instruction": "unsafes", "unsafe_instruction": "safe_unsafes", "safe_instruction": "safe_safes"}
+
+
+def vlguard_image_folder(json_path: Path) -> Path:
+    """Where VLGuard's images are: the split's zip unzips to a folder named like the JSON (train.json -> train/)."""
+    folder = json_path.parent / json_path.stem
+    return folder if folder.is_dir() else json_path.parent
+
+
+def read_vlguard(path: str | Path, image_folder: str | Path | None = None,
+                 error: type[ValueError] = UnlearningDataError) -> list[VLGuardItem]:
+    """VLGuard's train.json or test.json as published (a JSON list of {id, image, safe, harmful_category?,
+    instr-resp: [...]}; an unsafe image has one {instruction, response}, a safe one {safe_instruction, response} and
+    {unsafe_instruction, response}), every image path checked. Errors name the file and the item."""
+    path = Path(path)
+    folder = Path(image_folder) if image_folder is not None else vlguard_image_folder(path)
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"{path}: cannot read VLGuard JSON: {err}") from err
+    if not isinstance(items, list):
+        raise error(f"{path}: expected VLGuard's JSON list, got {type(items).__name__}")
+    result = []
+    for index, item in enumerate(items):
+        where = f"{path}: item {index}" + (f" (id {item.get('id')!r})" if isinstance(item, dict) else "")
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not isinstance(
+                item.get("instr-resp"), list):
+            raise error(f"{where}: needs 'image' (a path) and 'instr-resp' (a list); got "
+                        f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
+        image = folder / item["image"]
+        if not image.is_file():
+            raise error(f"{where}: image {item['image']!r} not found ({image})")
+        for pair in item["instr-resp"]:
+            key = next((k for k in VLGUARD_PAIRINGS if isinstance(pair, dict) and k in pair), None)
+            if key is None or not isinstance(pair[key], str) or not isinstance(pair.get("response"), str):
+                raise error(f"{where}: an instr-resp entry needs one of {list(VLGUARD_PAIRINGS)} and 'response' "
+                            f"(strings); got {pair!r:.120}")
+            result.append(VLGuardItem(str(item.get("id", index)), image.resolve(), VLGUARD_PAIRINGS[key], pair[key],
+                                      pair["response"], item.get("harmful_category")))
+    if not result:
+        raise error(f"{path}: no VLGuard items")
+    return result
+
+
+def vlguard_to_records(path: str | Path, image_folder: str | Path | None = None,
+                       max_samples: int | None = None) -> list[Record]:
+    """Image+text records from VLGuard's training JSON, for the multimodal unlearning and SFT baselines: a harmful
+    instruction (on an unsafe image, or an unsafe instruction on a safe one) with VLGuard's refusal as the helpful
+    response (VLGuard publishes no harmful answers, so nothing to unlearn: harmful_response is null), and a safe
+    instruction on a safe image with its answer as a normal record. Images as absolute paths."""
+    records: list[Record] = []
+    for item in read_vlguard(path, image_folder)[:max_samples]:
+        if item.pairing == "safe_safes":
+            records.append(NormalRecord(item.instruction, item.response, image=str(item.image)))
+        else:
+            records.append(HarmfulRecord(item.instruction, None, item.response, image=str(item.image)))
+    return records
+
+
 def truthfulqa_to_records(path: str | Path, max_samples: int | None = None) -> list[NormalRecord]:
     """Normal records from TruthfulQA's CSV, in file order: prompt = Question, response = Best Answer (rows with
     either empty are skipped). The normal data of the KL term, and of eval.py's utility metrics."""
@@ -214,25 +293,37 @@ def truthfulqa_to_records(path: str | Path, max_samples: int | None = None) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ref.unlearning_data",
-                                     description="Build an unlearning JSONL from PKU-SafeRLHF and TruthfulQA.")
-    parser.add_argument("--pku", required=True, type=Path, help="PKU-SafeRLHF JSONL (harmful records)")
-    parser.add_argument("--truthfulqa", required=True, type=Path, help="TruthfulQA CSV (normal records)")
+                                     description="Build an unlearning JSONL from PKU-SafeRLHF, VLGuard and TruthfulQA.")
+    parser.add_argument("--pku", type=Path, help="PKU-SafeRLHF JSONL (harmful records)")
+    parser.add_argument("--vlguard", type=Path,
+                        help="VLGuard's train.json (image+text records; images in the unzipped train/ beside it)")
+    parser.add_argument("--vlguard-images", type=Path, default=None,
+                        help="VLGuard's image folder, if not the train/ folder beside the JSON")
+    parser.add_argument("--truthfulqa", type=Path, help="TruthfulQA CSV (normal records)")
     parser.add_argument("--out", required=True, type=Path, help="output JSONL")
     parser.add_argument("--max-pku", type=int, default=None, help="keep the first N harmful records")
+    parser.add_argument("--max-vlguard", type=int, default=None, help="keep the first N VLGuard records")
     parser.add_argument("--max-truthfulqa", type=int, default=None, help="keep the first N normal records")
     parser.add_argument("--pairs-only", action="store_true",
                         help="keep only PKU rows with both an unsafe and a safe response")
     args = parser.parse_args(argv)
+    if args.pku is None and args.vlguard is None:
+        parser.error("give a source of harmful records: --pku and/or --vlguard")
     try:
-        harmful = pku_saferlhf_to_records(args.pku, args.max_pku, args.pairs_only)
-        normal = truthfulqa_to_records(args.truthfulqa, args.max_truthfulqa)
+        harmful = pku_saferlhf_to_records(args.pku, args.max_pku, args.pairs_only) if args.pku else []
+        vlguard = vlguard_to_records(args.vlguard, args.vlguard_images, args.max_vlguard) if args.vlguard else []
+        normal = truthfulqa_to_records(args.truthfulqa, args.max_truthfulqa) if args.truthfulqa else []
     except UnlearningDataError as err:
         parser.error(str(err))
+    harmful += [r for r in vlguard if isinstance(r, HarmfulRecord)]
+    normal = [r for r in vlguard if isinstance(r, NormalRecord)] + normal
     written = write_unlearning_jsonl([*harmful, *normal], args.out)
     full = sum(r.harmful_response is not None and r.helpful_response is not None for r in harmful)
     ascent_only = sum(r.helpful_response is None for r in harmful)
+    with_image = sum(r.image is not None for r in [*harmful, *normal])
     print(f"wrote {written} records to {args.out}: {len(harmful)} harmful ({full} full pairs, {ascent_only} "
-          f"harmful-only, {len(harmful) - full - ascent_only} helpful-only), {len(normal)} normal")
+          f"harmful-only, {len(harmful) - full - ascent_only} helpful-only), {len(normal)} normal; {with_image} "
+          f"with an image")
     return 0
 
 
