@@ -48,7 +48,8 @@ def build_tokenizer(extra_words: tuple[str, ...] = ()) -> Tokenizer:
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
     merges = []
-    for word in WORDS + list(extra_words):  # merge each word left to right: (w[:1], w[1]) -> w[:2], (w[:2], w[2]) -> w[:3], ...
+    # merge each word left to right: (w[:1], w[1]) -> w[:2], (w[:2], w[2]) -> w[:3], ...
+    for word in WORDS + list(extra_words):
         for i in range(1, len(word)):
             if word[: i + 1] not in vocab:
                 merges.append((word[:i], word[i]))
