@@ -4,18 +4,24 @@ over-refusal and utility, in one table.
     python eval.py                                           # the embedded toy: base + every runs/*/adapter
     python eval.py --model DIR --adapter runs/textual/adapter \\
         --suite text:advbench.csv --suite figstep:safebench.csv --suite pieces:advbench.csv \\
-        --suite xstest:xstest.csv --normal truthfulqa:truthfulqa.csv --out results/
+        --suite mmsafetybench:MM-SafetyBench/data --suite xstest:xstest.csv --normal truthfulqa:truthfulqa.csv \\
+        --judge gcg --judge llamaguard --judge-model LlamaGuard-7b --out results/
+    python eval.py --rejudge results/ --judge harmbench --judge-model HarmBench-Llama-2-13b-cls
 
 The program, top to bottom (one section each):
   1. options, with the toy's defaults when no model is named; the adapters named and found
-  2. models: the base is loaded once; every adapter is checked against it (loaded, then removed again)
-  3. evaluating one model: batched greedy generation on every suite, every response judged and written to
-     responses.jsonl; NLL / perplexity of the reference answers and KL(p_base || p_model) on the normal data (adapters
-     switched off = the base, no second copy)
-  4. the run: every suite, the normal data and the judges are read and checked first (bad input fails there, by
-     name); then the base and each adapter (loaded onto the same base, removed afterwards) are evaluated; then
-     report.json and report.md (rows: models; columns: each suite's metric with its judge, utility, and the training
-     compute of train.py runs) go to --out and the table to stdout. Progress goes to stderr.
+  2. models: the base is loaded once; every adapter is checked against it (loaded, then removed again); the judge
+     models, loaded one at a time after generation
+  3. the run folder: run.json (what decides the responses), a new run or the resumption of an interrupted one, never
+     a finished one overwritten
+  4. generating: batched greedy generation of every model on every suite, each (model, suite) block appended to
+     generations.jsonl as soon as it is done; NLL / perplexity of the reference answers and KL(p_base || p_model) on
+     the normal data (adapters switched off = the base, no second copy)
+  5. judging: every saved response judged (also what --rejudge runs, without the evaluated model), responses.jsonl,
+     report.json and report.md (rows: models; columns: each suite's rate with its judge, count and 95% interval,
+     utility, the training compute of train.py runs; per-category tables; provenance)
+  6. the run: every suite, the normal data and the judges are read and checked first (bad input fails there, by
+     name), then the sections above in order. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -135,10 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed; batch k uses seed + k")
 
-    p.add_argument("--out", default=str(ROOT / "runs" / "eval"),
+    p.add_argument("--out", default=None,
                    help="run folder: run.json, generations.jsonl, utility.jsonl, responses.jsonl, report.json,\n"
-                        "report.md (default: runs/eval). A new or empty folder starts a run; an interrupted run's\n"
-                        "folder resumes it (same options); a finished run's folder is refused, never overwritten")
+                        "report.md. A new or empty folder starts a run; an interrupted run's folder resumes it (same\n"
+                        "options); a finished run's folder is refused, never overwritten. Default: runs/eval, or\n"
+                        "runs/eval-2, -3, ... when the ones before hold finished runs")
     p.add_argument("--rejudge", default=None, metavar="RUN_DIR",
                    help="re-score a finished run's saved responses with --judge (and --refusal-judge), in place,\n"
                         "without loading the evaluated model; judges not named keep their saved verdicts")
@@ -171,6 +178,16 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
     elif args.adapter is None:
         args.adapter = [str(p) for p in sorted((root / "runs").glob("*/adapter")) if p.is_dir()] if is_toy else []
     return args
+
+
+def default_out(root: Path = ROOT) -> Path:
+    """runs/eval, or the first of runs/eval-2, runs/eval-3, ... that holds no finished run: a bare `python eval.py`
+    run twice keeps both reports."""
+    candidate, n = root / "runs" / "eval", 1
+    while (candidate / REPORT_FILE).is_file():
+        n += 1
+        candidate = root / "runs" / f"eval-{n}"
+    return candidate
 
 
 def adapter_run_args(adapters: list[tuple[str, Path]]) -> dict[str, dict]:
@@ -431,6 +448,11 @@ def generate_for_model(model, name: str, adapter_dir: Path | None, processor, su
 # 5. Judging and the report (also what --rejudge runs, on a finished run's saved responses)
 
 
+JUDGE_INPUT = ("LLM judges read each attack's request: the prompt of a text attack, the harmful request an image "
+               "attack carries (FigStep: SafeBench's question; image pieces: the key phrase; benchmarks that give one: "
+               "their own request column).")
+
+
 def judge_run(out: Path, run: dict, judges: Judges, refusal_judge: RefusalPhraseJudge, started: float) -> dict:
     """Judge every saved response, write responses.jsonl, report.json and report.md; return the report. Judges of an
     earlier judging of this run that are not named again keep their saved verdicts."""
@@ -466,9 +488,7 @@ def judge_run(out: Path, run: dict, judges: Judges, refusal_judge: RefusalPhrase
               "judges": judge_names, "refusal_judge": refusal_judge.name,
               "judge_notes": {name: notes[name] for name in judge_names},
               "judge_models": {**run.get("judge_models", {}), **judges.model_dirs},
-              "judge_input": "LLM judges read each attack's request: the prompt of a text attack, the harmful request "
-                             "an image attack carries (FigStep: SafeBench's question; image pieces: the key phrase; "
-                             "data sets that give one: their own request column)",
+              "judge_input": JUDGE_INPUT if any(n in judge_registry.MODEL_JUDGES for n in judge_names) else "",
               "suites": run["suite_list"], "models": models, "responses": str(out / RESPONSES_FILE),
               "argv": sys.argv[1:], "seconds": time.perf_counter() - started}
     run.update(judges=judge_names, judge_notes=report["judge_notes"], judge_models=report["judge_models"],
@@ -499,7 +519,7 @@ def run(args: argparse.Namespace) -> dict:
     processor = load_processor(args.model, args.vision_dir)
 
     # Everything that can be wrong with the inputs is found here, before the first token is generated.
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out()
     options = SuiteOptions(args.max_samples, processor.image_size, args.piece_column, args.prompt_column)
     suites = load_suites(args.suite, options, SUITE_READERS)
     prompt_ids = {s.name: tokenize_samples(processor, s.samples, args.prompt_format, args.max_new_tokens)

@@ -552,3 +552,11 @@ def test_report_cells_carry_count_interval_and_provenance(run_result):
     assert made["sha256"]["model_config"] == hashlib.sha256(config.read_bytes()).hexdigest()
     assert made["sha256"]["suites"][f"text:{Path(report['suites'][0]['source'].split(':', 1)[1])}"]
     assert "prompt format llava-hf" in table and "(none base, float32)" in table and "Produced " in table
+
+
+def test_default_out_never_lands_on_a_finished_run(tmp_path):
+    assert eval_py.default_out(tmp_path) == tmp_path / "runs" / "eval"
+    for name in ("eval", "eval-2"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "report.json").write_text("{}")
+    assert eval_py.default_out(tmp_path) == tmp_path / "runs" / "eval-3"
