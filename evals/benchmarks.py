@@ -22,7 +22,6 @@ SuiteError naming the file and the row.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from PIL import Image
@@ -137,12 +136,7 @@ def load_mmsafetybench(path: str | Path, max_samples: int | None = None,
     suites: dict[str, list[AttackSample]] = {f"{prefix}_{variant}": [] for variant in MMSAFETYBENCH_VARIANTS}
     for file in files:
         scenario = file.stem
-        try:
-            questions = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SuiteError(f"{file}: cannot read MM-SafetyBench questions: {err}") from err
-        if not isinstance(questions, dict):
-            raise SuiteError(f"{file}: expected an object keyed by question id, got {type(questions).__name__}")
+        questions = data.read_json_file(file, dict, "MM-SafetyBench questions keyed by id", SuiteError)
         for qid, entry in questions.items():
             where = f"{file}: question {qid!r}"
             missing = [k for k in MMSAFETYBENCH_KEYS

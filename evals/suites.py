@@ -20,7 +20,6 @@ A sample's `image` is a `Path`, a PIL image, or an `evals.typographic.Typographi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -191,12 +190,7 @@ def _harmful_from_jsonl(path: Path, suite: str, prompt_column: str | None) -> li
 
 def _harmful_from_json(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
     """A JSON list of objects (one per prompt) or of strings."""
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SuiteError(f"{path}: cannot read JSON: {err}") from err
-    if not isinstance(items, list):
-        raise SuiteError(f"{path}: expected a JSON list of prompts (objects or strings), got {type(items).__name__}")
+    items = data.read_json_file(path, list, "prompts (objects or strings)", SuiteError)
     if all(isinstance(item, str) for item in items):
         return [AttackSample(f"{suite}-{i}", suite, p, source={"prompt": p}) for i, p in enumerate(items) if p.strip()]
     bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)

@@ -476,6 +476,20 @@ def read_csv(path: str | Path, error: type[ValueError] = DataError) -> tuple[lis
     return columns, rows
 
 
+def read_json_file(path: str | Path, expected: type, what: str, error: type[ValueError] = DataError):
+    """A data set's JSON file whose top level must be an `expected` (list or dict) holding `what`; anything else is
+    an `error` naming the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise error(f"{path}: cannot read {what}: {err}") from err
+    if not isinstance(value, expected):
+        shape = "list" if expected is list else "object"
+        raise error(f"{path}: expected a JSON {shape} of {what}, got {type(value).__name__}")
+    return value
+
+
 def read_csv_lines(path: str | Path, error: type[ValueError] = DataError) -> tuple[list[str], list[tuple[int, dict]]]:
     """(column names, (line number, row) for each row): like read_jsonl, so that an error can name the line a row
     starts on (a quoted value may span several lines)."""

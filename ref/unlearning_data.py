@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ref.data import read_csv, read_jsonl, require_columns
+from ref.data import read_csv, read_json_file, read_jsonl, require_columns
 
 
 class UnlearningDataError(ValueError):
@@ -230,12 +230,7 @@ def read_vlguard(path: str | Path, image_folder: str | Path | None = None,
     {unsafe_instruction, response}), every image path checked. Errors name the file and the item."""
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else vlguard_image_folder(path)
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise error(f"{path}: cannot read VLGuard JSON: {err}") from err
-    if not isinstance(items, list):
-        raise error(f"{path}: expected VLGuard's JSON list, got {type(items).__name__}")
+    items = read_json_file(path, list, "VLGuard items", error)
     result = []
     for index, item in enumerate(items):
         where = f"{path}: item {index}" + (f" (id {item.get('id')!r})" if isinstance(item, dict) else "")
