@@ -27,11 +27,13 @@ The program, top to bottom (one section each):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import time
 import warnings
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -45,12 +47,12 @@ from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_
                            utility_metrics)
 from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
 from ref import kernels as kernel_registry
-from ref.config import DTYPES, load_config, read_json
+from ref.config import DTYPES, read_json
 from ref.console import Progress, exit_on_user_error
 from ref.data import load_processor
 from ref.lora import load_adapter, remove_adapters
 from ref.runs import adapter_display_name, read_run_args, read_train_summary, run_folder_of, write_atomically
-from ref.weights import load_model
+from ref.weights import is_quantized_checkpoint, load_model, open_checkpoint
 from toy import defaults as toy
 from toy import judges as toy_judges
 
@@ -89,10 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "Default: none,\nor with the toy model every runs/*/adapter that exists")
     io.add_argument("--no-adapters", action="store_true", help="evaluate the base model only (ignore the defaults)")
     io.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4"],
-                    help="the base's decoder linears: dense (none) or 4 bit. auto (default): what the adapters' train.py\n"
-                         "runs used (args.json next to each adapter), so an adapter meets the base it was trained on;\n"
-                         "none when no adapter records it")
-    io.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights / compute dtype (default float32)")
+                    help="the base's decoder linears: dense (none) or 4 bit. auto (default): what the adapters'\n"
+                         "train.py runs used (args.json next to each adapter), so an adapter meets the base it was\n"
+                         "trained on; none when no adapter records it")
+    io.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="weights / compute dtype (default float32)")
     io.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu)")
     io.add_argument("--threads", type=int, default=None,
@@ -167,7 +170,7 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
         args.suite = ["toy"]
     # A toy model (or a toy rebuilt elsewhere, evaluated on the toy suites) is judged by the toy's own judges.
     is_toy = is_toy or all(spec.split(":")[0] == "toy" for spec in args.suite)
-    args.judge = args.judge or (["toy", "toy_harm"] if is_toy else ["gcg"])
+    args.judge = list(dict.fromkeys(args.judge or (["toy", "toy_harm"] if is_toy else ["gcg"])))  # each once
     args.refusal_judge = args.refusal_judge or ("toy" if is_toy else "xstest")
     if args.normal is None:
         args.normal = "toy" if is_toy else "none"
@@ -259,9 +262,9 @@ class JudgeModelGenerate:
 
     def __init__(self, judge_dir: str, device: str, dtype: str, quantize: str, batch_size: int):
         self.judge_dir = judge_dir
+        self.processor = load_processor(judge_dir)
         self.model = load_model(judge_dir, dtype=DTYPES[dtype], device=device, show_progress=True,
                                 quantize=None if quantize == "none" else quantize)
-        self.processor = load_processor(judge_dir)
         self.batch_size = batch_size
 
     def __call__(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -278,6 +281,14 @@ class JudgeModelGenerate:
         return [o.response for o in outs]
 
 
+def check_judge_model(folder: str) -> None:
+    """A judge model folder that cannot load fails now, before any generation: its config, its tokenizer.json, and
+    every weight's key, shape and dtype in the safetensors headers (no tensor data is read)."""
+    load_processor(folder)
+    if not is_quantized_checkpoint(folder):
+        open_checkpoint(folder)
+
+
 def judge_model_dirs(specs: list[str] | None, names: list[str]) -> dict[str, str]:
     """--judge-model [JUDGE=]DIR, repeatable -> the model folder of every model judge named; a plain DIR serves every
     model judge that has no folder of its own."""
@@ -285,12 +296,17 @@ def judge_model_dirs(specs: list[str] | None, names: list[str]) -> dict[str, str
     for spec in specs or []:
         judge_name, sep, folder = spec.partition("=")
         if sep and judge_name in judge_registry.MODEL_JUDGES:
+            if judge_name not in names:
+                raise EvalError(f"--judge-model {spec}: judge {judge_name!r} is not one of the judges run "
+                                f"({', '.join(names)}); add --judge {judge_name}")
             named[judge_name] = folder
         elif default is None:
             default = spec
         else:
             raise EvalError(f"--judge-model: two folders for every judge ({default}, {spec}); name the judge of "
                             f"each: --judge-model JUDGE=DIR, JUDGE one of {list(judge_registry.MODEL_JUDGES)}")
+    if default is not None and not any(name in judge_registry.MODEL_JUDGES for name in names):
+        raise EvalError(f"--judge-model {default}: none of the judges run ({', '.join(names)}) runs a model")
     dirs = {}
     for name in names:
         if name in judge_registry.MODEL_JUDGES:
@@ -298,7 +314,7 @@ def judge_model_dirs(specs: list[str] | None, names: list[str]) -> dict[str, str
             if folder is None:
                 raise EvalError(f"judge {name!r} runs a model: give its folder with --judge-model DIR (or "
                                 f"--judge-model {name}=DIR)")
-            load_config(folder)  # a folder that is not a model fails now, before any generation
+            check_judge_model(folder)
             dirs[name] = folder
     return dirs
 
@@ -314,14 +330,22 @@ class Judges:
         self.generate: JudgeModelGenerate | None = None
 
     def __iter__(self):
+        """(name, judge) in turn; the caller drops each judge before asking for the next, so that the previous judge
+        model is freed before the next is loaded."""
         for name in self.names:
             folder = self.model_dirs.get(name)
             if folder is not None and (self.generate is None or self.generate.judge_dir != folder):
-                self.generate = None  # the previous judge model goes before the next comes
+                self.release()
                 self.generate = JudgeModelGenerate(folder, self.args.device, self.args.dtype,
                                                    self.args.judge_quantize, self.args.batch_size)
             yield name, judge_registry.judge(name, JUDGES, generate=self.generate if folder else None)
+        self.release()
+
+    def release(self) -> None:
         self.generate = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,11 +380,16 @@ def open_run_folder(out: Path, run: dict) -> None:
         if (out / REPORT_FILE).is_file():
             raise EvalError(f"--out {out}: holds a finished evaluation ({REPORT_FILE}); re-score it with --rejudge "
                             f"{out}, or choose another --out")
-        saved = read_json(out / RUN_FILE, EvalError)["settings"]
-        differences = sorted(key for key in run["settings"] if saved.get(key) != run["settings"][key])
+        saved = read_json(out / RUN_FILE, EvalError)
+        before = saved.get("settings", {})
+        differences = sorted(key for key in run["settings"] if before.get(key) != run["settings"][key])
         if differences:
             raise EvalError(f"--out {out}: holds an interrupted run with other settings ({', '.join(differences)}); "
                             f"resume it with the same options, or choose another --out")
+        if saved.get("provenance", {}).get("sha256") != run["provenance"]["sha256"]:
+            raise EvalError(f"--out {out}: the model config, an adapter or a suite file changed since the interrupted "
+                            f"run began (their sha256 in {RUN_FILE}); its responses would not match: choose another "
+                            f"--out")
         return
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1) + "\n"))
@@ -448,6 +477,40 @@ def generate_for_model(model, name: str, adapter_dir: Path | None, processor, su
 # 5. Judging and the report (also what --rejudge runs, on a finished run's saved responses)
 
 
+def saved_run_blocks(out: Path, run: dict) -> dict[tuple[str, str], list[dict]]:
+    """Every (model, suite) block of generations.jsonl, in the run's order, each checked whole against run.json."""
+    for key in ("models", "suite_list"):
+        if key not in run:
+            raise EvalError(f"{out / RUN_FILE}: no {key!r}: not the record of a run that finished generating")
+    rows = read_jsonl_lines(out / GENERATIONS_FILE)
+    blocks = {}
+    for (model, _, _), suite in product(run["models"], run["suite_list"]):
+        block = [r for r in rows if r.get("model") == model and r.get("suite") == suite["name"]]
+        if len(block) != suite["n"]:
+            raise EvalError(f"{out / GENERATIONS_FILE}: {len(block)} responses of {model} on {suite['name']}, where "
+                            f"the run generated {suite['n']}: the file was changed or cut short")
+        blocks[(model, suite["name"])] = block
+    return blocks
+
+
+def previous_verdicts(out: Path, blocks: dict, attack_blocks: list, judge_names: list[str]) -> dict:
+    """The rows of responses.jsonl by (model, suite) block, matched to generations.jsonl by position (ids need not be
+    unique), for the judges whose saved verdicts are kept; a missing file, row or verdict is an error."""
+    if not judge_names:
+        return {}
+    saved: dict[tuple[str, str], list[dict]] = {}
+    for row in read_jsonl_lines(out / RESPONSES_FILE):
+        saved.setdefault((row.get("model"), row.get("suite")), []).append(row)
+    for key in attack_blocks:
+        rows = saved.get(key, [])
+        missing = [name for name in judge_names if len(rows) != len(blocks[key])
+                   or any(name not in row.get("attack_success", {}) for row in rows)]
+        if missing:
+            raise EvalError(f"{out / RESPONSES_FILE}: no saved verdicts of {missing} for every response of {key[0]} on "
+                            f"{key[1]}; name those judges again with --judge")
+    return saved
+
+
 JUDGE_INPUT = ("LLM judges read each attack's request: the prompt of a text attack, the harmful request an image "
                "attack carries (FigStep: SafeBench's question; image pieces: the key phrase; benchmarks that give one: "
                "their own request column).")
@@ -456,19 +519,17 @@ JUDGE_INPUT = ("LLM judges read each attack's request: the prompt of a text atta
 def judge_run(out: Path, run: dict, judges: Judges, refusal_judge: RefusalPhraseJudge, started: float) -> dict:
     """Judge every saved response, write responses.jsonl, report.json and report.md; return the report. Judges of an
     earlier judging of this run that are not named again keep their saved verdicts."""
-    rows = read_jsonl_lines(out / GENERATIONS_FILE)
-    blocks = {(m, suite["name"]): [r for r in rows if r["model"] == m and r["suite"] == suite["name"]]
-              for m, _, _ in run["models"] for suite in run["suite_list"]}
-    attack_blocks = [(m, suite["name"]) for m, _, _ in run["models"] for suite in run["suite_list"]
+    blocks = saved_run_blocks(out, run)
+    attack_blocks = [(model, suite["name"]) for (model, _, _), suite in product(run["models"], run["suite_list"])
                      if suite["kind"] == "attack"]
-    previous = {(r["model"], r["suite"], r["id"]): r for r in read_jsonl_lines(out / RESPONSES_FILE)}
     earlier_judges = [name for name in run.get("judges", []) if name not in judges.names]
-    verdicts = {name: {key: saved_verdicts([previous[(*key, r["id"])] for r in blocks[key]], name)
-                       for key in attack_blocks} for name in earlier_judges}
+    previous = previous_verdicts(out, blocks, attack_blocks, earlier_judges)
+    verdicts = {name: {key: saved_verdicts(previous[key], name) for key in attack_blocks} for name in earlier_judges}
     notes = dict(run.get("judge_notes", {}))
     for name, judge_ in judges:
         verdicts[name] = {key: attack_verdicts(judge_, blocks[key]) for key in attack_blocks}
         notes[name] = judge_.success_means
+        del judge_  # its model goes before the next judge's comes
     utility = {entry["model"]: entry for entry in read_jsonl_lines(out / UTILITY_FILE)}
     models, judged = [], []
     for model_name, adapter, train in run["models"]:
@@ -571,12 +632,17 @@ def rejudge(args: argparse.Namespace, started: float) -> dict:
     """Re-score a finished run's saved responses with --judge (other judges' verdicts are kept as saved), in place;
     the evaluated model is never loaded."""
     out = Path(args.rejudge)
+    given = [option for option, value in (("--out", args.out), ("--suite", args.suite), ("--adapter", args.adapter),
+                                          ("--normal", args.normal), ("--max-samples", args.max_samples)) if value]
+    if given:
+        raise EvalError(f"--rejudge {out} re-scores that run's saved responses in place; {', '.join(given)} would "
+                        f"change nothing: drop them (a new evaluation needs its own --out)")
     if not (out / RUN_FILE).is_file() or not (out / GENERATIONS_FILE).is_file():
         raise EvalError(f"--rejudge {out}: not an eval.py run folder (no {RUN_FILE} or {GENERATIONS_FILE})")
     run_record = read_json(out / RUN_FILE, EvalError)
     if "models" not in run_record or len(read_jsonl_lines(out / UTILITY_FILE)) < len(run_record["models"]):
         raise EvalError(f"--rejudge {out}: the run did not finish generating; resume it with its own options first")
-    args.judge = args.judge or run_record.get("judges") or ["gcg"]
+    args.judge = list(dict.fromkeys(args.judge or run_record.get("judges") or ["gcg"]))
     args.refusal_judge = args.refusal_judge or run_record["refusal_judge"]
     judge_registry.check_names(args.judge + [args.refusal_judge], JUDGES)
     judges = Judges(args, args.judge)  # judge model folders checked before anything is judged

@@ -71,6 +71,8 @@ def load_jailbreakv(path: str | Path, max_samples: int | None = None, mini: bool
     check_max_samples(max_samples)
     columns, rows = data.read_csv_lines(path, SuiteError)
     if "question" in columns and "jailbreak_query" not in columns:  # RedTeam_2K.csv: the text-only harmful queries
+        if mini:
+            raise SuiteError(f"{path}: RedTeam-2K's text queries have no mini subset; give JailBreakV_28K.csv")
         return nonempty(_redteam_2k(path, rows, suite)[:max_samples], path, "RedTeam-2K queries")
     _require(path, columns, JAILBREAKV_COLUMNS + (["selected_mini"] if mini else []))
     samples = []

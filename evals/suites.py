@@ -173,7 +173,10 @@ def _samples_from_rows(path: Path, suite: str, numbered_rows: list[tuple[int, di
                 raise SuiteError(f"{path}:{number}: empty prompt ({column!r})")
             continue
         sample_id = str(row[id_column]) if id_column and row.get(id_column) not in (None, "") else f"{suite}-{index}"
-        samples.append(AttackSample(sample_id, suite, prompt, source=dict(row), category=_category(row)))
+        context = (row.get("ContextString") or "").strip() if column == "Behavior" else ""
+        samples.append(AttackSample(sample_id, suite, prompt, source=dict(row), category=_category(row),
+                                    # HarmBench's classifier reads a contextual behaviour with its context apart
+                                    request=row[column] if context else None, judge_context=context or None))
     return samples
 
 

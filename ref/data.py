@@ -463,19 +463,6 @@ def read_jsonl(path: str | Path, error: type[ValueError] = DataError) -> list[tu
     return records
 
 
-def read_csv(path: str | Path, error: type[ValueError] = DataError) -> tuple[list[str], list[dict[str, str]]]:
-    """(column names, rows) of a CSV file with a header line; utf-8, a byte-order mark allowed."""
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise error(f"{path}: cannot read CSV: {err}") from err
-    return columns, rows
-
-
 def read_json_file(path: str | Path, expected: type, what: str, error: type[ValueError] = DataError):
     """A data set's JSON file whose top level must be an `expected` (list or dict) holding `what`; anything else is
     an `error` naming the file."""
@@ -499,12 +486,22 @@ def read_csv_lines(path: str | Path, error: type[ValueError] = DataError) -> tup
             reader = csv.DictReader(f)
             rows, start = [], 2  # line 1 is the header
             for row in reader:
+                if None in row or None in row.values():  # DictReader's marks of a row longer or shorter than the header
+                    raise error(f"{path}:{start}: {'more' if None in row else 'fewer'} fields than the header's "
+                                f"{len(reader.fieldnames)}")
                 rows.append((start, row))
                 start = reader.line_num + 1
             columns = list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise error(f"{path}: cannot read CSV: {err}") from err
     return columns, rows
+
+
+def read_csv(path: str | Path, error: type[ValueError] = DataError) -> tuple[list[str], list[dict[str, str]]]:
+    """(column names, rows) of a CSV file with a header line; utf-8, a byte-order mark allowed; a row with more or
+    fewer fields than the header is an `error` naming its line."""
+    columns, rows = read_csv_lines(path, error)
+    return columns, [row for _, row in rows]
 
 
 def require_columns(path: str | Path, columns: list[str], needed: list[str],
