@@ -50,7 +50,8 @@ from ref import kernels as kernel_registry
 from ref.config import DTYPES, read_json
 from ref.console import Progress, exit_on_user_error
 from ref.data import load_processor
-from ref.lora import load_adapter, remove_adapters
+from ref.adapters import load_adapter
+from ref.lora import remove_adapters
 from ref.runs import adapter_display_name, read_run_args, read_train_summary, run_folder_of, write_atomically
 from ref.weights import is_quantized_checkpoint, load_model, open_checkpoint
 from toy import defaults as toy
@@ -86,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "assets/toy_llava")
     io.add_argument("--vision-dir", default=None, help="CLIP folder, for an original-format LLaVA checkpoint")
     io.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
-                    help="LoRA adapter folder (lora.json + lora.safetensors), repeatable; the base model is always "
+                    help="LoRA adapter folder (peft's adapter_config.json + adapter_model.safetensors, or the lora.json\n"
+                         "of earlier versions), repeatable; the base model is always "
                          "evaluated too.\nName defaults to the run folder (runs/textual/adapter -> textual). "
                          "Default: none,\nor with the toy model every runs/*/adapter that exists")
     io.add_argument("--no-adapters", action="store_true", help="evaluate the base model only (ignore the defaults)")

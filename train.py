@@ -41,7 +41,8 @@ from ref.config import DTYPES
 from ref.console import Progress, exit_on_user_error
 from ref.data import Processor, build_prompt, collate_for_training, load_processor
 from ref.losses import Batch, LossWeights, batch_flops, unlearning_loss
-from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules, save_adapter
+from ref.adapters import save_adapter
+from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
 from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
                       RunError, keep_log_before, load_checkpoint, read_run_args, save_checkpoint, trainable_tensors,
                       write_atomically)
@@ -121,7 +122,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
 
     # 5. the outputs
     save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, state.checkpoint(streams))
-    save_adapter(model, out / ADAPTER_DIR, lora)
+    save_adapter(model, out / ADAPTER_DIR, lora, base_model=args.model)
     return write_summary(args, out, state, device, kernels)
 
 

@@ -10,26 +10,20 @@ cast back to the base output's dtype, as peft does, so bf16 bases still train fp
 
 Wrapping a module keeps the base as a child named `base_layer` (peft's name), so quantizing the base and adding LoRA are
 independent steps. Also here: switching every adapter off (`adapters_disabled`, how the unlearning losses get the
-original model without a second copy), merging into a dense base (a 4-bit base is refused: re-quantizing rounds the
-merged weight, and the base could not be restored), our own adapter files (safetensors + a small JSON), and export to
-peft's adapter format for transformers' LlavaForConditionalGeneration.
+original model without a second copy) and merging into a dense base (a 4-bit base is refused: re-quantizing rounds the
+merged weight, and the base could not be restored). Adapter files (peft's format) are ref/adapters.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import re
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ref.config import DTYPES, read_json
+from ref.config import DTYPES
 from ref.kernels import Kernels, resolve
 from ref.quant import Linear4bit
 
@@ -41,10 +35,6 @@ class LoraError(ValueError):
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_SCOPE = "language_model.layers."  # only the decoder's linears: not the vision tower, projector or lm_head
 
-ADAPTER_WEIGHTS = "lora.safetensors"  # our own adapter files
-ADAPTER_CONFIG = "lora.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"  # peft's
-PEFT_CONFIG = "adapter_config.json"
 
 # W + s B A rounded back to 4 bits is neither the adapted model nor, after unmerging, the base: "adapters off" would no
 # longer be the original model.
@@ -176,13 +166,14 @@ class LoraLinear(nn.Module):
 # Adding adapters to a model, switching them off, merging
 
 
-def lora_target_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules `config` puts adapters on; every target name must match at least one."""
+def lora_target_names(model: nn.Module, config: LoraConfig, include_wrapped: bool = False) -> list[str]:
+    """Names of the modules `config` puts adapters on; every target name must match at least one. include_wrapped:
+    count linears already wrapped in LoraLinear (to ask which modules a config selects on an adapted model)."""
     names, matched = [], set()
     for name, module in model.named_modules():
         last = name.rpartition(".")[2]
-        if name.startswith(config.scope) and last in config.targets and hasattr(module, "in_features") \
-                and not isinstance(module, LoraLinear):
+        wrapped_ok = include_wrapped or not isinstance(module, LoraLinear)
+        if name.startswith(config.scope) and last in config.targets and hasattr(module, "in_features") and wrapped_ok:
             names.append(name)
             matched.add(last)
     unmatched = [t for t in config.targets if t not in matched]
@@ -201,6 +192,15 @@ def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> list[str]:
     if lora_modules(model):
         raise LoraError("the model already has LoRA adapters")
     names = lora_target_names(model, config)
+    add_lora_to(model, names, config)
+    return names
+
+
+def add_lora_to(model: nn.Module, names: list[str], config: LoraConfig) -> None:
+    """Wrap exactly the linears `names` (an adapter file's modules) with `config`'s rank, alpha, dropout and dtype;
+    freeze everything but the adapters."""
+    if lora_modules(model):
+        raise LoraError("the model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -208,7 +208,6 @@ def add_lora(model: nn.Module, config: LoraConfig = LoraConfig()) -> list[str]:
                              DTYPES[config.dtype], kernels=getattr(model, "kernels", None))  # the model's kernels
         wrapper.train(model.training)  # a new module starts in training mode: follow the model's (dropout off in eval)
         model.set_submodule(name, wrapper)
-    return names
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -274,111 +273,3 @@ def remove_adapters(model: nn.Module) -> None:
         if module.merged:
             raise LoraError(f"{name}: adapter is merged into the base; cannot remove it")
         model.set_submodule(name, module.base_layer)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Our adapter files: <folder>/lora.safetensors + <folder>/lora.json
-
-
-def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    if not state:
-        raise LoraError("the model has no LoRA adapters to save")
-    save_file(state, str(folder / ADAPTER_WEIGHTS))
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return folder
-
-
-def read_adapter_config(folder: str | Path) -> LoraConfig:
-    path = Path(folder) / ADAPTER_CONFIG
-    raw = read_json(path, LoraError, f"an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    return LoraConfig.from_dict(raw, str(path))
-
-
-def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
-    """Add the adapters described in `folder` to `model` and load their weights; checks everything first.
-
-    The file must hold exactly the tensors that the config's targets give on this model, with matching shapes:
-    an adapter trained for another base fails here, naming the key, before the model is touched.
-    """
-    config = read_adapter_config(folder)
-    path = Path(folder) / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise LoraError(f"{path}: no such file")
-    expected = {}
-    for name in lora_target_names(model, config):
-        base = model.get_submodule(name)
-        expected[f"{name}.lora_A.weight"] = (config.r, base.in_features)
-        expected[f"{name}.lora_B.weight"] = (base.out_features, config.r)
-    with safe_open(str(path), framework="pt") as f:
-        found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        if missing or unexpected:
-            raise LoraError(f"{path}: adapter does not fit this model: {len(missing)} tensor(s) missing "
-                            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        for key, shape in expected.items():
-            if found[key] != shape:
-                raise LoraError(f"{path}: {key} has shape {found[key]}, this model needs {shape} "
-                                f"(adapter trained for another base?)")
-        add_lora(model, config)
-        with torch.no_grad():
-            for name, module in lora_modules(model).items():
-                for part in ("lora_A", "lora_B"):
-                    weight = getattr(module, part).weight
-                    weight.copy_(f.get_tensor(f"{name}.{part}.weight").to(weight.dtype))
-    return config
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# peft's adapter format, for transformers' LlavaForConditionalGeneration (transformers 5.x module names)
-
-
-def hf_module_name(name: str) -> str:
-    """Our module name -> transformers 5.x LlavaForConditionalGeneration's: all but lm_head sit under `model.`."""
-    return name if name == "lm_head" or name.startswith("lm_head.") else f"model.{name}"
-
-
-def peft_target_regex(config: LoraConfig) -> str:
-    """A regex (peft full-matches it against module names) selecting the same modules as `config` does on ours."""
-    prefix = re.escape(hf_module_name(config.scope)) if config.scope else ""
-    targets = "|".join(re.escape(t) for t in config.targets)
-    return rf"{prefix}(?:.*\.)?(?:{targets})"
-
-
-def export_peft(model: nn.Module, folder: str | Path, config: LoraConfig,
-                base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors that peft loads onto transformers' LLaVA.
-
-    peft stores `base_model.model.<module>.lora_{A,B}.weight` (the adapter name "default" left out).
-    """
-    if config.scope.startswith("lm_head"):
-        raise LoraError("export of lm_head-only scopes is not supported")
-    state = {f"base_model.model.{hf_module_name(name)}.{part}.weight": tensor.contiguous().cpu()
-             for name, module in lora_modules(model).items()
-             for part, tensor in (("lora_A", module.lora_A.weight.detach()),
-                                  ("lora_B", module.lora_B.weight.detach()))}
-    if not state:
-        raise LoraError("the model has no LoRA adapters to export")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "target_modules": peft_target_regex(config),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "use_dora": False,
-    }
-    (folder / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
-    return folder

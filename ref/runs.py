@@ -4,7 +4,7 @@
                 kernels.txt                  the resolved kernel table
                 log.jsonl                    one JSON line per optimizer step
                 checkpoint/state.safetensors adapter, AdamW moments, RNG states and the loop's position, in one file
-                adapter/                     the trained LoRA adapter (ref.lora.save_adapter)
+                adapter/                     the trained LoRA adapter, in peft's format (ref.adapters)
                 summary.json                 tokens, estimated FLOPs, wall time, peak memory, why the run stopped
 
 Every file is written under a temporary name and renamed into place, so a crash never leaves half a file, and a

@@ -595,7 +595,7 @@ def save_quantized(model: nn.Module, folder: str | Path, layout: str | None = No
     if not modules:
         raise QuantError("the model has no 4-bit linears: save it with ref.weights.save_model")
     if any(isinstance(m, LoraLinear) for m in model.modules()):
-        raise QuantError("the model has LoRA adapters: save them with ref.lora.save_adapter (or merge them first)")
+        raise QuantError("the model has LoRA adapters: save them with ref.adapters.save_adapter (or merge them first)")
     settings = {(m.quant_type, m.blocksize, m.double_quant) for m in modules.values()}
     if len(settings) != 1:
         raise QuantError(f"mixed 4-bit settings {sorted(settings)} cannot be described by one quantization_config")

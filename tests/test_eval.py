@@ -21,7 +21,8 @@ from evals.judges import judge as phrase_judge
 from evals.suites import AttackSample, SuiteError, load_harmful_prompts, load_suites, parse_suite_spec
 from ref.data import IGNORE_INDEX, build_prompt, load_processor
 from ref.llava import Llava
-from ref.lora import LoraConfig, LoraError, add_lora, adapters_disabled, load_adapter, save_adapter
+from ref.adapters import load_adapter, save_adapter
+from ref.lora import LoraConfig, LoraError, add_lora, adapters_disabled
 from ref.weights import load_model
 from toy import defaults as toy
 from weights_tools.make_tiny import write_tiny_checkpoint
@@ -283,7 +284,7 @@ def test_unreadable_image(world, tmp_path, no_generation):
 def test_adapter_for_another_model(world, tmp_path, no_generation):
     other = write_tiny_checkpoint(tmp_path / "other", text_hidden_size=32, text_heads=2, text_kv_heads=2)
     wrong = make_adapter(other, tmp_path / "wrong_adapter")
-    with pytest.raises(LoraError, match=r"lora\.safetensors.*shape"):
+    with pytest.raises(LoraError, match=r"adapter_model\.safetensors.*has shape"):
         evaluate(base_args(world, tmp_path / "o", "--adapter", str(world["adapter"]), "--adapter", str(wrong)))
 
 

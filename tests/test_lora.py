@@ -1,7 +1,8 @@
 """LoRA (ref.lora) against the formula computed by hand, against the base it wraps, and against peft on transformers.
 
-The peft test is the independent check of the whole adapter: trained by our code, exported, loaded by peft onto
-transformers' LlavaForConditionalGeneration holding the same dense weights, the logits must agree.
+The peft tests are the independent check of the whole adapter, both ways: trained by our code and saved (peft's format)
+then loaded by peft onto transformers' LlavaForConditionalGeneration holding the same dense weights, and trained with
+peft on transformers' LLaVA then loaded into ours: the logits must agree.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import random_linear, randomize_adapters, tiny_config, tiny_llava
-from ref import lora, quant, weights
+from ref import adapters, lora, quant, weights
 from ref.config import LlavaConfig, TextConfig
 from ref.lora import LoraConfig, LoraError, LoraLinear
 from ref.quant import Linear4bit
@@ -118,6 +119,16 @@ def token_batch(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor
     return torch.randint(3, 120, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def image_batch(config: LlavaConfig, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt with an image: text, the image's tokens, text; and random pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    image_tokens = torch.full((config.image_seq_length,), config.image_token_index)
+    ids = torch.cat([torch.randint(3, 100, (4,), generator=generator), image_tokens,
+                     torch.randint(3, 100, (5,), generator=generator)])[None]  # (1, T)
+    size = config.vision.image_size
+    return ids, torch.randn(1, 3, size, size, generator=generator)  # (1, 3, S, S)
+
+
 def train_steps(model: nn.Module, steps: int = 3, lr: float = 1e-2) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -192,7 +203,7 @@ def test_merged_dense_model_equals_adapted_model_and_unmerge_restores():
     torch.testing.assert_close(model(ids), adapted)
 
 
-# --- adapter files ----------------------------------------------------------------------------------------------------
+# --- adapter files (peft's format; ref.adapters) ----------------------------------------------------------------------
 
 
 def test_save_and_load_adapter_round_trip(tmp_path):
@@ -200,9 +211,13 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     model = tiny_llava()
     lora.add_lora(model, config)
     randomize_adapters(model)
-    lora.save_adapter(model, tmp_path, config)
+    adapters.save_adapter(model, tmp_path, config, base_model="/models/tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (raw["peft_type"], raw["r"], raw["lora_alpha"], raw["use_rslora"], raw["base_model_name_or_path"]) == \
+        ("LORA", 4, 8, True, "/models/tiny")
     loaded = tiny_llava()
-    assert lora.load_adapter(loaded, tmp_path) == config
+    assert adapters.load_adapter(loaded, tmp_path) == config
     for key, value in lora.lora_state_dict(model).items():
         assert torch.equal(lora.lora_state_dict(loaded)[key], value)
     ids = token_batch()
@@ -210,12 +225,34 @@ def test_save_and_load_adapter_round_trip(tmp_path):
         assert torch.equal(loaded(ids), model(ids))
 
 
+def test_adapters_of_earlier_versions_still_load(tmp_path):
+    """lora.json + lora.safetensors under our module names, as train.py wrote them before peft's format."""
+    config = LoraConfig(r=4, alpha=8)
+    model = tiny_llava()
+    lora.add_lora(model, config)
+    randomize_adapters(model)
+    save_file({k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}, str(tmp_path / "lora.safetensors"))
+    (tmp_path / "lora.json").write_text(json.dumps(config.to_dict()))
+    loaded = tiny_llava()
+    assert adapters.load_adapter(loaded, tmp_path) == config
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    raw = config.to_dict()
+    (tmp_path / "lora.json").write_text(json.dumps({**raw, "targets": ["q_proj", "k_proj"]}))
+    with pytest.raises(LoraError, match="does not fit this model.*unexpected"):
+        adapters.load_adapter(tiny_llava(), tmp_path)
+    (tmp_path / "lora.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "alpha"}))
+    with pytest.raises(LoraError, match=r"lora.json: missing field\(s\) \['alpha'\]"):
+        adapters.load_adapter(tiny_llava(), tmp_path)
+
+
 @pytest.fixture()
 def saved_adapter(tmp_path):
     config = LoraConfig(r=4, alpha=8)
     model = tiny_llava()
     lora.add_lora(model, config)
-    lora.save_adapter(model, tmp_path, config)
+    adapters.save_adapter(model, tmp_path, config)
     return tmp_path
 
 
@@ -224,36 +261,47 @@ def test_adapter_for_another_base_is_refused(saved_adapter):
     wider = LlavaConfig(vision=wider.vision, image_token_index=126, pad_token_id=127,
                         text=TextConfig(**{**wider.text.__dict__, "intermediate_size": 128}))
     model = tiny_llava(config=wider)
-    with pytest.raises(LoraError, match=r"gate_proj.lora_B.weight has shape \(96, 4\), this model needs \(128, 4\)"):
-        lora.load_adapter(model, saved_adapter)
+    with pytest.raises(LoraError, match=r"down_proj.lora_A.weight has shape \(4, 96\), this model needs \(4, 128\)"):
+        adapters.load_adapter(model, saved_adapter)
     assert not lora.lora_modules(model)  # refused before the model was touched
-    # target names that disagree with the tensors in the file
-    config_file = saved_adapter / lora.ADAPTER_CONFIG
-    raw = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**raw, "targets": ["q_proj", "k_proj"]}))
-    with pytest.raises(LoraError, match="does not fit this model.*unexpected"):
-        lora.load_adapter(tiny_llava(), saved_adapter)
+    shallower = tiny_config()
+    shallower = LlavaConfig(vision=shallower.vision, image_token_index=126, pad_token_id=127,
+                            text=TextConfig(**{**shallower.text.__dict__, "num_hidden_layers": 1}))
+    with pytest.raises(LoraError, match=r"not all linears of this model.*adapter for another base"):
+        adapters.load_adapter(tiny_llava(config=shallower), saved_adapter)
 
 
-def test_adapter_config_missing_or_unknown_fields_are_refused(saved_adapter):
-    config_file = saved_adapter / lora.ADAPTER_CONFIG
-    raw = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({k: v for k, v in raw.items() if k != "alpha"}))
-    with pytest.raises(LoraError, match=r"lora.json: missing field\(s\) \['alpha'\]"):
-        lora.load_adapter(tiny_llava(), saved_adapter)
-    config_file.write_text(json.dumps({**raw, "rank": 4}))
-    with pytest.raises(LoraError, match=r"unknown field\(s\) \['rank'\]"):
-        lora.load_adapter(tiny_llava(), saved_adapter)
-    config_file.write_text(json.dumps({**raw, "r": 0}))
-    with pytest.raises(LoraError, match="rank r must be a positive integer, got 0"):
-        lora.load_adapter(tiny_llava(), saved_adapter)
+@pytest.mark.parametrize("change, match", [
+    ({"use_dora": True}, r"uses \['use_dora'\], which this LoRA does not compute"),
+    ({"bias": "all"}, r"uses \['bias'\]"),
+    ({"modules_to_save": ["lm_head"]}, r"uses \['modules_to_save'\]"),
+    ({"rank_pattern": {"q_proj": 8}}, r"uses \['rank_pattern'\]"),
+    ({"peft_type": "IA3"}, r"peft_type 'IA3'; only LORA"),
+    ({"r": 0}, r"adapter_config.json: LoRA rank r must be a positive integer, got 0"),
+    ({"r": 2}, r"has shape \(4, 96\), this model needs \(2, 96\)"),
+])
+def test_peft_settings_this_lora_does_not_compute_are_refused(saved_adapter, change, match):
+    config_file = saved_adapter / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    with pytest.raises(LoraError, match=match):
+        adapters.load_adapter(tiny_llava(), saved_adapter)
+
+
+def test_broken_adapter_files_are_refused(saved_adapter):
+    config_file = saved_adapter / "adapter_config.json"
     config_file.write_text("{not json")
     with pytest.raises(LoraError, match="not valid JSON"):
-        lora.load_adapter(tiny_llava(), saved_adapter)
-    (saved_adapter / lora.ADAPTER_WEIGHTS).unlink()
-    config_file.write_text(json.dumps(raw))
-    with pytest.raises(LoraError, match="lora.safetensors: no such file"):
-        lora.load_adapter(tiny_llava(), saved_adapter)
+        adapters.load_adapter(tiny_llava(), saved_adapter)
+    config_file.unlink()
+    with pytest.raises(LoraError, match="not an adapter folder"):
+        adapters.load_adapter(tiny_llava(), saved_adapter)
+    stored = load_file(saved_adapter / "adapter_model.safetensors")
+    key = next(iter(stored))
+    save_file({**stored, key.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(3)},  # DoRA's
+              str(saved_adapter / "adapter_model.safetensors"))
+    config_file.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    with pytest.raises(LoraError, match="is not a LoRA A or B weight"):
+        adapters.load_adapter(tiny_llava(), saved_adapter)
 
 
 def test_bad_settings_are_refused():
@@ -274,29 +322,34 @@ def test_bad_settings_are_refused():
 # --- peft interoperability --------------------------------------------------------------------------------------------
 
 
-def test_exported_adapter_loads_in_peft_on_transformers_llava_with_same_logits(tmp_path):
+def transformers_llava(ours):
+    """transformers' LLaVA holding the same weights as our model (its in-memory names, transformers 5.x)."""
     transformers = pytest.importorskip("transformers", reason="PEFT interop compares against transformers' LLaVA")
-    peft = pytest.importorskip("peft", reason="PEFT interop needs peft (tests/requirements.txt)")
-    ours = tiny_llava(seed=3)
-    # transformers' LLaVA with the same weights: our internal names are its in-memory names minus "model."
     hf = transformers.LlavaForConditionalGeneration(
         transformers.LlavaConfig(**{k: v for k, v in ours.config.to_llava_hf_dict().items()
                                     if k not in ("architectures", "model_type")})).eval()
     hf.set_attn_implementation("eager")
-    missing, unexpected = hf.load_state_dict({lora.hf_module_name(k.rpartition(".")[0]) + "." + k.rpartition(".")[2]: v
-                                              for k, v in ours.state_dict().items()}, strict=False)
+    internal_to_hf = weights.LAYOUTS["hf-5-memory"].to_external
+    missing, unexpected = hf.load_state_dict({internal_to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)
     assert not unexpected and not missing
+    return hf
+
+
+def test_train_py_adapter_loads_in_peft_on_transformers_llava_with_same_logits(tmp_path):
+    peft = pytest.importorskip("peft", reason="PEFT interop needs peft (tests/requirements.txt)")
+    ours = tiny_llava(seed=3)
+    hf = transformers_llava(ours)
     config = LoraConfig(r=4, alpha=8, dropout=0.05)
     names = lora.add_lora(ours, config)
     train_steps(ours, steps=3)
-    lora.export_peft(ours, tmp_path, config)
+    adapters.save_adapter(ours, tmp_path, config)  # what train.py writes
 
-    stored = load_file(tmp_path / lora.PEFT_WEIGHTS)
+    stored = load_file(tmp_path / adapters.PEFT_WEIGHTS)
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in stored
     peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
     wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
                if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert wrapped == {lora.hf_module_name(n) for n in names}  # the regex picks exactly our modules
+    assert wrapped == {adapters.hf_module_name(n) for n in names}  # target_modules picks exactly our modules
     ids = token_batch(seed=7)
     with torch.no_grad():
         ours_logits = ours(ids)
@@ -305,6 +358,29 @@ def test_exported_adapter_loads_in_peft_on_transformers_llava_with_same_logits(t
             base_logits = ours(ids)
     assert (ours_logits - base_logits).abs().max() > 1e-3  # the trained adapter does change the logits
     torch.testing.assert_close(ours_logits, peft_logits)
+
+
+def test_adapter_trained_with_peft_on_transformers_llava_loads_into_ours_with_same_logits(tmp_path):
+    """peft's own adapter, target_modules ["q_proj", "v_proj"] (which reaches the vision tower's attention too),
+    rsLoRA, random B so that it changes the output: our model with it gives transformers' logits, image included."""
+    peft = pytest.importorskip("peft", reason="PEFT interop needs peft (tests/requirements.txt)")
+    ours = tiny_llava(seed=5)
+    hf = transformers_llava(ours)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                         use_rslora=True))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(tmp_path)
+    config = adapters.load_adapter(ours, tmp_path)
+    assert (config.r, config.alpha, config.use_rslora) == (4, 16, True)
+    assert any(name.startswith("vision_tower.") for name in lora.lora_modules(ours))
+    ids, pixels = image_batch(ours.config)
+    with torch.no_grad():
+        theirs = peft_model.eval()(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(ours.eval()(ids, pixel_values=pixels), theirs)
 
 
 # --- weights_tools: merge an adapter into a dense checkpoint, quantize ahead of time ----------------------------------
@@ -318,15 +394,14 @@ def test_merge_adapter_tool_writes_a_dense_checkpoint_equal_to_the_adapted_model
     config = LoraConfig(r=4, alpha=8)
     lora.add_lora(model, config)
     randomize_adapters(model)
-    lora.save_adapter(model, tmp_path / "adapter", config)
+    adapters.save_adapter(model, tmp_path / "adapter", config)
     merge_adapter.main([str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"),
-                        "--dtype", "float32", "--peft-out", str(tmp_path / "peft")])
+                        "--dtype", "float32"])
     merged = weights.load_model(tmp_path / "merged")
     assert not lora.lora_modules(merged)
     ids = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), model(ids))
-    assert (tmp_path / "peft" / lora.PEFT_CONFIG).is_file()
 
 
 def test_quantize_tool_matches_quantize_on_load(tmp_path):

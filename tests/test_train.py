@@ -60,7 +60,7 @@ def test_textual_run_writes_adapter_log_and_summary(world, tmp_path):
     assert log[0]["utility_kl"] == 0.0  # fresh adapters: the model is still the original
     assert summary["steps"] == 3 and summary["tokens"] == sum(r["tokens"] for r in log)
     assert summary["kernels"]["linear_cross_entropy"] == "chunked"
-    assert (out / "adapter" / "lora.safetensors").is_file() and (out / "kernels.txt").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "kernels.txt").is_file()
     assert json.loads((out / "args.json").read_text())["max_steps"] == 3
 
 
@@ -83,8 +83,8 @@ def test_resume_gives_the_same_adapter_bit_for_bit(world, tmp_path):
         log.write(json.dumps({"step": 2, "total": 0.0}) + "\n" + json.dumps({"step": 3, "total": 0.0}) + "\n")
     resumed = train.train(train.parse_args(["--out", str(tmp_path / "resumed"), "--resume"]))
     assert resumed["steps"] == 4
-    straight = load_file(tmp_path / "straight" / "adapter" / "lora.safetensors")
-    again = load_file(tmp_path / "resumed" / "adapter" / "lora.safetensors")
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert straight.keys() == again.keys()
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
@@ -95,7 +95,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_adapter(world, tmp_path):
     out = tmp_path / "nan"
     summary = run(world, out, "--max-steps", "5", "--lr", "1e30", "--clip", "0")
     assert "non-finite" in summary["stopped_by"] and summary["steps"] < 5
-    for name, tensor in load_file(out / "adapter" / "lora.safetensors").items():
+    for name, tensor in load_file(out / "adapter" / "adapter_model.safetensors").items():
         assert torch.isfinite(tensor).all(), name
 
 
@@ -117,7 +117,7 @@ def test_bare_defaults_train_on_the_embedded_toy(tmp_path):
     assert summary["steps"] == 2 and summary["image_tokens"] == 0
     args = json.loads((tmp_path / "bare" / "args.json").read_text())
     assert args["data"] == "toy" and args["model"].endswith("toy_llava") and args["mode"] == "textual"
-    assert (tmp_path / "bare" / "adapter" / "lora.safetensors").is_file()
+    assert (tmp_path / "bare" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_a_step_without_any_loss_term_is_skipped_and_logged(world, tmp_path):
