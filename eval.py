@@ -42,7 +42,7 @@ from evals import judges as judge_registry
 from evals.benchmarks import BENCHMARK_READERS
 from evals.generation import Sampling, chat_prompt, generate_responses, tokenize_samples
 from evals.judges import RefusalPhraseJudge
-from evals.report import provenance, write_report
+from evals.report import report_provenance, write_report
 from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_batches, saved_verdicts,
                            utility_metrics)
 from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
@@ -50,9 +50,10 @@ from ref import kernels as kernel_registry
 from ref.config import DTYPES, read_json
 from ref.console import Progress, exit_on_user_error
 from ref.data import load_processor
-from ref.adapters import load_adapter
+from ref.adapters import is_adapter_folder, load_adapter
 from ref.lora import remove_adapters
-from ref.runs import adapter_display_name, read_run_args, read_train_summary, run_folder_of, write_atomically
+from ref.runs import (adapter_display_name, adapter_step, is_run_folder, read_run_args, read_train_summary,
+                      run_adapters, run_folder_of, write_atomically)
 from ref.weights import is_quantized_checkpoint, load_model, open_checkpoint
 from toy import defaults as toy
 from toy import judges as toy_judges
@@ -87,10 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "assets/toy_llava")
     io.add_argument("--vision-dir", default=None, help="CLIP folder, for an original-format LLaVA checkpoint")
     io.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
-                    help="LoRA adapter folder (peft's adapter_config.json + adapter_model.safetensors, or the lora.json\n"
-                         "of earlier versions), repeatable; the base model is always "
-                         "evaluated too.\nName defaults to the run folder (runs/textual/adapter -> textual). "
-                         "Default: none,\nor with the toy model every runs/*/adapter that exists")
+                    help="LoRA adapter folder (peft's adapter_config.json + adapter_model.safetensors, or the\n"
+                         "lora.json of earlier versions), repeatable; the base model is always evaluated too. A\n"
+                         "train.py run folder stands for every adapter it saved (adapter-step<N>/ as NAME@N, then\n"
+                         "adapter/). Name defaults to the run folder (runs/textual/adapter -> textual).\n"
+                         "Default: none, or with the toy model every runs/*/adapter that exists")
     io.add_argument("--no-adapters", action="store_true", help="evaluate the base model only (ignore the defaults)")
     io.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4"],
                     help="the base's decoder linears: dense (none) or 4 bit. auto (default): what the adapters'\n"
@@ -213,11 +215,21 @@ def resolve_quantize(requested: str, run_args: dict[str, dict]) -> str:
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
+    """--adapter [NAME=]DIR -> (name, folder); a train.py run folder stands for every adapter it saved, in training
+    order (adapter-step<N>/ as NAME@N, then adapter/ as NAME)."""
     adapters = []
     for spec in specs:
         name, sep, folder = spec.partition("=")
         if not sep:
             name, folder = adapter_display_name(spec), spec
+        if is_run_folder(folder) and not is_adapter_folder(folder):
+            found = run_adapters(folder)
+            if not found:
+                raise EvalError(f"--adapter {spec}: a train.py run folder without adapters (not finished, and no "
+                                f"--save-adapter-every)")
+            run_name = name if sep else Path(folder).resolve().name
+            adapters += [(run_name + ("" if adapter_step(a) is None else f"@{adapter_step(a)}"), a) for a in found]
+            continue
         adapters.append((name, Path(folder)))
     names = [n for n, _ in adapters]
     clash = sorted({n for n in names if names.count(n) > 1 or n == "base"})
@@ -598,7 +610,7 @@ def run(args: argparse.Namespace) -> dict:
                   "normal": {"spec": args.normal, "n": len(normal)} if normal else None,
                   "suite_list": [{"name": s.name, "kind": s.kind, "n": len(s.samples), "source": s.source}
                                  for s in suites],
-                  "provenance": provenance(ROOT, args.model, adapters, suites)}
+                  "provenance": report_provenance(ROOT, args.model, adapters, suites)}
     open_run_folder(out, run_record)
     done = saved_blocks(out, {s.name: len(s.samples) for s in suites})
     finished = finished_models(out)

@@ -6,16 +6,11 @@ Every rate is printed with its count and its 95% Wilson interval: "12.5% (3/24; 
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
-import platform
-import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-PACKAGES = ("torch", "bitsandbytes", "safetensors", "tokenizers", "pillow", "numpy")
+from ref.provenance import provenance, sha256_file
 
 
 def _percent(numerator: int, denominator: int, ci: list[float] | None = None) -> str:
@@ -114,28 +109,6 @@ def markdown_table(report: dict) -> str:
 # What produced a report
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def git_commit(root: Path) -> str | None:
-    """The code's commit, "+dirty" when files differ from it; None outside a git checkout."""
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
 def spec_files(spec: str) -> list[Path]:
     """The files a suite spec "[NAME=]KIND:PATH" names: the file itself, or a folder's JSON/CSV files."""
     path = Path(spec.split(":", 1)[1]) if ":" in spec else None
@@ -146,31 +119,18 @@ def spec_files(spec: str) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".csv"))
 
 
-def provenance(root: Path, model_dir: str | Path, adapters: list[tuple[str, Path]], suites) -> dict:
+def report_provenance(root: Path, model_dir: str | Path, adapters: list[tuple[str, Path]], suites) -> dict:
     """Date, code commit, package versions, and the sha256 of the model config, the adapters' files and the suite
     files: enough to tell two reports' inputs apart."""
-    def versions() -> dict[str, str]:
-        found = {}
-        for name in PACKAGES:
-            try:
-                found[name] = importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                found[name] = "not installed"
-        return found
-
     config = Path(model_dir) / "config.json"
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(root),
-        "python": platform.python_version(),
-        "packages": versions(),
-        "sha256": {
-            "model_config": sha256_file(config) if config.is_file() else None,
-            "adapters": {name: {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file()}
-                         for name, folder in adapters},
-            "suites": {suite.source: {str(f): sha256_file(f) for f in spec_files(suite.source)} for suite in suites},
-        },
+    made = provenance({}, root=root)
+    made["sha256"] = {
+        "model_config": sha256_file(config) if config.is_file() else None,
+        "adapters": {name: {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file()}
+                     for name, folder in adapters},
+        "suites": {suite.source: {str(f): sha256_file(f) for f in spec_files(suite.source)} for suite in suites},
     }
+    return made
 
 
 def write_report(out: Path, report: dict) -> tuple[Path, Path]:

@@ -5,6 +5,7 @@
                 log.jsonl                    one JSON line per optimizer step
                 checkpoint/state.safetensors adapter, AdamW moments, RNG states and the loop's position, in one file
                 adapter/                     the trained LoRA adapter, in peft's format (ref.adapters)
+                adapter-step<N>/             the adapter after step N (train.py --save-adapter-every)
                 summary.json                 tokens, estimated FLOPs, wall time, peak memory, why the run stopped
 
 Every file is written under a temporary name and renamed into place, so a crash never leaves half a file, and a
@@ -45,10 +46,41 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 # Reading a run back
 
 
+def step_adapter_dir(step: int) -> str:
+    return f"{ADAPTER_DIR}-step{step}"
+
+
+def adapter_step(adapter: str | Path) -> int | None:
+    """runs/textual/adapter-step50 -> 50; the final adapter (or any other folder) -> None."""
+    name = Path(adapter).name
+    prefix = f"{ADAPTER_DIR}-step"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    return (Path(folder) / ARGS_FILE).is_file()
+
+
 def run_folder_of(adapter: str | Path) -> Path | None:
-    """The train.py run folder an adapter folder belongs to (runs/textual/adapter -> runs/textual), or None."""
+    """The train.py run folder an adapter folder belongs to (runs/textual/adapter, runs/textual/adapter-step50 ->
+    runs/textual), or None."""
     adapter = Path(adapter)
-    return adapter.parent if adapter.name == ADAPTER_DIR and (adapter.parent / ARGS_FILE).is_file() else None
+    ours = adapter.name == ADAPTER_DIR or adapter_step(adapter) is not None
+    return adapter.parent if ours and is_run_folder(adapter.parent) else None
+
+
+def run_adapters(run: str | Path) -> list[Path]:
+    """A run's adapters in training order: every adapter-step<N>/ by N, then the final adapter/ if written and not
+    the same weights as the last adapter-step<N>/ (a run that ended on a multiple of --save-adapter-every)."""
+    run = Path(run)
+    steps = sorted((p for p in run.glob(f"{ADAPTER_DIR}-step*") if adapter_step(p) is not None), key=adapter_step)
+    final = run / ADAPTER_DIR
+    if not final.is_dir():
+        return steps
+    summary = read_json(run / SUMMARY_FILE, RunError) if (run / SUMMARY_FILE).is_file() else {}
+    if steps and adapter_step(steps[-1]) == summary.get("steps"):
+        return steps
+    return steps + [final]
 
 
 def read_run_args(run: str | Path) -> dict:
@@ -57,19 +89,54 @@ def read_run_args(run: str | Path) -> dict:
 
 
 def adapter_display_name(adapter: str | Path) -> str:
-    """runs/textual/adapter -> "textual" (train.py's layout); any other folder -> its own name."""
+    """runs/textual/adapter -> "textual" (train.py's layout), runs/textual/adapter-step50 -> "textual@50"; any other
+    folder -> its own name."""
     adapter = Path(adapter)
-    return adapter.resolve().parent.name if adapter.name == ADAPTER_DIR else adapter.name
+    if run_folder_of(adapter) is None and adapter.name != ADAPTER_DIR:
+        return adapter.name
+    step = adapter_step(adapter)
+    return adapter.resolve().parent.name + ("" if step is None else f"@{step}")
 
 
 def read_train_summary(adapter: str | Path) -> dict | None:
-    """Tokens / FLOPs / seconds of the train.py run that wrote this adapter (the summary.json beside it), if any."""
+    """Tokens / FLOPs / seconds of the train.py run that wrote this adapter (the summary.json beside it), if any;
+    for an adapter-step<N>, the sums of the log's first N steps."""
+    step = adapter_step(adapter)
+    if step is not None and run_folder_of(adapter) is not None:
+        return _summary_up_to(Path(adapter).parent, step)
     for candidate in (Path(adapter).parent / SUMMARY_FILE, Path(adapter) / SUMMARY_FILE):
         if candidate.is_file():
             summary = read_json(candidate, RunError)
             keys = ("mode", "steps", "tokens", "image_tokens", "estimated_flops", "wall_seconds")
             return {"file": str(candidate), **{k: summary.get(k) for k in keys}}
     return None
+
+
+def _summary_up_to(run: Path, step: int) -> dict:
+    records = [r for r in read_log(run) if r["step"] < step]
+
+    def total(key: str):
+        return sum(r[key] for r in records) if all(key in r for r in records) else None
+
+    return {"file": str(run / LOG_FILE), "mode": read_run_args(run).get("mode"), "steps": step,
+            "tokens": total("tokens"), "image_tokens": total("image_tokens"), "estimated_flops": total("flops"),
+            "wall_seconds": total("seconds")}
+
+
+def read_log(run: str | Path) -> list[dict]:
+    """The step records of a run's log.jsonl (event lines, such as a resume's, left out)."""
+    path = Path(run) / LOG_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunError(f"{path}:{number}: not valid JSON ({err})") from err
+        if "event" not in record:
+            records.append(record)
+    return records
 
 
 def keep_log_before(log_path: Path, step: int) -> None:
@@ -104,6 +171,16 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     meta = {**state, "python_rng": _jsonable_random_state(), "param_names": names}
     write_atomically(folder / CHECKPOINT_FILE,
                      lambda p: save_file(tensors, str(p), metadata={"state": json.dumps(meta)}))
+
+
+def read_checkpoint_state(folder: Path) -> dict:
+    """A checkpoint's metadata alone (step, why the run stopped, ...): what a resume decides on before loading."""
+    path = folder / CHECKPOINT_FILE
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["state"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as err:
+        raise RunError(f"{path}: not a readable training checkpoint ({err})") from err
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
