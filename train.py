@@ -29,6 +29,7 @@ import random
 import resource
 import signal
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,15 +38,16 @@ from pathlib import Path
 import torch
 
 from ref import kernels as kernel_registry
-from ref.config import DTYPES
-from ref.console import Progress, exit_on_user_error
+from ref.config import DTYPES, check_device, read_json
+from ref.console import HelpFormatter, Progress, exit_on_user_error
 from ref.data import Processor, build_prompt, collate_for_training, load_processor
 from ref.losses import Batch, LossWeights, batch_flops, unlearning_loss
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
+from ref.provenance import provenance
 from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
-                      RunError, keep_log_before, load_checkpoint, read_run_args, save_checkpoint, trainable_tensors,
-                      write_atomically)
+                      RunError, keep_log_before, load_checkpoint, read_checkpoint_state, read_run_args,
+                      save_checkpoint, step_adapter_dir, trainable_tensors, write_atomically)
 from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, split_records
 from ref.weights import load_model
 from toy import defaults as toy
@@ -66,6 +68,8 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     """Run 1-5 of the module docstring; returns the summary (or {"interrupted_at": step} after a stop request)."""
     # 1. options -> the run folder; a resumed run continues with the options it was started with
     args, out = open_run(args)
+    if (finished := finished_run(args, out)) is not None:
+        return finished
     kernels = set_up_torch(args)
     # 3 before 2: every input is read and checked before the (slow) model load
     harmful, normal, maker = read_data(args)
@@ -110,6 +114,8 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
             state.stopped_by = stopping_rule(state, terms.get("harm_nll"), args)
             if state.stopped_by:
                 break
+            if args.save_adapter_every and state.step % args.save_adapter_every == 0:
+                save_adapter(model, out / step_adapter_dir(state.step), lora, base_model=args.model)
             interrupted = stop.requested(state.step) and state.step < args.max_steps
             if state.step % args.save_every == 0 or interrupted:
                 save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, state.checkpoint(streams))
@@ -117,10 +123,11 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
                 progress.close()
                 print(f"stopped after step {state.step} ({stop.reason()}); continue with: python train.py --resume "
                       f"--out {out}", file=sys.stderr)
-                return {"interrupted_at": state.step}
+                return {"interrupted_at": state.step, "signal": stop.signal_number}
     progress.close()
 
     # 5. the outputs
+    state.stopped_by = state.stopped_by or "max_steps"
     save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, state.checkpoint(streams))
     save_adapter(model, out / ADAPTER_DIR, lora, base_model=args.model)
     return write_summary(args, out, state, device, kernels)
@@ -130,24 +137,47 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
 # 1. Options and the run folder
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+# Options whose default depends on the model. The toy's were chosen on its validation suites (README, toy/defaults.py);
+# any other model gets Yao et al.'s (llm_unlearn, unlearn_harm.py: weights 0.5 1 1 on the harmful, mismatch and
+# normal terms, batch 2, 1000 steps, stop once the harmful loss passes 100) with QLoRA's learning rate for a 7B decoder.
+REAL_MODEL_DEFAULTS = {"lr": 2e-4, "eps": [0.5, 1.0, 1.0], "batch_size": 2, "max_steps": 1000, "stop_harm_nll": 100.0}
+# Options a resumed run may change: they decide how far it goes and what it writes, not what one step computes.
+RESUMABLE = ("max_steps", "save_every", "save_adapter_every", "log_every")
+PATH_OPTIONS = ("model", "vision_dir", "data")  # compared as the files they name: ./data.jsonl is data.jsonl
+
+
+def model_default(name: str) -> str:
+    toy_value, real_value = toy.TRAIN_DEFAULTS[name], REAL_MODEL_DEFAULTS[name]
+    show = " ".join(map(str, toy_value)) if isinstance(toy_value, list) else toy_value
+    real = " ".join(map(str, real_value)) if isinstance(real_value, list) else real_value
+    return f"(default: {show} on the toy, {real} on any other model)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--model", default=str(toy.TOY_MODEL),
                     help="LLaVA model folder (llava-hf layout; default: the toy)")
     io.add_argument("--vision-dir", default=None, help="CLIP folder, for an original-format LLaVA checkpoint")
+    toy_data = "\n".join(textwrap.fill(f"{name}: {what}", 100, initial_indent="  ", subsequent_indent="    ")
+                         for name, what in toy.DATA.items())
     io.add_argument("--data", default="toy", help="unlearning JSONL (see ref/unlearning_data.py), or the embedded toy "
-                                                   "world's training records:\n" + "\n".join(
-                                                       f"  {name}: {what}" for name, what in toy.DATA.items()))
+                                                   f"world's training records:\n{toy_data}")
     io.add_argument("--out", default=None, help="run folder (default: runs/<mode>)")
-    io.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    io.add_argument("--prompt-format", default="llava-hf", choices=["llava-hf", "vicuna_v1"])
+    io.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last checkpoint, with the options it was started with;\n"
+                         f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change (a larger\n"
+                         "--max-steps extends a finished run: a linear or cosine schedule then decays to the new end)")
+    io.add_argument("--prompt-format", default="llava-hf", choices=["llava-hf", "vicuna_v1"],
+                    help="chat template: llava-hf's \"USER: ... ASSISTANT:\" or the original release's vicuna_v1")
 
     method = p.add_argument_group("method")
-    method.add_argument("--mode", default="textual", choices=["textual", "multimodal", "sft"])
-    method.add_argument("--eps", type=float, nargs=3, default=[0.5, 1.0, 5.0], metavar=("HARM", "HELPFUL", "UTILITY"),
-                        help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (default 0.5 1 5, the toy's;"
-                             "\nYao et al. use 0.5 1 1; sft mode ignores eps1)")
+    method.add_argument("--mode", default="textual", choices=["textual", "multimodal", "sft"],
+                        help="textual: the paper's method; multimodal: the same losses on image+text records;\n"
+                             "sft: the supervised baseline (helpful NLL and the utility term, no ascent)")
+    method.add_argument("--eps", type=float, nargs=3, default=None, metavar=("HARM", "HELPFUL", "UTILITY"),
+                        help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (sft mode ignores eps1)\n"
+                             + model_default("eps"))
     method.add_argument("--mismatch", default="helpful", choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
 
@@ -156,39 +186,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--dtype", default="float32", choices=TRAIN_DTYPES, help="compute dtype")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--lora-r", type=int, default=8)
-    model.add_argument("--lora-alpha", type=float, default=16.0)
-    model.add_argument("--lora-dropout", type=float, default=0.0)
-    model.add_argument("--lora-targets", nargs="+", default=list(LoraConfig().targets))
+    model.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    model.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (the update is alpha/r B A x)")
+    model.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    model.add_argument("--lora-targets", nargs="+", default=list(LoraConfig().targets),
+                       help="decoder linears that get adapters, by name")
     model.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
     model.add_argument("--kernels", default="reference", help=f"kernel preset: {sorted(kernel_registry.PRESETS)}")
     model.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
                        help="override one op's implementation (repeatable), e.g. --kernel attention=sdpa")
 
-    opt = p.add_argument_group("optimisation (defaults are the embedded toy's; README gives a real model's)")
-    opt.add_argument("--lr", type=float, default=3e-4)
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--batch-size", type=int, default=8, help="records per batch, for each of the three terms")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, default=None, help="peak learning rate " + model_default("lr"))
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    opt.add_argument("--batch-size", type=int, default=None,
+                     help="records per batch, for each of the three terms " + model_default("batch_size"))
     opt.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
-    opt.add_argument("--max-steps", type=int, default=300)
+    opt.add_argument("--max-steps", type=int, default=None, help="optimizer steps " + model_default("max_steps"))
     opt.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    opt.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    opt.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+                     help="learning rate after warm-up: constant, or decaying to 0 at --max-steps")
     opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--stop-harm-nll", type=float, default=-1.0,
-                     help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps, stop\n"
-                          "(a negative value, the toy's default, turns the rule off: it runs --max-steps)")
-    opt.add_argument("--extra-batches", type=int, default=40)
+    opt.add_argument("--seed", type=int, default=0, help="seeds the data order, the adapters' init and dropout")
+    opt.add_argument("--stop-harm-nll", type=float, default=None,
+                     help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps, stop;\n"
+                          "a negative value turns the rule off " + model_default("stop_harm_nll"))
+    opt.add_argument("--extra-batches", type=int, default=40, help="steps run after the stopping rule fires")
 
     run = p.add_argument_group("run")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (default: 1 for the toy, whose tiny matrices gain nothing from more\n"
                           "and lose a lot when another process shares the cores; torch's default otherwise)")
     run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    run.add_argument("--save-adapter-every", type=int, default=0,
+                     help="also keep the adapter every N steps, in adapter-step<N>/ (0: only the final adapter);\n"
+                          "eval.py --adapter RUN_DIR evaluates them all, to plot ASR against steps")
     run.add_argument("--log-every", type=int, default=1, help="steps between progress lines on a non-terminal")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with `given`: the names of those on the command line (a resume checks them against the run's).
+    Defaults that depend on the model are filled in by `open_run`, once it knows whether this is a resume."""
+    args = build_parser().parse_args(argv)
+    args.given = sorted(options_given(argv))
     args.out = args.out or str(ROOT / "runs" / args.mode)
     return args
+
+
+def options_given(argv: list[str] | None) -> set[str]:
+    """The options on the command line: parsed again with every default suppressed, what is set was given. (Each
+    action's own default: set_defaults would also store SUPPRESS as a parser-level default, typed as a value.)"""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def option_defaults() -> dict:
+    """Every option's parser default (None for those that depend on the model)."""
+    return vars(build_parser().parse_args([]))
 
 
 def kernel_overrides(pairs: list[str]) -> dict[str, str]:
@@ -202,16 +259,70 @@ def kernel_overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def open_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path]:
-    """A new run folder, or with --resume the existing one and the options its run was started with."""
+    """A new run folder (model-dependent defaults filled in), or with --resume the existing one and the options its
+    run was started with, changed where the command line changes a `RESUMABLE` option."""
     out = Path(args.out)
     if args.resume:
-        if not (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
-            raise RunError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}")
-        args = argparse.Namespace(**{**read_run_args(out), "resume": True})
+        args = resumed_options(args, out)
     elif (out / LOG_FILE).exists():
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    else:
+        defaults = toy.TRAIN_DEFAULTS if toy.is_toy_model(args.model) else REAL_MODEL_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    check_device(args.device)
     toy.require_toy_model(args.model)
     return args, out
+
+
+def same_option(name: str, saved, given) -> bool:
+    if name in PATH_OPTIONS and isinstance(saved, str) and isinstance(given, str):
+        return saved == given or Path(saved).resolve() == Path(given).resolve()
+    return saved == given
+
+
+def resumed_options(args: argparse.Namespace, out: Path) -> argparse.Namespace:
+    """The run's options (args.json) with the command line's changes to `RESUMABLE` ones; any other difference is
+    refused, listed. `changes` holds {name: [before, now]} for the log."""
+    if not (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
+        raise RunError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}")
+    defaults = option_defaults()
+    saved = {**defaults, **{k: v for k, v in read_run_args(out).items() if k in defaults}}
+    changes = {name: [saved[name], getattr(args, name)] for name in args.given
+               if name not in ("resume", "out") and not same_option(name, saved[name], getattr(args, name))}
+    refused = [name for name in changes if name not in RESUMABLE]
+    if refused:
+        listed = "; ".join(f"--{n.replace('_', '-')} {changes[n][0]!r} in the run, {changes[n][1]!r} now" for n in refused)
+        raise TrainError(f"--resume {out}: options differ from {out / ARGS_FILE}: {listed}. Only "
+                         f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change on resume; start a "
+                         f"new run (another --out) for the others")
+    resumed = argparse.Namespace(**{**saved, **{name: now for name, (_, now) in changes.items()}})
+    resumed.resume, resumed.out, resumed.given, resumed.changes = True, str(out), args.given, changes
+    return resumed
+
+
+def finished_run(args: argparse.Namespace, out: Path) -> dict | None:
+    """A resumed run with nothing left to do (it ended, and --max-steps does not reach past its end): its summary,
+    after one line saying so. A run stopped by a rule or a failure cannot be extended: that is refused."""
+    if not args.resume:
+        return None
+    meta = read_checkpoint_state(out / CHECKPOINT_DIR)
+    stopped_by = meta.get("stopped_by")
+    if stopped_by is None and (out / SUMMARY_FILE).is_file():  # a checkpoint from before stopped_by was kept
+        stopped_by = read_json(out / SUMMARY_FILE, RunError).get("stopped_by")
+    step = meta["step"]
+    if args.max_steps < step:
+        raise TrainError(f"--resume {out}: --max-steps {args.max_steps} is below the checkpoint's step {step}")
+    if stopped_by not in (None, "max_steps"):
+        if "max_steps" in args.changes:
+            raise TrainError(f"--resume {out}: the run stopped at step {step} ({stopped_by}); a larger --max-steps "
+                             f"cannot continue it")
+    elif args.max_steps > step:
+        return None
+    print(f"nothing to do: {out} ended at step {step} ({stopped_by or 'max_steps'}); pass --max-steps N > {step} to "
+          f"train further", file=sys.stderr)
+    return read_json(out / SUMMARY_FILE, RunError) if (out / SUMMARY_FILE).is_file() else {"steps": step}
 
 
 def set_up_torch(args: argparse.Namespace) -> kernel_registry.Kernels:
@@ -255,6 +366,10 @@ def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[No
     else:  # textual unlearning never shows the model an image
         harmful, normal = [r for r in harmful if not r.image], [r for r in normal if not r.image]
     where = f"{args.data} (mode {args.mode})"
+    if not harmful and args.mode == "multimodal":
+        raise TrainError(f"{where}: no harmful record has an image, and the multimodal baseline trains on image+text "
+                         f"records only; add VLGuard's (python -m ref.unlearning_data --vlguard VLGuard/train.json "
+                         f"...) or train with --mode textual")
     if not harmful:
         raise TrainError(f"{where}: no harmful records to train on")
     if args.mode == "sft" and args.mismatch == "helpful" and not any(r.helpful_response for r in harmful):
@@ -415,14 +530,16 @@ class LoopState:
                            ("flops", counts.flops), ("seconds", seconds)):
             self.totals[key] += value
         record = {"step": self.step, **terms, "grad_norm": grad_norm, "lr": lr, "tokens": counts.tokens,
-                  "image_tokens": counts.image_tokens, "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}
+                  "image_tokens": counts.image_tokens, "flops": counts.flops, "seconds": seconds,
+                  "peak_memory_mb": peak_memory_mb(device)}
         if not terms:
             record["skipped"] = "no loss term: no record of this step's batches has a response for a weighted term"
         self.step += 1
         return record
 
     def checkpoint(self, streams: Streams) -> dict:
-        return {"step": self.step, "stop_at": self.stop_at, "totals": self.totals, **streams.positions()}
+        return {"step": self.step, "stop_at": self.stop_at, "totals": self.totals, "stopped_by": self.stopped_by,
+                **streams.positions()}
 
 
 def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels) -> LoopState:
@@ -433,11 +550,45 @@ def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels
         streams.restore(saved)
         keep_log_before(out / LOG_FILE, saved["step"])  # steps after the checkpoint are run (and logged) again
         state = LoopState(saved["step"], saved["stop_at"], saved["totals"])
+        record_resume(args, out, state.step)
     else:
-        write_atomically(out / ARGS_FILE, lambda p: p.write_text(json.dumps(vars(args), indent=1)))
+        write_run_args(out, {**options_of(args), "provenance": run_provenance(args)})
         state = LoopState()
     (out / KERNELS_FILE).write_text(kernels.table() + "\n")
     return state
+
+
+def options_of(args: argparse.Namespace) -> dict:
+    """What args.json keeps: the options, as resolved (model-dependent defaults filled in)."""
+    return {name: getattr(args, name) for name in option_defaults() if name != "resume"}
+
+
+def run_provenance(args: argparse.Namespace) -> dict:
+    """Date, commit, versions, device, and the sha256 of the data file and the model's config (ref/provenance.py)."""
+    data = None if args.data in toy.DATA else args.data  # the toy's records are code: the commit names them
+    return provenance({"data": data, "model_config": Path(args.model) / "config.json"}, device=args.device)
+
+
+def write_run_args(out: Path, record: dict) -> None:
+    write_atomically(out / ARGS_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
+
+
+def record_resume(args: argparse.Namespace, out: Path, step: int) -> None:
+    """A resume with changed options: args.json takes the new values and keeps the history, the log an event line,
+    stderr one line (what the schedule now does)."""
+    if not args.changes:
+        return
+    saved = read_run_args(out)
+    resumes = saved.get("resumed", []) + [{"step": step, "changed": args.changes, "provenance": run_provenance(args)}]
+    write_run_args(out, {**options_of(args), "provenance": saved.get("provenance"), "resumed": resumes})
+    event = {"event": "resume", "step": step, "changed": args.changes}
+    if "max_steps" in args.changes and args.schedule != "constant":
+        event["schedule"] = f"the {args.schedule} learning-rate schedule now reaches 0 at step {args.max_steps}"
+    with open(out / LOG_FILE, "a") as log:
+        log.write(json.dumps(event) + "\n")
+    changed = ", ".join(f"{name} {before} -> {now}" for name, (before, now) in args.changes.items())
+    print(f"resuming at step {step} with {changed}" + (f"; {event['schedule']}" if "schedule" in event else ""),
+          file=sys.stderr)
 
 
 def learning_rate(step: int, args) -> float:
@@ -500,7 +651,7 @@ class StopRequest:
     step N, as if the signal had come then (what the resume tests use)."""
 
     def __init__(self, after_step: int | None = None):
-        self.after_step, self.signal_name = after_step, None
+        self.after_step, self.signal_name, self.signal_number = after_step, None, None
 
     def requested(self, step: int) -> bool:
         return self.signal_name is not None or (self.after_step is not None and step >= self.after_step)
@@ -518,7 +669,7 @@ class StopRequest:
         def handle(signum, frame):
             if self.signal_name is not None:
                 raise KeyboardInterrupt  # the second signal: stop now, without a checkpoint
-            self.signal_name = signal.Signals(signum).name
+            self.signal_name, self.signal_number = signal.Signals(signum).name, signum
 
         previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -543,6 +694,13 @@ def progress_info(record: dict) -> str:
 
 def announce(args, harmful, normal, model, trainable, kernels, state: LoopState) -> None:
     print(f"textual unlearning: mode {args.mode}, model {args.model}, data {args.data}", file=sys.stderr)
+    if not args.resume:
+        toy_model = toy.is_toy_model(args.model)
+        taken = [f"--{name.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                 for name in REAL_MODEL_DEFAULTS if name not in args.given for v in [getattr(args, name)]]
+        if taken:
+            whose = "the toy's" if toy_model else "a real model's (Yao et al.'s eps and stopping rule; README)"
+            print(f"  defaults, {whose}: {', '.join(taken)}", file=sys.stderr)
     print(f"  {len(harmful)} harmful and {len(normal)} normal records; eps = {args.eps}; "
           f"{sum(p.numel() for p in trainable):,} trainable adapter parameters in {len(lora_modules(model))} "
           f"LoRA linears (r={args.lora_r}, base {args.quantize}); steps {state.step}..{args.max_steps}",
@@ -559,7 +717,7 @@ def write_summary(args, out: Path, state: LoopState, device: torch.device, kerne
     summary = {"mode": args.mode, "steps": state.step, "stopped_by": state.stopped_by or "max_steps",
                "tokens": totals["tokens"], "image_tokens": totals["image_tokens"], "estimated_flops": totals["flops"],
                "wall_seconds": totals["seconds"], "peak_memory_mb": peak_memory_mb(device),
-               "adapter": str(out / ADAPTER_DIR), "kernels": kernels.choice}
+               "adapter": str(out / ADAPTER_DIR), "kernels": kernels.choice, "provenance": run_provenance(args)}
     write_atomically(out / SUMMARY_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
     print(f"done: {state.step} steps ({summary['stopped_by']}), {totals['tokens']:,} tokens, "
           f"{totals['flops']:.3g} FLOPs, {totals['seconds']:.1f} s; adapter in {out / ADAPTER_DIR}", file=sys.stderr)
@@ -569,7 +727,14 @@ def write_summary(args, out: Path, state: LoopState, device: torch.device, kerne
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with exit_on_user_error("train.py"):
-        train(args)
+        try:
+            result = train(args)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop: stop now, no traceback
+            print(f"train.py: stopped at once; python train.py --resume --out {args.out} continues from the last "
+                  f"checkpoint, if one was written", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
+    if "interrupted_at" in result:  # a signal: the checkpoint is written; the exit status says the run is not done
+        raise SystemExit(128 + (result["signal"] or 0))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,18 @@ class ConfigError(ValueError):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_device(device: str) -> None:
+    """A --device that this torch cannot use, refused with what to do, before anything is read or loaded."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device!r}: not a torch device ({err})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch"
+               if torch.version.cuda is None else "torch sees no CUDA device (check the driver and CUDA_VISIBLE_DEVICES)")
+        raise ConfigError(f"--device {device}: {why}, or run with --device cpu")
+
+
 # Two kinds of defaults live in this file. These two tables are transformers' CLIPVisionConfig and LlamaConfig defaults:
 # what a field means when a config.json leaves it out, applied by the parsers below. The dataclass defaults further
 # down describe LLaVA-1.5-7B itself (what `LlavaConfig()` builds) and never fill in a parsed config.

@@ -3,6 +3,8 @@
     step 40/300  3.1 steps/s  ETA 1m24s  loss -2.4153 harm_nll 6.0121 ...    `Progress`
     train.py: error: data.jsonl:3: unknown kind 'harmfull'; ...               `exit_on_user_error`, exit status 2
 
+`--help` of every program states every default (`HelpFormatter`).
+
 On a terminal the progress line is rewritten in place; elsewhere (a log file, CI) a plain line is printed every
 `every` updates (at most one per `min_seconds`) and at the end, so logs stay readable. Both go to stderr: stdout is
 kept for results (eval.py's table).
@@ -10,6 +12,7 @@ kept for results (eval.py's table).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 import time
@@ -71,3 +74,18 @@ def exit_on_user_error(prog: str):
     except (ValueError, OSError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class HelpFormatter(argparse.RawTextHelpFormatter):
+    """Help as written (line breaks kept), each option's default stated after it unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return help_text  # a flag's default is off; a help that names its default says it best
+        default = action.default
+        if isinstance(default, list):
+            default = " ".join(map(str, default)) or None
+        shown = "none" if default is None else default
+        separator = "\n" if "\n" in help_text else (" " if help_text else "")
+        return f"{help_text}{separator}(default: {str(shown).replace('%', '%%')})"

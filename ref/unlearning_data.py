@@ -75,6 +75,8 @@ SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "normal": (("prompt", "response"), ()),
 }
 OPTIONAL_KEYS = ("image",)
+# a PKU-SafeRLHF row (the converter below reads these); given as --data unconverted, it gets a hint
+PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe", "safer_response_id")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -84,6 +86,10 @@ def _parse_record(obj: object, where: str, folder: Path) -> Record:
     if not isinstance(obj, dict):
         raise UnlearningDataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     kind = obj.get("kind")
+    if kind is None and all(key in obj for key in PKU_FIELDS):
+        raise UnlearningDataError(f"{where}: a raw PKU-SafeRLHF row, not an unlearning record; convert the file first: "
+                                  f"python -m ref.unlearning_data --pku FILE --truthfulqa TRUTHFULQA.csv --out "
+                                  f"unlearning.jsonl")
     if kind not in SCHEMA:
         raise UnlearningDataError(f"{where}: unknown kind {kind!r}; expected one of {sorted(SCHEMA)}")
     required, nullable = SCHEMA[kind]
@@ -154,9 +160,6 @@ def write_unlearning_jsonl(records: Iterable[Record], path: str | Path) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Converters
-
-PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe", "safer_response_id")
-
 
 def pku_row_to_record(row: dict, where: str) -> HarmfulRecord:
     """One PKU-SafeRLHF row -> one harmful record, as far as its safety labels go (see the module docstring)."""

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
 from PIL import Image
 from safetensors.torch import load_file
 
+import eval as eval_py
 import train
-from ref.runs import RunError
+from ref.runs import RunError, read_train_summary
 from toy import defaults as toy
 from weights_tools.make_tiny import write_tiny_checkpoint
+
+ROOT = Path(train.__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +90,7 @@ def test_resume_gives_the_same_adapter_bit_for_bit(world, tmp_path):
     argv = ["--model", world["model"], "--data", world["data"], "--out", str(tmp_path / "resumed"), "--save-every",
             "100", "--lora-r", "4", *common]
     interrupted = train.train(train.parse_args(argv), train.StopRequest(after_step=2))
-    assert interrupted == {"interrupted_at": 2}
+    assert interrupted["interrupted_at"] == 2
     with open(tmp_path / "resumed" / "log.jsonl", "a") as log:  # as if it crashed after logging two more steps
         log.write(json.dumps({"step": 2, "total": 0.0}) + "\n" + json.dumps({"step": 3, "total": 0.0}) + "\n")
     resumed = train.train(train.parse_args(["--out", str(tmp_path / "resumed"), "--resume"]))
@@ -117,6 +129,7 @@ def test_bare_defaults_train_on_the_embedded_toy(tmp_path):
     assert summary["steps"] == 2 and summary["image_tokens"] == 0
     args = json.loads((tmp_path / "bare" / "args.json").read_text())
     assert args["data"] == "toy" and args["model"].endswith("toy_llava") and args["mode"] == "textual"
+    assert {k: args[k] for k in toy.TRAIN_DEFAULTS} == {**toy.TRAIN_DEFAULTS, "max_steps": 2}
     assert (tmp_path / "bare" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -159,3 +172,175 @@ def test_the_toy_model_check_names_the_build_command(tmp_path, monkeypatch):
     with pytest.raises(toy.ToyModelError, match="python -m toy.build"):
         toy.require_toy_model(tmp_path / "no_toy_here")
     toy.require_toy_model(tmp_path / "some_other_model")  # only the toy's own path is checked
+
+
+# --- adapters along the way, resume that extends, signals -------------------------------------------------------------
+
+def test_adapters_along_the_way_and_eval_reads_them_from_the_run_folder(world, tmp_path):
+    out = tmp_path / "steps"
+    run(world, out, "--max-steps", "5", "--save-adapter-every", "2")
+    assert sorted(p.name for p in out.glob("adapter*")) == ["adapter", "adapter-step2", "adapter-step4"]
+    step2, step4, final = (load_file(out / d / "adapter_model.safetensors")
+                           for d in ("adapter-step2", "adapter-step4", "adapter"))
+    assert any(not torch.equal(step2[k], step4[k]) for k in step2)
+    assert any(not torch.equal(step4[k], final[k]) for k in step4)
+    assert eval_py.parse_adapters([str(out)]) == [("steps@2", out / "adapter-step2"), ("steps@4", out / "adapter-step4"),
+                                                  ("steps", out / "adapter")]
+    assert eval_py.parse_adapters([f"mine={out}"])[0][0] == "mine@2"
+    log = read_log(out)
+    summary = read_train_summary(out / "adapter-step2")
+    assert summary["steps"] == 2 and summary["tokens"] == log[0]["tokens"] + log[1]["tokens"]
+    assert summary["estimated_flops"] == pytest.approx(log[0]["flops"] + log[1]["flops"])
+    even = tmp_path / "even"  # ends on a multiple: adapter/ is adapter-step4's weights, evaluated once
+    run(world, even, "--max-steps", "4", "--save-adapter-every", "2")
+    assert [name for name, _ in eval_py.parse_adapters([str(even)])] == ["even@2", "even@4"]
+
+
+def test_resume_with_a_larger_max_steps_equals_a_run_started_with_it(world, tmp_path):
+    run(world, tmp_path / "straight", "--max-steps", "6", "--lora-dropout", "0.2")
+    run(world, tmp_path / "extended", "--max-steps", "3", "--lora-dropout", "0.2")
+    resumed = train.train(train.parse_args(["--out", str(tmp_path / "extended"), "--resume", "--max-steps", "6"]))
+    assert resumed["steps"] == 6 and resumed["stopped_by"] == "max_steps"
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    extended = load_file(tmp_path / "extended" / "adapter" / "adapter_model.safetensors")
+    for name in straight:
+        assert torch.equal(straight[name], extended[name]), name
+    lines = [json.loads(line) for line in (tmp_path / "extended" / "log.jsonl").read_text().splitlines()]
+    assert lines[3] == {"event": "resume", "step": 3, "changed": {"max_steps": [3, 6]}}
+    assert [r["total"] for r in read_log(tmp_path / "straight")] == [r["total"] for r in lines if "event" not in r]
+    args = json.loads((tmp_path / "extended" / "args.json").read_text())
+    assert args["max_steps"] == 6 and args["resumed"][0]["changed"] == {"max_steps": [3, 6]}
+
+
+def test_resume_of_a_finished_run_without_more_steps_changes_nothing(world, tmp_path, capsys):
+    out = tmp_path / "done"
+    run(world, out, "--max-steps", "2")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    summary = train.train(train.parse_args(["--out", str(out), "--resume"]))
+    assert summary["steps"] == 2 and "nothing to do" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(train.TrainError, match="below the checkpoint's step 2"):
+        train.train(train.parse_args(["--out", str(out), "--resume", "--max-steps", "1"]))
+
+
+def test_resume_refuses_changed_options_and_lists_them(world, tmp_path):
+    out = tmp_path / "run"
+    run(world, out, "--max-steps", "2", "--seed", "1")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["--out", str(out), "--resume", "--max-steps", "4", "--seed", "0", "--lr", "0.1", "--data", world["data"]]
+    with pytest.raises(train.TrainError) as error:
+        train.train(train.parse_args(argv))
+    message = str(error.value)
+    assert "--seed 1 in the run, 0 now" in message and "--lr 0.0002 in the run, 0.1 now" in message
+    assert "--data" not in message.split("differ from")[1].split(". Only")[0]  # the same file: no difference
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def start_train_process(world, out, max_steps: int) -> subprocess.Popen:
+    argv = [sys.executable, str(ROOT / "train.py"), "--model", world["model"], "--data", world["data"], "--out",
+            str(out), "--lora-r", "4", "--lora-dropout", "0.2", "--max-steps", str(max_steps), "--save-every", "1000",
+            "--threads", "1"]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(process: subprocess.Popen, log: Path, steps: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
+        assert process.poll() is None and time.monotonic() < deadline, "train.py ended before the signal"
+        time.sleep(0.005)
+
+
+def test_sigint_writes_a_checkpoint_that_resumes_to_the_uninterrupted_adapter(world, tmp_path):
+    max_steps = 150
+    process = start_train_process(world, tmp_path / "killed", max_steps)
+    wait_for_steps(process, tmp_path / "killed" / "log.jsonl", 3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped after step ") and "(SIGINT)" in last and "--resume" in last
+    stopped_at = int(last.split()[3])
+    assert 3 <= stopped_at < max_steps and len(read_log(tmp_path / "killed")) == stopped_at
+    common = ["--lora-r", "4", "--lora-dropout", "0.2", "--max-steps", str(max_steps), "--threads", "1"]
+    train.train(train.parse_args(["--out", str(tmp_path / "killed"), "--resume"]))
+    train.train(train.parse_args(["--model", world["model"], "--data", world["data"], "--out",
+                                  str(tmp_path / "straight"), "--save-every", "1000", *common]))
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_a_second_signal_stops_at_once_and_main_says_so_in_one_line(world, tmp_path, monkeypatch, capsys):
+    """Two signals sent at once may reach Python as one, so the handler is driven in this process: the first asks
+    for a stop, the second raises KeyboardInterrupt, which main turns into one line and exit status 130."""
+    stop = train.StopRequest()
+    with pytest.raises(KeyboardInterrupt):
+        with stop.on_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
+            assert stop.requested(0) and stop.reason() == "SIGINT"
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handlers are back
+
+    def interrupted(args, stop=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--model", world["model"], "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().startswith("train.py: stopped at once; python train.py --resume --out")
+
+
+# --- defaults, help, hints, provenance ---------------------------------------------------------------------------------
+
+def test_a_model_that_is_not_the_toy_gets_the_real_model_defaults(world, tmp_path, capsys):
+    run(world, tmp_path / "real", "--max-steps", "1")
+    args = json.loads((tmp_path / "real" / "args.json").read_text())
+    assert {k: args[k] for k in train.REAL_MODEL_DEFAULTS} == {**train.REAL_MODEL_DEFAULTS, "max_steps": 1}
+    assert train.REAL_MODEL_DEFAULTS["eps"] == [0.5, 1.0, 1.0] and train.REAL_MODEL_DEFAULTS["stop_harm_nll"] == 100
+    assert "defaults, a real model's" in capsys.readouterr().err
+
+
+def test_help_states_every_default():
+    blocks = [b for b in re.split(r"\n  (?=-)", train.build_parser().format_help().split("options:", 1)[1])
+              if b.startswith("-")]
+    assert len(blocks) > 30
+    flags = ("-h, --help", "--resume", "--activation-checkpointing")  # off unless given
+    for block in blocks:
+        if not block.startswith(flags):
+            assert "default" in block, f"{block.split()[0]}: no default in its help"
+
+
+def test_user_errors_name_what_to_do(world, tmp_path):
+    pku = write_jsonl(tmp_path / "pku.jsonl", [{"prompt": "p", "response_0": "a", "response_1": "b",
+                                                "is_response_0_safe": False, "is_response_1_safe": True,
+                                                "safer_response_id": 1}])
+    with pytest.raises(ValueError, match=r"pku.jsonl:1: a raw PKU-SafeRLHF row.*python -m ref.unlearning_data --pku"):
+        run(world, tmp_path / "a", "--data", str(pku))
+    text_only = write_jsonl(tmp_path / "text.jsonl", [{"kind": "harmful", "prompt": "p", "harmful_response": "a",
+                                                       "helpful_response": "b"}])
+    with pytest.raises(train.TrainError, match="no harmful record has an image.*--vlguard.*--mode textual"):
+        run(world, tmp_path / "b", "--data", str(text_only), "--mode", "multimodal", "--eps", "0.5", "1", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: .*--device cpu"):
+            run(world, tmp_path / "c", "--device", "cuda")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_args_and_summary_record_provenance(world, tmp_path):
+    summary = run(world, tmp_path / "p", "--max-steps", "1")
+    made = json.loads((tmp_path / "p" / "args.json").read_text())["provenance"]
+    expected_data = hashlib.sha256(Path(world["data"]).read_bytes()).hexdigest()
+    expected_config = hashlib.sha256((Path(world["model"]) / "config.json").read_bytes()).hexdigest()
+    for record in (made, summary["provenance"]):
+        assert record["sha256"] == {"data": expected_data, "model_config": expected_config}
+        assert record["packages"]["torch"] == torch.__version__.split("+")[0] or record["packages"]["torch"] == \
+            torch.__version__
+        assert record["device"] == "cpu" and record["date"].startswith("20")
+        assert {"bitsandbytes", "safetensors"} <= set(record["packages"])
+    if (ROOT / ".git").exists():
+        assert made["commit"].split("+")[0] == subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                                              capture_output=True, text=True).stdout.strip()
