@@ -48,7 +48,7 @@ from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_
 from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
 from ref import kernels as kernel_registry
 from ref.config import DTYPES, read_json
-from ref.console import Progress, exit_on_user_error
+from ref.console import HelpFormatter, Progress, exit_on_user_error
 from ref.data import load_processor
 from ref.adapters import is_adapter_folder, load_adapter
 from ref.lora import remove_adapters
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite_kinds = "\n".join(f"  {k:<{width}} {v.description}" for k, v in SUITE_READERS.items())
     normal_kinds = "\n".join(f"  {k:<10} {v.description}" for k, v in NORMAL_DATA_READERS.items())
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
         epilog=f"suite kinds (--suite [NAME=]KIND:PATH):\n{suite_kinds}\n\nnormal data kinds (--normal KIND:PATH):\n"
                f"{normal_kinds}\n\njudges: {', '.join(sorted(JUDGES))}")
     io = p.add_argument_group("models")

@@ -81,7 +81,7 @@ class HelpFormatter(argparse.RawTextHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if "default" in help_text or action.default is argparse.SUPPRESS or action.nargs == 0:
+        if "default" in help_text.lower() or action.default is argparse.SUPPRESS or action.nargs == 0:
             return help_text  # a flag's default is off; a help that names its default says it best
         default = action.default
         if isinstance(default, list):
