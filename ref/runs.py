@@ -8,17 +8,16 @@
                 adapter-step<N>/             the adapter after step N (train.py --save-adapter-every)
                 summary.json                 tokens, estimated FLOPs, wall time, peak memory, why the run stopped
 
-Every file is written under a temporary name and renamed into place, so a crash never leaves half a file, and a
-checkpoint is never half old and half new.
+Every file but the log is written under a temporary name and renamed into place (ref/files.py), so a crash never
+leaves half a file, and a checkpoint is never half old and half new. The log is appended a line per step; a line cut
+short by a kill is dropped when the run resumes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -26,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ref.config import read_json
+from ref.files import write_atomically
 
 ARGS_FILE, SUMMARY_FILE, LOG_FILE, KERNELS_FILE = "args.json", "summary.json", "log.jsonl", "kernels.txt"
 ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE = "adapter", "checkpoint", "state.safetensors"
@@ -33,13 +33,6 @@ ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE = "adapter", "checkpoint", "state.s
 
 class RunError(ValueError):
     """A run folder, or a training checkpoint in it, that is missing, unreadable or does not fit the run."""
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write to a temporary name, then rename: a crash mid-write never leaves a half-written file under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,26 +116,45 @@ def _summary_up_to(run: Path, step: int) -> dict:
             "wall_seconds": total("seconds")}
 
 
-def read_log(run: str | Path) -> list[dict]:
-    """The step records of a run's log.jsonl (event lines, such as a resume's, left out)."""
-    path = Path(run) / LOG_FILE
+def read_log_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each complete line of a log.jsonl. A last line without its newline was cut short (a kill or
+    a full disk while appending) and is left out; a bad line before it is an error naming it."""
     if not path.is_file():
         return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    complete, cut = lines[:-1], lines[-1]  # what follows the last newline: "" when the file ends complete
+    if cut.strip():
+        try:
+            json.loads(cut)
+            complete.append(cut)  # written whole, only the newline missing
+        except json.JSONDecodeError:
+            pass
+    entries = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise RunError(f"{path}:{number}: not valid JSON ({err})") from err
-        if "event" not in record:
-            records.append(record)
-    return records
+            raise RunError(f"{path}:{number}: not valid JSON ({err}); a log line is only ever cut short at the end, "
+                           f"so this file was edited") from err
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise RunError(f"{path}:{number}: not a log record (a JSON object with an integer \"step\")")
+        entries.append((line, record))
+    return entries
+
+
+def read_log(run: str | Path) -> list[dict]:
+    """The step records of a run's log.jsonl (event lines, such as a resume's, left out)."""
+    return [record for _, record in read_log_lines(Path(run) / LOG_FILE) if "event" not in record]
 
 
 def keep_log_before(log_path: Path, step: int) -> None:
-    """Drop log lines of steps >= `step` (run after the last checkpoint, before a crash): they are about to rerun."""
+    """Keep the complete log lines of steps before `step`: later ones ran after the last checkpoint, before a stop, and
+    are about to run again (and a line cut short by a kill goes too)."""
     if log_path.exists():
-        lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < step]
+        lines = [line for line, record in read_log_lines(log_path) if record["step"] < step]
         write_atomically(log_path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 
@@ -184,34 +196,51 @@ def read_checkpoint_state(folder: Path) -> dict:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Put a checkpoint's adapter, optimizer and RNG states back; return its metadata (step, data positions, ...)."""
+    """Put a checkpoint's adapter, optimizer and RNG states back; return its metadata (step, data positions, ...).
+    Everything is checked before the first tensor is copied: a damaged checkpoint changes nothing."""
     path = folder / CHECKPOINT_FILE
-    params = dict(model.named_parameters())
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["state"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (OSError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as err:
         raise RunError(f"{path}: not a readable training checkpoint ({err})") from err
-    missing = [n for n in meta["param_names"] if f"param/{n}" not in tensors or n not in params]
-    if missing:
-        raise RunError(f"{path}: adapter tensor {missing[0]!r} is missing or has no place in this model")
+    try:
+        adapter, moments = _checked_state(tensors, meta, dict(model.named_parameters()))
+        rng = _random_state_from_json(meta["python_rng"])
+        optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
+        torch.set_rng_state(tensors["rng/torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise RunError(f"{path}: a damaged training checkpoint ({type(err).__name__}: {err})") from err
     with torch.no_grad():
-        for name in meta["param_names"]:
-            params[name].copy_(tensors[f"param/{name}"])
-    state = {}
-    for index, name in enumerate(meta["param_names"]):
-        prefix = f"adam/{name}/"
-        moments = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-        if moments:
-            moments["step"] = moments["step"].reshape(())
-            state[index] = moments
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(tensors["rng/torch"])
+        for param, saved in adapter:
+            param.copy_(saved)
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
-    random.setstate(_random_state_from_json(meta["python_rng"]))
+    random.setstate(rng)
     return meta
+
+
+def _checked_state(tensors: dict, meta: dict, params: dict) -> tuple[list, dict]:
+    """[(parameter, saved tensor)] and AdamW's state by parameter index, each tensor checked against the model."""
+    adapter, moments = [], {}
+    for index, name in enumerate(meta["param_names"]):
+        saved = tensors.get(f"param/{name}")
+        if saved is None or name not in params:
+            raise ValueError(f"adapter tensor {name!r} is missing or has no place in this model")
+        if saved.shape != params[name].shape or not torch.isfinite(saved).all():
+            raise ValueError(f"adapter tensor {name!r} has shape {tuple(saved.shape)} (the model's: "
+                             f"{tuple(params[name].shape)}) or non-finite values")
+        adapter.append((params[name], saved))
+        prefix = f"adam/{name}/"
+        found = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        if found:
+            found["step"] = found["step"].reshape(())
+            for key in ("exp_avg", "exp_avg_sq"):
+                if found[key].shape != saved.shape:
+                    raise ValueError(f"AdamW {key} of {name!r} has shape {tuple(found[key].shape)}")
+            moments[index] = found
+    return adapter, moments
 
 
 def _jsonable_random_state():

@@ -1,0 +1,76 @@
+"""Writing without losing anything the user owns.
+
+    write_atomically(path, write)             one file: written under a temporary name, renamed into place
+    with new_folder(out, inputs) as tmp: ...  a whole output folder: written in a temporary sibling, renamed into
+                                              place when complete; refused before anything is written when `out`
+                                              holds files, is a file, or overlaps an input folder
+
+A rename within one folder is atomic, so a crash, a kill or a full disk leaves either the old file (folder) or the new
+one, never half of either; what was half written is a temporary name the next run ignores or removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+
+class OutputError(ValueError):
+    """An output path that would overwrite or mix with what is already there: nothing has been written."""
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write to a temporary name, then rename: a crash mid-write never leaves a half-written file under `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill mid-write: the old file stays, no half-written one
+        raise
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_new_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """`out` may be written as a new folder: it is not a file, holds nothing, is no input folder (nor inside one or
+    around one), and its parent can be written. Checked before any work, so that nothing is lost to a late refusal."""
+    out = Path(out).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if _overlaps(out, source):
+            raise OutputError(f"{out}: the output folder overlaps the input {source}; write to another folder")
+    if out.is_file():
+        raise OutputError(f"{out}: is a file, not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"{out}: already holds files; choose a new or empty output folder (nothing was written)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: {parent} is not writable; choose another output folder")
+    return out
+
+
+@contextlib.contextmanager
+def new_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into; renamed to `out` when the block ends without an error, removed
+    when it raises. `out` is checked first (`check_new_folder`)."""
+    out = check_new_folder(out, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process of the same pid that was killed
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked above): the rename needs the name free
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
