@@ -26,8 +26,9 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ref.config import read_json
-from ref.lora import DEFAULT_TARGETS, LoraConfig, LoraError, add_lora_to, lora_modules, lora_target_names
+from ref.config import DTYPES, nonfinite_problem, read_json
+from ref.lora import (DEFAULT_TARGETS, PEFT_KEYS, LoraConfig, LoraError, add_lora_to, check_settings, lora_modules,
+                      lora_target_names)
 from ref.weights import LAYOUTS
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -43,6 +44,7 @@ UNSUPPORTED = (("use_dora", False), ("bias", "none"), ("lora_bias", False), ("fa
                ("trainable_token_indices", None), ("target_parameters", None), ("layer_replication", None))
 # The LLaVA layouts whose module names transformers' LLaVA has had in memory (older releases saved as they held).
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors' codes -> LoraConfig.dtype
+PEFT_DEFAULTS = {"r": 8, "alpha": 8, "dropout": 0.0, "use_rslora": False}  # peft LoraConfig's, for absent keys
 HF_LAYOUTS = ("hf-5-memory", "hf-4.52-memory", "llava-hf", "hf-5-saved")
 WRITE_LAYOUT = "hf-5-memory"  # the names of the installed transformers 5.x
 
@@ -139,20 +141,32 @@ def _read_peft(folder: Path, model: nn.Module) -> tuple[LoraConfig, dict[str, st
     used = [name for name, unused in UNSUPPORTED if raw.get(name) not in (unused, None, {}, [], False)]
     if used:
         raise LoraError(f"{config_path}: uses {used}, which this LoRA does not compute")
+    settings = _peft_settings(raw, config_path)  # before the weights file: a bad config is refused by its key
     header = _header(weights_path)
     hf_names = sorted({_peft_module(key, weights_path) for key in header})
     names = _our_module_names(hf_names, model, weights_path)
     dtypes = {dtype for _, dtype in header.values()}
     try:
-        config = LoraConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
-                            use_rslora=bool(raw.get("use_rslora", False)), targets=_targets_of(names),
-                            scope=_scope_of(names), dtype=dtypes.pop() if dtypes <= set(DTYPE_NAMES.values())
-                            and len(dtypes) == 1 else "float32")
+        config = LoraConfig(**settings, targets=_targets_of(names), scope=_scope_of(names),
+                            dtype=dtypes.pop() if dtypes <= set(DTYPE_NAMES.values()) and len(dtypes) == 1
+                            else "float32")
     except LoraError as err:
         raise LoraError(f"{config_path}: {err}") from None
     prefixes = {ours: f"{PEFT_PREFIX}{hf}" for hf, ours in zip(hf_names, names)}
     _check_shapes(model, config, prefixes, header, weights_path)
     return config, prefixes, weights_path
+
+
+def _peft_settings(raw: dict, config_path: Path) -> dict:
+    """r, alpha, dropout and use_rslora from peft's keys (peft's defaults where absent), each checked under its key."""
+    values = {ours: raw.get(PEFT_KEYS[ours], default) for ours, default in PEFT_DEFAULTS.items()}
+    if values["use_rslora"] is None:  # null: peft's default
+        values["use_rslora"] = False
+    try:
+        check_settings(**values, keys=PEFT_KEYS)
+    except LoraError as err:
+        raise LoraError(f"{config_path}: {err}") from None
+    return values
 
 
 def _peft_module(key: str, path: Path) -> str:
@@ -222,7 +236,7 @@ def read_adapter_config(folder: str | Path) -> None:
     """Check that `folder` holds an adapter's config (before a slow model load); the full check needs the model."""
     folder = Path(folder)
     if (folder / PEFT_CONFIG).is_file():
-        read_json(folder / PEFT_CONFIG, LoraError)
+        _peft_settings(read_json(folder / PEFT_CONFIG, LoraError), folder / PEFT_CONFIG)
     elif (folder / LEGACY_CONFIG).is_file():
         LoraConfig.from_dict(read_json(folder / LEGACY_CONFIG, LoraError), str(folder / LEGACY_CONFIG))
     else:
@@ -231,12 +245,28 @@ def read_adapter_config(folder: str | Path) -> None:
 
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     """Add the adapters stored in `folder` (peft's format or ours of earlier versions) to `model` and load their
-    weights; everything is checked first, so a model is never left half adapted."""
+    weights; everything is checked first, the tensors' values included, so a model is never left half adapted."""
     config, prefixes, path = read_adapter(folder, model)
+    keys = [f"{prefix}.{part}.weight" for prefix in prefixes.values() for part in LORA_PARTS]
+    tensors = _read_tensors(path, keys, DTYPES[config.dtype])
     add_lora_to(model, list(prefixes), config)
-    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+    with torch.no_grad():
         for name, module in lora_modules(model).items():
             for part in LORA_PARTS:
-                weight = getattr(module, part).weight
-                weight.copy_(f.get_tensor(f"{prefixes[name]}.{part}.weight").to(weight.dtype))
+                getattr(module, part).weight.copy_(tensors[f"{prefixes[name]}.{part}.weight"])
     return config
+
+
+def _read_tensors(path: Path, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every adapter tensor in the adapters' dtype, each refused by name if it holds NaN or inf (one NaN in an adapter
+    makes every output NaN: each response then comes out empty). All are read before the model is touched; an adapter
+    is small, r * (in + out) values per linear (80 MB for r = 8 on every linear of a 7B decoder, in float32)."""
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in keys:
+            stored = f.get_tensor(key)
+            tensors[key] = stored.to(dtype)
+            problem = nonfinite_problem(tensors[key], stored)
+            if problem:
+                raise LoraError(f"{path}: tensor {key!r} {problem}")
+    return tensors

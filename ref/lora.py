@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from ref.config import DTYPES
+from ref.config import DTYPES, nonfinite_problem, show_value
 from ref.kernels import Kernels, resolve
 from ref.quant import Linear4bit
 
@@ -39,7 +39,39 @@ DEFAULT_SCOPE = "language_model.layers."  # only the decoder's linears: not the 
 # W + s B A rounded back to 4 bits is neither the adapted model nor, after unmerging, the base: "adapters off" would no
 # longer be the original model.
 MERGE_INTO_4BIT = ("cannot merge a LoRA adapter into a 4-bit base: re-quantizing W + s B A rounds it, and unmerging "
-                   "would not restore the base; merge into the dense checkpoint (python -m weights_tools.merge_adapter)")
+                   "would not restore the base; merge into the dense checkpoint "
+                   "(python -m weights_tools.merge_adapter)")
+
+
+# peft accepts any positive lora_alpha. The scaling s = alpha / r (rsLoRA: alpha / sqrt(r)) multiplies every update, and
+# common settings keep it near 1 (QLoRA's alpha 16 at r 64: s = 0.25; train.py's alpha 16 at r 8: s = 2). A bound of
+# 1e4 is far past any of them, yet refuses the alphas (1e30, inf) for which s B A x overflows and every output is NaN.
+MAX_SCALING = 1e4
+# The names of LoraConfig's settings in messages, and the same settings as peft's adapter_config.json spells them.
+OUR_KEYS = {"r": "LoRA rank r", "alpha": "LoRA alpha", "dropout": "LoRA dropout", "use_rslora": "use_rslora"}
+PEFT_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_settings(r, alpha, dropout, use_rslora, keys: dict[str, str] = OUR_KEYS) -> None:
+    """LoRA's numeric settings, each refused by its name in `keys` (ours, or peft's file keys): a rank that is not a
+    positive integer, an alpha that is not a finite number > 0 or scales the update past MAX_SCALING, a dropout outside
+    [0, 1). Python's json reads NaN and Infinity, so finiteness is checked, not assumed."""
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise LoraError(f"{keys['r']} must be a positive integer, got {show_value(r)}")
+    if not _is_number(alpha) or alpha <= 0:
+        raise LoraError(f"{keys['alpha']} must be a finite number > 0, got {show_value(alpha)}")
+    if not isinstance(use_rslora, bool):
+        raise LoraError(f"{keys['use_rslora']} must be true or false, got {show_value(use_rslora)}")
+    scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+    if scaling > MAX_SCALING:
+        raise LoraError(f"{keys['alpha']} {alpha:g} at {keys['r']} {r} scales the update by {scaling:.3g}, more than "
+                        f"{MAX_SCALING:g} (no LoRA setting comes near; the update would overflow)")
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise LoraError(f"{keys['dropout']} must be in [0, 1), got {show_value(dropout)}")
 
 
 @dataclass(frozen=True)
@@ -53,12 +85,7 @@ class LoraConfig:
     dtype: str = "float32"  # the adapter weights' dtype
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise LoraError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise LoraError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        check_settings(self.r, self.alpha, self.dropout, self.use_rslora)
         if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise LoraError(f"LoRA targets must be a non-empty list of module names, got {self.targets!r}")
         if self.dtype not in DTYPES:
@@ -142,7 +169,12 @@ class LoraLinear(nn.Module):
             raise LoraError(f"cannot merge into a base of type {type(base).__name__} (nn.Linear)")
         with torch.no_grad():
             merged = base.weight.float() + sign * self.delta_weight().to(base.weight.device)
-            base.weight.copy_(merged.to(base.weight.dtype))
+            cast = merged.to(base.weight.dtype)
+            problem = nonfinite_problem(cast, merged)  # a NaN adapter, or a sum past the base dtype's range
+            if problem:  # refused before the weight changes: a merged checkpoint must never hold NaN or inf
+                raise LoraError(f"not {'merged' if sign > 0 else 'unmerged'}: W {'+' if sign > 0 else '-'} s B A "
+                                f"{problem}")
+            base.weight.copy_(cast)
 
     def merge(self) -> None:
         """W <- W + s B A; the adapter then adds nothing in forward."""
@@ -242,11 +274,26 @@ def _check_mergeable(modules: dict[str, LoraLinear]) -> None:
             raise LoraError(f"{name}: {MERGE_INTO_4BIT}")
 
 
+def _merge_all(modules: dict[str, LoraLinear], skip_merged: bool) -> None:
+    """Merge each adapter. One that cannot be merged (its W + s B A is not finite) is refused by its weight's name,
+    after the ones merged so far are unmerged: the model is left as it was, up to the base dtype's rounding."""
+    done = []
+    for name, module in modules.items():
+        if skip_merged and module.merged:
+            continue
+        try:
+            module.merge()
+        except LoraError as err:
+            for merged in reversed(done):
+                merged.unmerge()
+            raise LoraError(f"{name}.weight: {err}") from None
+        done.append(module)
+
+
 def merge_lora(model: nn.Module) -> None:
     modules = lora_modules(model)
     _check_mergeable(modules)
-    for module in modules.values():
-        module.merge()
+    _merge_all(modules, skip_merged=False)
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -258,13 +305,10 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     """Merge every adapter into its base and put the bases back in place of the wrappers (in place)."""
     modules = lora_modules(model)
     _check_mergeable(modules)
-    names = list(modules)
-    for name in names:
-        module = model.get_submodule(name)
-        if not module.merged:
-            module.merge()
+    _merge_all(modules, skip_merged=True)  # every merge succeeds before any wrapper is removed
+    for name, module in modules.items():
         model.set_submodule(name, module.base_layer)
-    return names
+    return list(modules)
 
 
 def remove_adapters(model: nn.Module) -> None:

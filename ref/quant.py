@@ -38,7 +38,7 @@ import bitsandbytes.functional as bnbF
 import torch
 import torch.nn as nn
 
-from ref.config import DTYPES
+from ref.config import DTYPES, nonfinite_problem
 
 
 class QuantError(ValueError):
@@ -95,6 +95,9 @@ def quantize_weight(weight: torch.Tensor, quant_type: str = "nf4", blocksize: in
         raise QuantError(f"can only quantize a 2-D (out_features, in_features) weight, got shape {tuple(weight.shape)}")
     if weight.dtype not in COMPUTE_DTYPES:
         raise QuantError(f"can only quantize float32/float16/bfloat16 weights, got {weight.dtype}")
+    problem = nonfinite_problem(weight)  # a NaN block scale would turn its whole block, and every output, into NaN
+    if problem:
+        raise QuantError(f"can only quantize a finite weight; this one {problem}")
     weight = weight.detach()
     out_features, in_features = weight.shape
     rows_per_block_multiple = blocksize // math.gcd(in_features, blocksize)  # chunks must end on a block boundary
@@ -285,13 +288,17 @@ class Linear4bit(nn.Module):
             raise QuantError(f"packed weight of {packed.dtype} {tuple(packed.shape)}, expected uint8 "
                              f"{tuple(self.weight.shape)}")
         found_parts = {"absmax": state.absmax, "quant_map": state.code}
-        if state.nested:
-            found_parts.update(nested_absmax=state.state2.absmax, nested_quant_map=state.state2.code)
+        if state.nested:  # the offset comes from the JSON quant state
+            found_parts.update(nested_absmax=state.state2.absmax, nested_quant_map=state.state2.code,
+                               nested_offset=state.offset.reshape(()).float())
         for name, tensor in found_parts.items():
             mine = getattr(self, name)
             if tensor.shape != mine.shape or tensor.dtype != mine.dtype:
                 raise QuantError(f"weight.{name} is {tensor.dtype} {tuple(tensor.shape)}, expected {mine.dtype} "
                                  f"{tuple(mine.shape)}")
+            problem = nonfinite_problem(tensor)  # every 4-bit value is scaled through these
+            if problem:
+                raise QuantError(f"weight.{name} {problem}")
         self.weight_dtype = state.dtype
         self._set_state(packed.reshape(self.weight.shape).clone(), state)
 
@@ -322,8 +329,12 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> lis
         raise QuantError(f"no nn.Linear module name starts with {config.scope!r}: nothing to quantize")
     for name in names:
         linear = model.get_submodule(name)
-        model.set_submodule(name, Linear4bit.from_linear(linear, config.quant_type, config.blocksize,
-                                                          config.double_quant, config.compute_dtype))
+        try:
+            quantized = Linear4bit.from_linear(linear, config.quant_type, config.blocksize, config.double_quant,
+                                               config.compute_dtype)
+        except QuantError as err:
+            raise QuantError(f"{name}.weight: {err}") from None
+        model.set_submodule(name, quantized)
     return names
 
 

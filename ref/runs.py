@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ref.config import read_json
+from ref.config import all_finite, read_json
 from ref.files import write_atomically
 
 ARGS_FILE, SUMMARY_FILE, LOG_FILE, KERNELS_FILE = "args.json", "summary.json", "log.jsonl", "kernels.txt"
@@ -128,7 +128,7 @@ def read_log_lines(path: Path) -> list[tuple[str, dict]]:
         try:
             json.loads(cut)
             complete.append(cut)  # written whole, only the newline missing
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
     entries = []
     for number, line in enumerate(complete, start=1):
@@ -136,8 +136,8 @@ def read_log_lines(path: Path) -> list[tuple[str, dict]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RunError(f"{path}:{number}: not valid JSON ({err}); a log line is only ever cut short at the end, "
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise RunError(f"{path}:{number}: not valid JSON ({type(err).__name__}); a log line is only ever cut short at the end, "
                            f"so this file was edited") from err
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise RunError(f"{path}:{number}: not a log record (a JSON object with an integer \"step\")")
@@ -228,7 +228,7 @@ def _checked_state(tensors: dict, meta: dict, params: dict) -> tuple[list, dict]
         saved = tensors.get(f"param/{name}")
         if saved is None or name not in params:
             raise ValueError(f"adapter tensor {name!r} is missing or has no place in this model")
-        if saved.shape != params[name].shape or not torch.isfinite(saved).all():
+        if saved.shape != params[name].shape or not all_finite(saved):
             raise ValueError(f"adapter tensor {name!r} has shape {tuple(saved.shape)} (the model's: "
                              f"{tuple(params[name].shape)}) or non-finite values")
         adapter.append((params[name], saved))

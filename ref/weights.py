@@ -24,7 +24,9 @@ Everywhere `*.position_ids` and `*.rotary_emb.inv_freq` keys (constants some ver
 
 Strictness: every tensor consumed, every parameter filled, every shape equal to the config's, every dtype a float;
 otherwise a `CheckpointError` (a ValueError) naming the key, the expected and found shape and the file. All of this is
-checked from the safetensors headers before any tensor data is read.
+checked from the safetensors headers before any tensor data is read. Then every tensor is checked for NaN and inf as it
+streams in, in the dtype it is loaded in (a float32 value past float16's range is refused too): a single non-finite
+weight makes every logit NaN. Writing (`save_model`, `save_quantized`) refuses a non-finite tensor the same way.
 
 Streaming: the model is built on the meta device (no memory), then tensors are read one at a time with plain file
 reads (`TensorReader`), cast to the loading dtype, moved to the target device and put in place, so peak memory is the
@@ -40,6 +42,7 @@ bnb-4bit checkpoints) is read as stored, without quantizing again.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from dataclasses import dataclass
@@ -52,7 +55,7 @@ from bitsandbytes.utils import unpack_tensor_to_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ref.config import DTYPES, LlavaConfig, load_config, read_json
+from ref.config import DTYPES, LlavaConfig, load_config, nonfinite_problem, read_json
 from ref.console import Progress
 from ref.kernels import Kernels
 from ref.llava import Llava
@@ -359,10 +362,20 @@ class TensorReader:
 
 
 def iter_tensors(checkpoint: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """(internal name, tensor as stored, on CPU), one at a time."""
+    """(internal name, tensor as stored, on CPU), one at a time, each checked for NaN and inf."""
     with TensorReader() as reader:
         for name, info in checkpoint.entries.items():
-            yield name, reader.read(info.file, info.key)
+            tensor = reader.read(info.file, info.key)
+            check_finite(tensor, info)
+            yield name, tensor
+
+
+def check_finite(tensor: torch.Tensor, info: TensorInfo, stored: torch.Tensor | None = None) -> None:
+    """Refuse a tensor holding NaN or inf (or, cast from `stored`, overflowing its dtype), by file and key: the model
+    would load without complaint and every response would then come out empty."""
+    problem = nonfinite_problem(tensor, stored)
+    if problem:
+        raise CheckpointError(f"{info.file}: tensor {info.key!r} {problem}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -415,11 +428,13 @@ class LoadProgress:
 
 def stream_tensors(model: nn.Module, entries: dict[str, TensorInfo], reader: TensorReader, dtype: torch.dtype,
                    device: str | torch.device, progress: LoadProgress) -> None:
-    """The streaming loop: one stored tensor at a time, read, cast to `dtype` on `device`, put in place."""
+    """The streaming loop: one stored tensor at a time, read, cast to `dtype` on `device`, checked for NaN and inf
+    (before a 4-bit linear quantizes it), put in place."""
     for name, info in entries.items():
         stored = reader.read(info.file, info.key)
         progress.update(stored)
         tensor = stored.to(device=device, dtype=dtype)
+        check_finite(tensor, info, stored)  # in the loading dtype: a cast that overflows is caught too
         del stored  # peak memory: the model plus this one tensor (twice while casting)
         place_tensor(model, name, tensor)
 
@@ -521,6 +536,8 @@ def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kerne
         for name, key in sorted(quantized_names.items()):  # one 4-bit linear at a time
             packed = reader.read(infos[key].file, key).to(device)
             parts = {suffix: reader.read(info.file, info.key).to(device) for suffix, info in quant_infos[key].items()}
+            for suffix, part in parts.items():  # absmax, quant_map, nested_*: the scales every 4-bit value goes through
+                check_finite(part, quant_infos[key][suffix])
             try:
                 model.get_submodule(name.removesuffix(".weight")).load_packed(packed, parts)
             except (QuantError, ValueError, KeyError, AssertionError) as err:
@@ -542,6 +559,10 @@ def _read_quant_state(file: Path, key: str, parts: dict[str, TensorInfo]) -> dic
     missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in state]
     if missing:
         raise CheckpointError(f"{info.file}: {info.key!r} lacks {missing}")
+    offset = state.get("nested_offset", 0.0)  # the one number of the state outside a tensor (JSON reads NaN too)
+    if not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise CheckpointError(f"{info.file}: tensor {info.key!r} holds nested_offset {offset!r}, expected a finite "
+                              f"number")
     return state
 
 
@@ -581,8 +602,20 @@ def save_model(model: Llava, folder: str | Path, layout: str | None = None, dtyp
     if set(state) != set(expected):
         odd = sorted(set(state) ^ set(expected))
         raise ValueError(f"save_model needs a plain Llava; its state_dict differs from the internal names at {odd[:3]}")
-    tensors = {key: t.to(dtype or t.dtype) for key, t in _external_tensors(model, layout).items()}
+    state = _external_tensors(model, layout)
+    tensors = {key: t.to(dtype or t.dtype) for key, t in state.items()}
+    _refuse_nonfinite(folder, tensors, state)
     return _write_folder(folder, model.config.to_dict(), tensors)
+
+
+def _refuse_nonfinite(folder: str | Path, tensors: dict[str, torch.Tensor],
+                      sources: dict[str, torch.Tensor] | None = None) -> None:
+    """A checkpoint with a NaN or inf tensor is never written (nothing is, when one is found): the loader would refuse
+    it, and any other reader would load a model whose every output is NaN. `sources`: what each tensor was cast from."""
+    for key, tensor in tensors.items():
+        problem = nonfinite_problem(tensor, None if sources is None else sources[key])
+        if problem:
+            raise CheckpointError(f"{Path(folder) / SINGLE_FILE}: not written: tensor {key!r} {problem}")
 
 
 def save_quantized(model: nn.Module, folder: str | Path, layout: str | None = None) -> Path:
@@ -611,7 +644,9 @@ def save_quantized(model: nn.Module, folder: str | Path, layout: str | None = No
         "bnb_4bit_compute_dtype": "float32",  # informative only: our modules compute in the input's dtype
         "blocksize": blocksize,  # not a transformers field; the packed quant state carries it too
     }
-    return _write_folder(folder, config, _external_tensors(model, layout))
+    tensors = _external_tensors(model, layout)
+    _refuse_nonfinite(folder, tensors)
+    return _write_folder(folder, config, tensors)
 
 
 WEIGHT_FILES = {"config.json", SINGLE_FILE, INDEX_FILE}

@@ -277,7 +277,7 @@ def test_adapter_for_another_base_is_refused(saved_adapter):
     ({"modules_to_save": ["lm_head"]}, r"uses \['modules_to_save'\]"),
     ({"rank_pattern": {"q_proj": 8}}, r"uses \['rank_pattern'\]"),
     ({"peft_type": "IA3"}, r"peft_type 'IA3'; only LORA"),
-    ({"r": 0}, r"adapter_config.json: LoRA rank r must be a positive integer, got 0"),
+    ({"r": 0}, r"adapter_config.json: r must be a positive integer, got 0"),
     ({"r": 2}, r"has shape \(4, 96\), this model needs \(2, 96\)"),
 ])
 def test_peft_settings_this_lora_does_not_compute_are_refused(saved_adapter, change, match):
@@ -429,3 +429,120 @@ def test_adapters_added_to_a_model_in_eval_mode_have_dropout_off():
         assert torch.equal(model(ids), model(ids))
     model.train()
     assert all(m.training for m in lora.lora_modules(model).values())
+
+
+# --- values that would make every output NaN: refused by file and key or tensor ---------------------------------------
+
+
+NAN, INF = float("nan"), float("inf")  # json.dumps writes NaN and Infinity, which Python's json reads back
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("lora_alpha", NAN, "lora_alpha must be a finite number > 0, got NaN"),
+    ("lora_alpha", INF, "lora_alpha must be a finite number > 0, got Infinity"),
+    ("lora_alpha", 0, "lora_alpha must be a finite number > 0, got 0"),
+    ("lora_alpha", -8, "lora_alpha must be a finite number > 0, got -8"),
+    ("lora_alpha", "8", 'lora_alpha must be a finite number > 0, got "8" (a string)'),
+    ("lora_alpha", 1e30, "lora_alpha 1e+30 at r 4 scales the update by 2.5e+29, more than 10000 (no LoRA setting "
+                         "comes near; the update would overflow)"),
+    ("r", -4, "r must be a positive integer, got -4"),
+    ("r", 4.0, "r must be a positive integer, got 4.0"),
+    ("r", True, "r must be a positive integer, got true (a boolean)"),
+    ("lora_dropout", NAN, "lora_dropout must be in [0, 1), got NaN"),
+    ("lora_dropout", "0.1", 'lora_dropout must be in [0, 1), got "0.1" (a string)'),
+    ("use_rslora", "yes", 'use_rslora must be true or false, got "yes" (a string)'),
+])
+def test_adapter_config_values_are_refused_by_file_and_key(saved_adapter, key, value, problem):
+    config_file = saved_adapter / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), key: value}))
+    for load in (lambda: adapters.load_adapter(tiny_llava(), saved_adapter),
+                 lambda: adapters.read_adapter_config(saved_adapter)):  # the merge tool's check before loading
+        with pytest.raises(LoraError) as err:
+            load()
+        assert str(err.value) == f"{config_file}: {problem}"
+
+
+def test_legacy_lora_json_values_are_refused_by_file_and_key(tmp_path):
+    raw = LoraConfig(r=4, alpha=8).to_dict()
+    for key, value, problem in (("alpha", NAN, "LoRA alpha must be a finite number > 0, got NaN"),
+                                ("alpha", 1e30, "LoRA alpha 1e+30 at LoRA rank r 4 scales the update by 2.5e+29"),
+                                ("r", 0, "LoRA rank r must be a positive integer, got 0")):
+        (tmp_path / "lora.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(LoraError) as err:
+            adapters.load_adapter(tiny_llava(), tmp_path)
+        assert str(err.value).startswith(f"{tmp_path / 'lora.json'}: {problem}")
+    for bad in (dict(alpha=NAN), dict(alpha=INF), dict(alpha=True), dict(r=True), dict(alpha=1e5, r=1),
+                dict(alpha=1e5, r=4, use_rslora=True), dict(dropout=NAN), dict(use_rslora=1)):
+        with pytest.raises(LoraError):
+            LoraConfig(**bad)
+    assert LoraConfig(alpha=1e4, r=1).scaling == 1e4  # the bound itself is allowed
+
+
+def adapter_file_with(folder, key_part: str, value: float):
+    """Put `value` into the first stored tensor whose key contains `key_part`; return that key."""
+    file = next(folder.glob("*.safetensors"))
+    tensors = load_file(file)
+    key = next(k for k in sorted(tensors) if key_part in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = value
+    save_file(tensors, str(file))
+    return file, key, tensors[key].numel()
+
+
+@pytest.mark.parametrize("fmt", ["peft", "lora.json"])
+@pytest.mark.parametrize("bad, counts", [(NAN, "1 NaN, 0 inf"), (-INF, "0 NaN, 1 inf")])
+def test_non_finite_adapter_tensors_are_refused_by_file_and_tensor(tmp_path, fmt, bad, counts):
+    config = LoraConfig(r=4, alpha=8)
+    model = tiny_llava()
+    lora.add_lora(model, config)
+    if fmt == "peft":
+        adapters.save_adapter(model, tmp_path, config)
+    else:
+        state = {k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}
+        save_file(state, str(tmp_path / "lora.safetensors"))
+        (tmp_path / "lora.json").write_text(json.dumps(config.to_dict()))
+    file, key, numel = adapter_file_with(tmp_path, "layers.1.mlp.up_proj.lora_B", bad)
+    target = tiny_llava()
+    with pytest.raises(LoraError) as err:
+        adapters.load_adapter(target, tmp_path)
+    assert str(err.value) == f"{file}: tensor {key!r} holds non-finite values ({counts} among {numel})"
+    assert not lora.lora_modules(target)  # checked before the model was touched
+
+
+def test_merge_never_makes_a_weight_non_finite_and_leaves_the_model_as_it_was():
+    model = tiny_llava()
+    lora.add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_adapters(model)
+    name = "language_model.layers.1.self_attn.v_proj"
+    with torch.no_grad():
+        model.get_submodule(name).lora_A.weight[0, 0] = float("nan")  # a diverged adapter, in memory
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for merge in (lora.merge_and_unload, lora.merge_lora):
+        with pytest.raises(LoraError) as err:
+            merge(model)
+        n_nan = model.get_submodule(name).base_layer.weight.shape[0]  # NaN in A's column 0 reaches every output row
+        assert str(err.value) == f"{name}.weight: not merged: W + s B A holds non-finite values ({n_nan} NaN, 0 inf " \
+                                 f"among {n_nan * 64})"
+        assert set(lora.lora_modules(model)) and not any(m.merged for m in lora.lora_modules(model).values())
+        for key, value in model.state_dict().items():  # the modules merged before it were unmerged
+            torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_merge_into_a_half_precision_base_that_would_overflow_is_refused(tmp_path):
+    model = tiny_llava().half()
+    lora.add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_adapters(model, scale=1e6)  # s B A reaches ~1e6, past float16's 65504
+    with pytest.raises(LoraError, match=r"^language_model\.layers\.0\.self_attn\.q_proj\.weight: not merged: "
+                                        r"W \+ s B A overflows float16 \(largest \|value\| .* in float32\): use "
+                                        r"bfloat16 or float32"):
+        lora.merge_and_unload(model)
+    # merged in float32 the weights are finite, but saving them in float16 would write inf: refused by the writer
+    model = tiny_llava()
+    weights.save_model(model, tmp_path / "base")
+    lora.add_lora(model, LoraConfig(r=4, alpha=8))
+    randomize_adapters(model, scale=1e6)
+    lora.merge_and_unload(model)
+    with pytest.raises(weights.CheckpointError, match=r"model\.safetensors: not written: tensor "
+                                                      r"'language_model\.model\.layers\.0\..*' overflows float16"):
+        weights.save_model(model, tmp_path / "merged", dtype=torch.float16)
+    assert not (tmp_path / "merged").exists()

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bitsandbytes.utils import pack_dict_to_tensor, unpack_tensor_to_dict
 from safetensors.torch import load_file, save_file
 
 from conftest import random_linear, tiny_llava
@@ -379,3 +380,61 @@ def test_prequantized_checkpoint_with_a_broken_quant_state_is_refused(dense_fold
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="up_proj"):
         weights.load_model(tmp_path)
+
+
+# --- non-finite values: never quantized, never loaded from a pre-quantized checkpoint ---------------------------------
+
+
+@pytest.mark.parametrize("double_quant, suffix", [(False, "absmax"), (True, "nested_absmax"), (True, "quant_map"),
+                                                  (True, "nested_quant_map")])
+def test_prequantized_checkpoint_with_a_non_finite_quant_state_is_refused(dense_folder, tmp_path, double_quant,
+                                                                          suffix):
+    """Every 4-bit value is scaled through these tensors: one NaN makes a block, and then every output, NaN."""
+    weights.save_quantized(weights.load_model(dense_folder, quantize=QuantConfig(double_quant=double_quant)), tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    key = f"language_model.model.layers.1.mlp.up_proj.weight.{suffix}"
+    tensors[key][0] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        weights.load_model(tmp_path)
+    numel = tensors[key].numel()
+    assert str(err.value) == f"{file}: tensor {key!r} holds non-finite values (1 NaN, 0 inf among {numel})"
+
+
+def test_prequantized_checkpoint_with_a_non_finite_dense_tensor_or_offset_is_refused(dense_folder, tmp_path):
+    weights.save_quantized(weights.load_model(dense_folder, quantize="nf4"), tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    norm = "language_model.model.layers.0.input_layernorm.weight"
+    save_file({**tensors, norm: torch.full_like(tensors[norm], float("inf"))}, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"^{file}: tensor '{norm}' holds non-finite values \\(0 NaN, 64 inf"):
+        weights.load_model(tmp_path)
+    # the nested offset lives in the JSON quant state, which Python's json writes and reads NaN in
+    key = "language_model.model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    state = unpack_tensor_to_dict(tensors[key])
+    save_file({**tensors, key: pack_dict_to_tensor({**state, "nested_offset": float("nan")})}, file,
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        weights.load_model(tmp_path)
+    assert str(err.value) == f"{file}: tensor {key!r} holds nested_offset nan, expected a finite number"
+
+
+def test_non_finite_weights_are_not_quantized():
+    weight = torch.randn(32, 64)
+    weight[5, 7] = float("nan")
+    with pytest.raises(QuantError, match=r"can only quantize a finite weight; this one holds non-finite values "
+                                         r"\(1 NaN, 0 inf among 2048\)"):
+        quant.quantize_weight(weight)
+    model = tiny_llava()
+    with torch.no_grad():
+        model.language_model.layers[1].mlp.gate_proj.weight[0, 0] = float("inf")
+    with pytest.raises(QuantError, match=r"^language_model\.layers\.1\.mlp\.gate_proj\.weight: can only quantize a "
+                                         r"finite weight; this one holds non-finite values \(0 NaN, 1 inf"):
+        quant.quantize_model(model)
+    # a 4-bit state dict with a non-finite scale is refused by the module itself too
+    module = Linear4bit.from_linear(random_linear(64, 32))
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    state["weight.nested_quant_map"][3] = float("nan")
+    with pytest.raises(RuntimeError, match=r"weight\.nested_quant_map holds non-finite values \(1 NaN"):
+        Linear4bit(64, 32, bias=True, device="meta").load_state_dict(state)

@@ -430,3 +430,64 @@ def test_sharded_index_and_shards_must_agree(hf_folder, reference):
     (ghost / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="index.json: not valid JSON"):
         load_model(ghost)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Non-finite values: each tensor checked as it loads, in the dtype it is loaded in; never written
+
+
+def with_value(tensor: torch.Tensor, value: float, index: int = 3) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor.view(-1)[index] = value
+    return tensor
+
+
+@pytest.mark.parametrize("bad, counts", [(float("nan"), "1 NaN, 0 inf"), (float("inf"), "0 NaN, 1 inf"),
+                                         (-float("inf"), "0 NaN, 1 inf")])
+@pytest.mark.parametrize("key, quantize", [
+    ("language_model.model.layers.1.mlp.up_proj.weight", None),
+    ("language_model.model.layers.1.mlp.up_proj.weight", "nf4"),  # quantized as it streams in
+    ("language_model.model.norm.weight", "nf4"),  # a dense tensor of a 4-bit model
+    ("vision_tower.vision_model.embeddings.class_embedding", None),
+])
+def test_non_finite_weight_is_refused_by_file_and_key(hf_folder, key, quantize, bad, counts):
+    folder, tensors, config = hf_folder
+    tensors[key] = with_value(tensors[key], bad)
+    write_folder(folder, tensors, config)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, quantize=quantize)
+    assert str(err.value) == (f"{folder / 'model.safetensors'}: tensor {key!r} holds non-finite values ({counts} "
+                              f"among {tensors[key].numel()})")
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' holds non-finite values"):
+        load_state_dict(folder)
+
+
+def test_a_weight_that_overflows_the_loading_dtype_is_refused(hf_folder):
+    folder, tensors, config = hf_folder
+    key = "language_model.model.layers.0.self_attn.o_proj.weight"
+    tensors[key] = with_value(tensors[key], 1e5)  # finite in float32, past float16's 65504
+    write_folder(folder, tensors, config)
+    load_model(folder, dtype=torch.bfloat16)  # bfloat16 has float32's range
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, dtype=torch.float16)
+    assert str(err.value) == (f"{folder / 'model.safetensors'}: tensor {key!r} overflows float16 (largest |value| "
+                              f"1e+05 in float32): use bfloat16 or float32")
+
+
+def test_save_model_never_writes_a_non_finite_tensor(layouts, tmp_path):
+    model = load_model(layouts["llava-hf"][0])
+    with torch.no_grad():
+        model.language_model.layers[0].mlp.down_proj.weight[2, 1] = float("nan")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as err:
+        save_model(model, out)
+    key = "language_model.model.layers.0.mlp.down_proj.weight"
+    assert str(err.value) == (f"{out / 'model.safetensors'}: not written: tensor {key!r} holds non-finite values "
+                              f"(1 NaN, 0 inf among {32 * 48})")
+    assert not out.exists()
+    with torch.no_grad():
+        model.language_model.layers[0].mlp.down_proj.weight[2, 1] = 1e5
+    save_model(model, out, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=f"not written: tensor '{key}' overflows float16 .*1e\\+05 in float32"):
+        save_model(model, tmp_path / "out16", dtype=torch.float16)
+    assert not (tmp_path / "out16").exists()
