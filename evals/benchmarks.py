@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from evals.suites import (AttackSample, Suite, SuiteError, SuiteOptions, SuiteReader, attack_suite, check_max_samples,
                           nonempty)
 from ref import data
@@ -33,13 +31,12 @@ from ref.unlearning_data import read_vlguard
 
 
 def checked_image(path: Path, where: str) -> Path:
-    """An image file decoded once now, so that a missing or broken one fails here, naming its row, not mid-generation
-    (PIL's verify() alone passes a truncated file)."""
+    """An image file decoded once now, so that a missing, broken or oversized one fails here, naming its row, not
+    mid-generation (PIL's verify() alone passes a truncated file)."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise SuiteError(f"{where}: cannot read image {path}: {err}") from err
+        data.load_image(path)
+    except data.ImageError as err:  # its message starts with the image's path
+        raise SuiteError(f"{where}: cannot read image {err}") from err
     return path.resolve()
 
 

@@ -65,9 +65,8 @@ class AttackSample:
         if isinstance(self.image, TypographicImage):
             return self.image.render()
         if isinstance(self.image, Image.Image):
-            return self.image.convert("RGB")
-        with Image.open(self.image) as opened:
-            return opened.convert("RGB")
+            return data.to_rgb(self.image)
+        return data.to_rgb(data.load_image(self.image))  # checked at load time; a file changed since fails here
 
 
 @dataclass
@@ -102,14 +101,13 @@ def _require_columns(path: Path, columns: list[str], needed: list[str]) -> None:
 
 
 def _checked_image(jsonl: Path, number: int, image: str) -> Path:
-    """The image a JSONL line names (relative to the JSONL's folder), decoded once now so that a bad file fails at
-    load time, naming its line, not mid-generation (verify() alone passes a truncated file)."""
+    """The image a JSONL line names (relative to the JSONL's folder), decoded once now so that a bad or oversized
+    file fails at load time, naming its line, not mid-generation (verify() alone passes a truncated file)."""
     image_path = (jsonl.parent / image).resolve()
     try:
-        with Image.open(image_path) as opened:
-            opened.load()
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise SuiteError(f"{jsonl}:{number}: cannot read image {image!r} ({image_path}): {err}") from err
+        data.load_image(image_path)
+    except data.ImageError as err:  # its message starts with the image's path
+        raise SuiteError(f"{jsonl}:{number}: cannot read image {image!r}: {err}") from err
     return image_path
 
 
@@ -205,8 +203,8 @@ def _harmful_from_json(path: Path, suite: str, prompt_column: str | None) -> lis
 
 
 def _harmful_from_txt(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # lines end at "\n" only: a U+2028 or \x0c inside a prompt is part of it, as in a JSONL
+        lines = data.jsonl_lines(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as err:
         raise SuiteError(f"{path}: cannot read: {err}") from err
     prompts = [line.strip() for line in lines if line.strip()]
@@ -473,9 +471,7 @@ def _jsonl_pairs(path: str, max_samples: int | None) -> list[NormalPair]:
         if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
             raise SuiteError(f"{path}:{number}: a normal record needs string fields \"prompt\" and \"response\"; "
                              f"keys found: {sorted(obj)}")
-        image = (Path(path).parent / obj["image"]).resolve() if obj.get("image") else None
-        if image is not None and not image.is_file():
-            raise SuiteError(f"{path}:{number}: image {obj['image']!r} ({image}): no such file")
+        image = _checked_image(Path(path), number, str(obj["image"])) if obj.get("image") else None
         pairs.append(NormalPair(str(obj.get("id", f"normal-{number}")), prompt, response, image))
     if not pairs:
         raise SuiteError(f"{path}: no normal records found")

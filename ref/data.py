@@ -3,7 +3,8 @@
 What lives here, in the order a sample travels:
 
 1. `TextTokenizer` / `load_tokenizer`: a thin wrapper over `tokenizers.Tokenizer` reading a model folder's
-   `tokenizer.json`; it knows the BOS, EOS, pad and `<image>` ids.
+   `tokenizer.json`; it knows the BOS, EOS, pad and `<image>` ids. `check_token_ids` refuses one whose ids run past
+   the model's embedding rows.
 2. `PROMPT_FORMATS` / `build_prompt`: the llava-hf format `"USER: <image>\\n{prompt} ASSISTANT:"` and the original
    `vicuna_v1` conversation LLaVA-1.5 was trained with (system line first, assistant turns closed by `</s>`).
 3. `expand_image_tokens`: each `<image>` id becomes `image_seq_length` copies (llava-hf convention: the model
@@ -12,7 +13,9 @@ What lives here, in the order a sample travels:
    `IGNORE_INDEX` (-100) everywhere except the response tokens and the closing EOS; right padding for training,
    left padding for generation.
 5. `load_image`, `preprocess_image`: CLIP's preprocessing (resize shortest side, centre crop, rescale, normalise),
-   optionally after LLaVA-1.5's pad-to-square, with Pillow and numpy.
+   optionally after LLaVA-1.5's pad-to-square, with Pillow and numpy. Every image file is opened by `load_image`,
+   which refuses an image bomb by its header (`check_image_size`); `to_rgb` scales 16-bit and float images by their
+   value range.
 6. `Processor` / `load_processor`: prompts + images -> `input_ids`, `attention_mask`, `pixel_values`, as
    transformers' `LlavaProcessor` produces them (the tests compare the two).
 7. `read_jsonl`, `read_csv`: the record files data sets come in, read strictly (errors name the file and line).
@@ -24,7 +27,10 @@ predicts `labels[t + 1]` from position t.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ref.config import load_config
 
@@ -43,6 +49,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_TO_SQUARE_FILL = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): LLaVA-1.5's expand2square colour
 
 IMAGE_TOKEN = "<image>"
+
+JSON_WHITESPACE = " \t\r\n"  # the only whitespace JSON allows between tokens (RFC 8259)
 
 
 class DataError(ValueError):
@@ -138,6 +146,21 @@ def load_tokenizer(model_dir: str | Path, image_token_id: int | None = None,
                          images=images)
 
 
+def check_token_ids(tokenizer: TextTokenizer, vocab_rows: int, where: str) -> None:
+    """Refuse a tokenizer that can emit an id the model has no embedding row for (a tokenizer from another model, or
+    tokens added after the checkpoint was saved): the embedding lookup or the loss would fail mid-run, or on a GPU
+    with a device-side assert that names nothing. `vocab_rows` is the model's embedding rows, `where` names them
+    (the checkpoint). The `<image>` id is exempt: the model replaces image tokens by image features before the lookup
+    (the original release has 32000 rows and `<image>` = 32000)."""
+    ids = {token: i for token, i in tokenizer.backend.get_vocab(with_added_tokens=True).items()
+           if i != tokenizer.image_token_id}
+    token, largest = max(ids.items(), key=lambda item: item[1])
+    if largest >= vocab_rows:
+        raise TokenizerError(f"{tokenizer.source}: the largest token id is {largest} ({token!r}) but {where} has "
+                             f"{vocab_rows} embedding rows (ids 0 to {vocab_rows - 1}); use the tokenizer.json that "
+                             "came with the checkpoint")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Prompt formats
 
@@ -201,9 +224,18 @@ def expand_image_tokens(ids: Sequence[int], image_token_id: int, image_seq_lengt
     return expanded
 
 
+# More characters than any token of the vocabularies LLaVA models use holds (LLaMA-2's longest is 16): a text longer
+# than this many characters per position of the context cannot fit it, and is refused (or cut) without tokenizing it,
+# so a 50 MB prompt costs a length check, not gigabytes of token ids.
+MAX_CHARS_PER_TOKEN = 64
+
+
 def tokenize_prompt(tokenizer: TextTokenizer, prompt: str, image_seq_length: int | None = None,
                     max_length: int | None = None) -> list[int]:
     """BOS + the prompt's ids with every `<image>` expanded: exactly what generation feeds the model."""
+    if max_length is not None and len(prompt) > MAX_CHARS_PER_TOKEN * max_length:
+        raise PromptTooLongError(f"the prompt is {len(prompt):,} characters, more than {MAX_CHARS_PER_TOKEN} per "
+                                 f"position of the context of {max_length} tokens: {prompt[:80]!r}...")
     ids = tokenizer.encode(prompt, add_bos=True)
     if tokenizer.image_token_id in ids:
         if image_seq_length is None:
@@ -250,8 +282,11 @@ def build_training_example(tokenizer: TextTokenizer, prompt: str, response: str,
     If the sequence is longer than `max_length`, the response is cut at the right (and then has no EOS); a prompt
     that leaves no room for a single response token is an error.
     """
-    prompt_ids = tokenize_prompt(tokenizer, prompt, image_seq_length)
-    response_ids = tokenizer.encode(response.lstrip()) + [tokenizer.eos_id]
+    prompt_ids = tokenize_prompt(tokenizer, prompt, image_seq_length, max_length)
+    response = response.lstrip()
+    if max_length is not None:  # what could not fit is not tokenized (the ids kept are the same: merges are local)
+        response = response[: MAX_CHARS_PER_TOKEN * max_length]
+    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
     if max_length is not None:
         if len(prompt_ids) >= max_length:
             raise PromptTooLongError(f"the prompt is {len(prompt_ids)} tokens (images expanded), leaving no room for "
@@ -305,22 +340,84 @@ def collate_for_generation(prompts: Sequence[Sequence[int]], pad_id: int) -> dic
 # 5. Images
 
 
+# Refused before decoding (Image.open reads only the header): a tiny file can declare a huge image. The pixel bound
+# keeps one decoded image under ~256 MB (RGBA); the aspect bound stops the shortest-side resize from turning a
+# 1 x 5000 strip (a 90-byte PNG) into 336 x 1,680,000. Published benchmark images are near square, the typographic
+# images evals/typographic.py draws are square, so neither bound refuses them.
+MAX_IMAGE_PIXELS = 8192 * 8192  # 64 megapixels
+MAX_ASPECT_RATIO = 20  # long side / short side
+
+UINT16_MAX = 65535
+INT32_MAX = 2**31 - 1
+
+
+def check_image_size(size: tuple[int, int], where: str | Path) -> None:
+    """Refuse an image (width, height) that is empty, over MAX_IMAGE_PIXELS or longer than MAX_ASPECT_RATIO:1."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"{where}: an empty image ({width} x {height} pixels)")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{where}: {width} x {height} pixels is more than the {MAX_IMAGE_PIXELS} (8192 x 8192) "
+                         "this pipeline decodes; downscale the image")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(f"{where}: {width} x {height} pixels has an aspect ratio of {ratio:.0f}:1, beyond the "
+                         f"{MAX_ASPECT_RATIO}:1 this pipeline accepts; crop or pad the image")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file and decode it now (so a broken file fails here, naming the file)."""
+    """Open an image file, check its declared size (`check_image_size`) and decode it now, so that a broken or
+    oversized file fails here, naming the file. Every reader of a user's image goes through this function."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bound is lower
+            opened = Image.open(path)
+        with opened as image:
+            check_image_size(image.size, path)
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # so large that Pillow refuses it in Image.open already
+        raise ImageError(f"{path}: more than the {MAX_IMAGE_PIXELS} pixels this pipeline decodes ({err}); "
+                         "downscale the image") from err
+    except ImageError:
+        raise
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... for broken files
         raise ImageError(f"{path}: cannot be read as an image ({err})") from err
+
+
+def _grey_to_8bit(image: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image as (H, W) uint8, scaled by its value range (`convert("L")` or
+    `convert("RGB")` clip these at 255, so a 16-bit mid-grey comes out white):
+        I;16*  16-bit unsigned: v * 255 / 65535, rounded (65535 -> 255, 32768 -> 128);
+        I      32-bit ints: as 8-bit values while all are <= 255, else as 16-bit (what old Pillow and TIFF readers
+               put in "I") while all are <= 65535, else by the int32 range; negatives are 0. (A 16-bit image whose
+               values all happen to be <= 255 is read as 8-bit: the mode alone cannot tell them apart.)
+        F      floats: v * 255 if all are <= 1 (the [0, 1] convention), else v; then clipped to [0, 255].
+    A grey image's transparent value (its "transparency") becomes white, as `to_rgb` composites colour images."""
+    values = np.asarray(image).astype(np.float64)  # (H, W)
+    peak = np.nanmax(values, initial=0.0)
+    if image.mode.startswith("I;16"):
+        scale = 255 / UINT16_MAX
+    elif image.mode == "I":
+        scale = 1.0 if peak <= 255 else 255 / UINT16_MAX if peak <= UINT16_MAX else 255 / INT32_MAX
+    else:
+        scale = 255.0 if peak <= 1 else 1.0
+    grey = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, (int, float)):
+        grey[np.asarray(image) == transparent] = 255
+    return grey
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited onto white (as transformers' CLIP processor does; a plain
-    `convert("RGB")` would expose whatever colour hides under transparent pixels)."""
+    `convert("RGB")` would expose whatever colour hides under transparent pixels), and 16-bit, 32-bit and float grey
+    images scaled by their value range (`_grey_to_8bit`)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        return Image.fromarray(_grey_to_8bit(image)).convert("RGB")
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -361,6 +458,8 @@ def preprocess_image(image: Image.Image | str | Path, image_size: int = 336,
         [pad to square] -> resize shortest side to S -> centre crop S -> x / 255 -> (x - mean) / std."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
+    else:  # decoded already, but the resize below is what an extreme aspect ratio blows up
+        check_image_size(image.size, getattr(image, "filename", "") or "an in-memory image")
     image = to_rgb(image)
     if pad_square:
         image = Image.fromarray(pad_to_square(np.asarray(image)))
@@ -433,6 +532,7 @@ def load_processor(model_dir: str | Path, vision_dir: str | Path | None = None,
                                images=not config.text_only)
     if pad_square is None:
         pad_square = config.source_format == "original"
+    check_token_ids(tokenizer, config.text.vocab_size, f"{model_dir}/config.json")
     image_size = None if config.text_only else config.vision.image_size
     return Processor(tokenizer, image_size=image_size, image_seq_length=config.image_seq_length or None,
                      max_length=config.text.max_position_embeddings, pad_square=pad_square)
@@ -442,21 +542,38 @@ def load_processor(model_dir: str | Path, vision_dir: str | Path | None = None,
 # 7. Record files
 
 
+def _json_error(err: ValueError | RecursionError) -> str:
+    """A JSON parse error in a few words: json's own message, or the nesting depth Python could not follow."""
+    if isinstance(err, RecursionError):
+        return (f"nested deeper than Python's JSON reader can follow (its recursion limit is "
+                f"{sys.getrecursionlimit()})")
+    return str(err)
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """A JSONL file's lines, split at "\n" only (what a JSONL writer ends lines with; a "\r" before it is JSON
+    whitespace). Not str.splitlines(): it also splits at U+2028, U+2029, \x85, \x0b, \x0c and \x1c-\x1e, which
+    json.dumps(ensure_ascii=False) leaves unescaped inside strings (the first three) and which are text, not line
+    ends, in a JSON line."""
+    return text.split("\n")
+
+
 def read_jsonl(path: str | Path, error: type[ValueError] = DataError) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is an `error` naming it."""
+    """(line number, object) for each non-blank line; a line that is not a JSON object is an `error` naming it.
+    UTF-8, a byte-order mark allowed."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"{path}: cannot read: {err}") from err
     records = []
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if not line.strip(JSON_WHITESPACE):
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise error(f"{path}:{number}: not valid JSON: {err}") from err
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise error(f"{path}:{number}: not valid JSON: {_json_error(err)}") from err
         if not isinstance(obj, dict):
             raise error(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
         records.append((number, obj))
@@ -468,9 +585,9 @@ def read_json_file(path: str | Path, expected: type, what: str, error: type[Valu
     an `error` naming the file."""
     path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise error(f"{path}: cannot read {what}: {err}") from err
+        raise error(f"{path}: cannot read {what}: {_json_error(err)}") from err
     if not isinstance(value, expected):
         shape = "list" if expected is list else "object"
         raise error(f"{path}: expected a JSON {shape} of {what}, got {type(value).__name__}")
@@ -479,22 +596,61 @@ def read_json_file(path: str | Path, expected: type, what: str, error: type[Valu
 
 def read_csv_lines(path: str | Path, error: type[ValueError] = DataError) -> tuple[list[str], list[tuple[int, dict]]]:
     """(column names, (line number, row) for each row): like read_jsonl, so that an error can name the line a row
-    starts on (a quoted value may span several lines)."""
+    starts on (a quoted value may span several lines). Read strictly: a quote that never closes (csv's default would
+    swallow the rest of the file into one value), text after a closing quote, a row longer or shorter than the
+    header and a column named twice in the header (DictReader would keep only the last) are errors."""
     path = Path(path)
+    columns, rows, start = [], [], 1  # start: the line the row being read starts on (line 1 is the header)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows, start = [], 2  # line 1 is the header
+            reader = csv.DictReader(f, strict=True)
+            columns = list(reader.fieldnames or [])
+            _check_header(path, columns, error)
+            start = 2
             for row in reader:
                 if None in row or None in row.values():  # DictReader's marks of a row longer or shorter than the header
                     raise error(f"{path}:{start}: {'more' if None in row else 'fewer'} fields than the header's "
-                                f"{len(reader.fieldnames)}")
+                                f"{len(columns)}")
                 rows.append((start, row))
                 start = reader.line_num + 1
-            columns = list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except csv.Error as err:
+        # DictReader.line_num is only updated after a good row; its csv.reader's counts the line it failed on
+        raise error(_csv_error_message(path, start, reader.reader.line_num, columns, err)) from err
+    except (OSError, UnicodeDecodeError) as err:
         raise error(f"{path}: cannot read CSV: {err}") from err
     return columns, rows
+
+
+def _check_header(path: Path, columns: list[str], error: type[ValueError]) -> None:
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise error(f"{path}:1: column(s) {twice} appear more than once in the header; rename them (a row would keep "
+                    "only the last one's value)")
+
+
+def _csv_error_message(path: Path, start: int, line: int, columns: list[str], err: csv.Error) -> str:
+    """What strict csv found wrong, with the line and, for a quote that never closes, the column it opens in."""
+    close_it = "close it, or write \"\" for a quote inside a quoted value"
+    if "end of data" in str(err):
+        column = _last_column(path, start, columns)
+        row = "the header" if start == 1 else "the row starting on this line"
+        return f"{path}:{start}: the quote opened in column {column} of {row} never closes; {close_it}"
+    if "field limit" in str(err):  # an unclosed quote in a large file swallows more than csv's field limit first
+        return (f"{path}:{start}: a value in the row starting on this line is over csv's limit of "
+                f"{csv.field_size_limit()} characters (a quote that never closes?); {close_it}")
+    if "expected after" in str(err):  # csv's "',' expected after '\"'"
+        return (f"{path}:{line}: text after a closing quote ({err}); quote the whole value, writing \"\" for each "
+                "quote inside it")
+    return f"{path}:{line}: not valid CSV ({err})"
+
+
+def _last_column(path: Path, start: int, columns: list[str]) -> str:
+    """The column of the last value of the row starting on line `start`, read leniently: where a quote that never
+    closes opened (the rest of the file became its value)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        fields = next(csv.reader(itertools.islice(f, start - 1, None)))
+    index = len(fields) - 1
+    return repr(columns[index]) if index < len(columns) else f"number {index + 1}"
 
 
 def read_csv(path: str | Path, error: type[ValueError] = DataError) -> tuple[list[str], list[dict[str, str]]]:

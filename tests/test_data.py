@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +24,23 @@ import torch
 from PIL import Image
 
 from conftest import SHARED
+from ref.config import ConfigError, load_config, read_json
 from ref.data import (
+    CLIP_MEAN,
+    CLIP_STD,
     IGNORE_INDEX,
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
     PAD_TO_SQUARE_FILL,
     DataError,
     ImageError,
     PromptTooLongError,
+    TextTokenizer,
     TokenizerError,
     TrainingExample,
     build_prompt,
     build_training_example,
+    check_token_ids,
     collate_for_generation,
     collate_for_training,
     expand_image_tokens,
@@ -40,6 +49,11 @@ from ref.data import (
     load_tokenizer,
     pad_to_square,
     preprocess_image,
+    read_csv,
+    read_csv_lines,
+    read_json_file,
+    read_jsonl,
+    to_rgb,
     tokenize_prompt,
 )
 
@@ -444,3 +458,182 @@ def test_vocabulary_without_image_token_gets_it_added_after_the_last_id(tmp_path
     assert (tok.image_token_id, tok.pad_id) == (4, 5)
     assert tok.encode("hi <image> hi", add_bos=True) == [1, 3, 4, 3]
     assert load_tokenizer(tmp_path).pad_id == 0  # no <pad>, no config value: <unk>, as the original LLaVA pads
+
+
+def test_check_token_ids_refuses_ids_beyond_the_embedding_rows(tmp_path):
+    """make_tiny's checkpoint: its own tokenizer fits its rows (the config rounds them up to a multiple of 64); the
+    same tokenizer with tokens added past the rows is refused, naming the file and both numbers."""
+    from weights_tools.make_tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "tiny", text_layers=1, vision_layers=1)
+    rows = load_config(folder).text.vocab_size
+    tokenizer = load_tokenizer(folder)
+    check_token_ids(tokenizer, rows, f"{folder}/model.safetensors")
+    extra = rows - tokenizer.vocab_size  # the last added token gets id rows, one past the last row
+    tokenizer.backend.add_tokens([f"word{i}" for i in range(extra + 1)])
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    grown = load_tokenizer(tmp_path)
+    check_token_ids(grown, rows + 1, "a model with one row more")
+    with pytest.raises(TokenizerError, match=rf"{tmp_path}/tokenizer\.json: the largest token id is {rows} "
+                                             rf"\('word{extra}'\) but .*model\.safetensors has {rows} embedding rows"):
+        check_token_ids(grown, rows, f"{folder}/model.safetensors")
+
+
+def test_check_token_ids_exempts_the_image_token(word_tokenizer):
+    """The original release: 32000 rows and `<image>` added as id 32000, which never reaches the embedding."""
+    words = ["<unk>", "<s>", "</s>", "hi"]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer = TextTokenizer(backend)  # adds <image> as id 4
+    assert tokenizer.image_token_id == 4
+    check_token_ids(tokenizer, 4, "a 4-row model")
+    with pytest.raises(TokenizerError, match=r"the largest token id is 3 \('hi'\) but a 3-row model has 3 embedding"):
+        check_token_ids(tokenizer, 3, "a 3-row model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images that are not 8-bit: scaled by their value range, not clipped at 255
+
+
+def _grey_of(image: Image.Image) -> np.ndarray:
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.dtype == np.uint8 and (rgb == rgb[..., :1]).all()  # grey in all three channels
+    return rgb[..., 0]
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 1000, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    image = load_image(tmp_path / "grey16.png")
+    assert image.mode == "I;16"
+    # v * 255 / 65535, rounded: 257 -> 1, 1000 -> 3.89 -> 4, 32768 -> 127.5019 -> 128
+    np.testing.assert_array_equal(_grey_of(image), [[0, 1, 4, 128, 255]])
+    for value, grey in ((65535, 255), (32768, 128)):  # through preprocessing: white stays white, mid-grey mid-grey
+        Image.fromarray(np.full((6, 6), value, dtype=np.uint16)).save(tmp_path / "flat.png")
+        expected = (grey / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        torch.testing.assert_close(preprocess_image(tmp_path / "flat.png", image_size=4),
+                                   expected[:, None, None].expand(3, 4, 4))
+
+
+def test_16_bit_big_endian_32_bit_and_float_images(tmp_path):
+    values = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values.astype(">u2")).save(tmp_path / "big_endian.tif")
+    image = load_image(tmp_path / "big_endian.tif")
+    assert image.mode == "I;16B"
+    np.testing.assert_array_equal(_grey_of(image), [[0, 4, 128, 255]])
+    # "I": 16-bit values (what older Pillow makes of a 16-bit PNG) by the 16-bit range; 8-bit values as they are
+    np.testing.assert_array_equal(_grey_of(Image.fromarray(values.astype(np.int32))), [[0, 4, 128, 255]])
+    np.testing.assert_array_equal(_grey_of(Image.fromarray(np.array([[0, 7, 128, 255, -5]], np.int32))),
+                                  [[0, 7, 128, 255, 0]])
+    full = np.array([[0, 2**30, 2**31 - 1]], np.int32)  # beyond 16 bits: the int32 range (2**30 -> 127.5 -> 128)
+    np.testing.assert_array_equal(_grey_of(Image.fromarray(full)), [[0, 128, 255]])
+    # "F": [0, 1] scaled to 255; anything above 1 taken as 0..255 and clipped
+    Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)).save(tmp_path / "unit.tif")
+    np.testing.assert_array_equal(_grey_of(load_image(tmp_path / "unit.tif")), [[0, 64, 128, 255]])
+    np.testing.assert_array_equal(_grey_of(Image.fromarray(np.array([[-3.0, 0.5, 100.4, 300.0]], np.float32))),
+                                  [[0, 0, 100, 255]])
+
+
+def test_16_bit_transparent_value_becomes_white(tmp_path):
+    Image.fromarray(np.array([[0, 65535, 1000]], dtype=np.uint16)).save(tmp_path / "t.png", transparency=0)
+    np.testing.assert_array_equal(_grey_of(load_image(tmp_path / "t.png")), [[255, 255, 4]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image bombs: refused by their header, before decoding
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height 1-bit grey pixels but holds a single tiny IDAT: Image.open reads the
+    header alone, so whatever decoding would cost, opening it costs nothing."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_with_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 5000)).save(strip)  # 90 bytes; CLIP's resize would make it 336 x 1,680,000
+    assert strip.stat().st_size < 200
+    with pytest.raises(ImageError, match=rf"strip\.png: 1 x 5000 pixels has an aspect ratio of 5000:1, beyond the "
+                                         rf"{MAX_ASPECT_RATIO}:1 this pipeline accepts; crop or pad the image"):
+        preprocess_image(strip)
+    with pytest.raises(ImageError, match=r"an in-memory image: 5000 x 1 pixels has an aspect ratio of 5000:1"):
+        preprocess_image(Image.new("RGB", (5000, 1)))
+    Image.new("L", (20, 400)).save(tmp_path / "twenty.png")  # exactly at the bound: accepted
+    assert preprocess_image(tmp_path / "twenty.png", image_size=8).shape == (3, 8, 8)
+
+
+def test_image_with_too_many_pixels_is_refused_before_decoding(tmp_path):
+    big = _png_header(tmp_path / "big.png", 9000, 9000)
+    with pytest.raises(ImageError, match=rf"big\.png: 9000 x 9000 pixels is more than the {MAX_IMAGE_PIXELS} "
+                                         r"\(8192 x 8192\) this pipeline decodes; downscale the image"):
+        load_image(big)
+    huge = _png_header(tmp_path / "huge.png", 20000, 20000)  # so large that Pillow refuses it in Image.open
+    with pytest.raises(ImageError, match=rf"huge\.png: more than the {MAX_IMAGE_PIXELS} pixels this pipeline decodes"):
+        load_image(huge)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Record files
+
+
+def test_csv_unterminated_quote_names_line_and_column(tmp_path):
+    path = tmp_path / "open.csv"
+    path.write_text('id,prompt,note\n1,fine,ok\n2,"never closed,x\n3,more,rows\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"open\.csv:3: the quote opened in column 'prompt' of the row starting on this "
+                                        r"line never closes; close it"):
+        read_csv(path)
+    path.write_text('id,prompt\n1,"x""', encoding="utf-8")  # an escaped quote, then the end of the file
+    with pytest.raises(DataError, match=r"open\.csv:2: the quote opened in column 'prompt'"):
+        read_csv(path)
+    path.write_text('id,"prompt\n1,x\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"open\.csv:1: the quote opened in column number 2 of the header"):
+        read_csv(path)
+    path.write_text('id,prompt\n1,"' + "x" * 200_000 + "\n2,y\n", encoding="utf-8")  # past csv's field limit first
+    with pytest.raises(DataError, match=r"open\.csv:2: a value in the row starting on this line is over csv's limit"):
+        read_csv(path)
+
+
+def test_csv_quotes_that_close_are_fine(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_text('id,prompt\r\n1,"two\r\nlines, ""quoted"""\r\n2,a"b\r\n3,"at the end"', encoding="utf-8")
+    assert read_csv_lines(path) == (["id", "prompt"], [(2, {"id": "1", "prompt": 'two\r\nlines, "quoted"'}),
+                                                       (4, {"id": "2", "prompt": 'a"b'}),
+                                                       (5, {"id": "3", "prompt": "at the end"})])
+
+
+def test_csv_text_after_closing_quote_and_duplicate_columns(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text('id,prompt\n1,ok\n2,"quoted" then text\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:3: text after a closing quote"):
+        read_csv(path)
+    path.write_text("id,prompt,id\n1,hi,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:1: column\(s\) \['id'\] appear more than once in the header; "
+                                        r"rename them"):
+        read_csv(path)
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    text = "a\u2028b \u2029 \x85 \x0b \x0c \x1c \x1d \x1e"
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(("\ufeff" + json.dumps({"text": text}, ensure_ascii=False) + "\r\n\r\n"
+                      + json.dumps({"n": 2}) + "\n").encode("utf-8"))
+    assert read_jsonl(path) == [(1, {"text": text}), (3, {"n": 2})]
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path):
+    deep = "[" * 100_000
+    (tmp_path / "deep.jsonl").write_text('{"ok": 1}\n' + deep + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: not valid JSON: nested deeper than Python's JSON reader can "
+                                        r"follow"):
+        read_jsonl(tmp_path / "deep.jsonl")
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(DataError, match=r"deep\.json: cannot read prompts: nested deeper than Python's JSON reader"):
+        read_json_file(tmp_path / "deep.json", list, "prompts")
+    (tmp_path / "config.json").write_text('{"a": ' * 100_000)
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON \(nested deeper than Python's JSON reader "
+                                          r"can follow\)"):
+        read_json(tmp_path / "config.json")

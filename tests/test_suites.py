@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from conftest import shared, write_csv, write_jsonl
-from evals.suites import (AttackSample, SuiteError, SuiteOptions, load_figstep, load_harmful_prompts,
+from evals.benchmarks import checked_image
+from evals.suites import (AttackSample, SuiteError, SuiteOptions, load_benign_jsonl, load_figstep, load_harmful_prompts,
                           load_image_pieces, load_image_text_pairs, load_normal, load_suites, load_xstest)
 from evals.typographic import FIGSTEP_FONT, FIGSTEP_PROMPT, TypographicImage, fit_text_image, render_figstep_image
 
@@ -310,3 +311,47 @@ def test_truncated_image_in_pairs_fails_at_load_time(tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "what is this?", "image": "cut.jpg"}\n')
     with pytest.raises(SuiteError, match=r"pairs\.jsonl:1: cannot read image 'cut\.jpg'"):
         load_image_text_pairs(tmp_path / "pairs.jsonl")
+
+
+# --- Images and text files read the way ref.data reads them ---------------------------------------------------------
+
+def test_image_bombs_refused_by_every_suite_reader(tmp_path):
+    """A 90-byte 1 x 5000 PNG (the shortest-side resize would make it 336 x 1,680,000) fails at load time, through
+    ref.data's one check, in each reader that opens a user's image, naming the line and the bound."""
+    Image.new("L", (1, 5000)).save(tmp_path / "strip.png")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "what is this?", "image": "strip.png"}])
+    with pytest.raises(SuiteError, match=r"pairs\.jsonl:1: cannot read image 'strip\.png': .*strip\.png: 1 x 5000 "
+                                         r"pixels has an aspect ratio of 5000:1, beyond the 20:1"):
+        load_image_text_pairs(pairs)
+    benign = write_jsonl(tmp_path / "benign.jsonl", [{"prompt": "p", "expected": "e", "image": "strip.png"}])
+    with pytest.raises(SuiteError, match=r"benign\.jsonl:1: cannot read image 'strip\.png': .*aspect ratio"):
+        load_benign_jsonl(benign)
+    with pytest.raises(SuiteError, match=r"row 7: cannot read image .*strip\.png: 1 x 5000 pixels has an aspect"):
+        checked_image(tmp_path / "strip.png", "row 7")  # evals.benchmarks: JailbreakV, MM-SafetyBench, HarmBench
+    normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": "p", "response": "r", "image": "strip.png"}])
+    with pytest.raises(SuiteError, match=r"normal\.jsonl:1: cannot read image 'strip\.png': .*aspect ratio"):
+        load_normal(f"jsonl:{normal}")
+    with pytest.raises(ValueError, match=r"strip\.png: 1 x 5000 pixels has an aspect ratio"):
+        AttackSample("1", "s", "p", image=tmp_path / "strip.png").load_image()  # a file replaced after loading
+
+
+def test_sample_image_16_bit_is_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    image = AttackSample("1", "s", "p", image=tmp_path / "grey16.png").load_image()
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (128, 128, 128)  # not white
+    in_memory = AttackSample("1", "s", "p", image=Image.open(tmp_path / "grey16.png")).load_image()
+    assert in_memory.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_txt_prompts_end_at_newline_only(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\u2028still one\x0cand one\r\ntwo\n", encoding="utf-8")
+    assert [s.prompt for s in load_harmful_prompts(txt)] == ["one\u2028still one\x0cand one", "two"]
+
+
+def test_csv_with_unclosed_quote_is_refused(tmp_path):
+    path = tmp_path / "adv.csv"
+    path.write_text('goal,target\n"Do a thing,Sure\nDo another,Sure\n', encoding="utf-8")
+    with pytest.raises(SuiteError, match=r"adv\.csv:2: the quote opened in column 'goal' of the row starting on this "
+                                         r"line never closes"):
+        load_harmful_prompts(path)

@@ -72,6 +72,16 @@ def test_writer_round_trip(tmp_path):
     assert "ünïcode" in path.read_text(encoding="utf-8")  # written as UTF-8, not \u escapes
 
 
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\r"])
+def test_writer_round_trip_with_line_separators_in_text(tmp_path, char):
+    """str.splitlines() ends a line at each of these; json.dumps(ensure_ascii=False) leaves the first three raw in
+    the line, so a reader splitting that way would refuse what the writer wrote."""
+    records = [NormalRecord(f"before{char}after", f"a{char}b"), HarmfulRecord(f"p{char}", None, "good")]
+    path = tmp_path / "out.jsonl"
+    write_unlearning_jsonl(records, path)
+    assert read_unlearning_jsonl(path) == records
+
+
 # --- PKU-SafeRLHF ---------------------------------------------------------------------------------------------------
 
 def pku_row(prompt, r0, r1, safe0, safe1, safer):
