@@ -48,7 +48,7 @@ from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_
 from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
 from ref import kernels as kernel_registry
 from ref.config import DTYPES, read_json
-from ref.console import HelpFormatter, Progress, exit_on_user_error
+from ref.console import HelpFormatter, Progress, add_debug_option, exit_on_user_error
 from ref.data import load_processor
 from ref.adapters import is_adapter_folder, load_adapter
 from ref.lora import remove_adapters
@@ -156,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rejudge", default=None, metavar="RUN_DIR",
                    help="re-score a finished run's saved responses with --judge (and --refusal-judge), in place,\n"
                         "without loading the evaluated model; judges not named keep their saved verdicts")
+    add_debug_option(p)
     args = p.parse_args(argv)
     if args.max_samples is not None and args.max_samples < 1:
         p.error("--max-samples must be >= 1")
@@ -410,15 +411,22 @@ def open_run_folder(out: Path, run: dict) -> None:
 
 
 def read_jsonl_lines(path: Path) -> list[dict]:
-    """The complete lines of a file this program appends to (a kill can leave the last one cut short)."""
+    """The complete lines of a file this program appends to: a kill can leave the last one cut short (dropped); a bad
+    line before it means the file was edited (an error naming it)."""
     if not path.is_file():
         return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     rows = []
-    for line in path.read_text().split("\n"):
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # an empty line, or one cut short
+        except (json.JSONDecodeError, RecursionError) as err:
+            if number == len(lines):
+                continue  # the last line, cut short by a kill: its sample is generated again
+            raise EvalError(f"{path}:{number}: not valid JSON ({type(err).__name__}); this file is only appended "
+                            f"to, so it was edited: choose another --out") from err
     return rows
 
 
@@ -665,7 +673,7 @@ def rejudge(args: argparse.Namespace, started: float) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with exit_on_user_error("eval.py"):
+    with exit_on_user_error("eval.py", args.debug):
         return run(args)
 
 

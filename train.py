@@ -11,8 +11,8 @@ all you need?"): QLoRA on the decoder, text-only data, three losses.
   3. the data: harmful records (prompt, harmful response, helpful response) and normal records (prompt, response),
      drawn as seeded streams of batches
   4. the loop: L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility (ref/losses.py) over --grad-accum
-     batches, clipping, AdamW on the adapters, a NaN guard, Yao et al.'s stopping rule, checkpoints for an exact
-     --resume (Ctrl-C or SIGTERM: a checkpoint at the end of the step, then exit)
+     batches, clipping, AdamW on the adapters, a NaN and divergence guard, Yao et al.'s stopping rule, checkpoints
+     for an exact --resume (Ctrl-C or SIGTERM: a checkpoint at the end of the step, then exit)
   5. the outputs: the adapter, a JSON line per step (log.jsonl) and a summary (summary.json)
 
 Modes: `textual` (the paper's method), `multimodal` (the same losses on image+text records: the vision tower and
@@ -25,8 +25,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import textwrap
@@ -39,15 +41,17 @@ import torch
 
 from ref import kernels as kernel_registry
 from ref.config import DTYPES, check_device, read_json
-from ref.console import HelpFormatter, Progress, exit_on_user_error
-from ref.data import Processor, build_prompt, collate_for_training, load_processor
+from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
+                         non_negative_float, non_negative_int, positive_float, positive_int, probability)
+from ref.data import Processor, PromptTooLongError, build_prompt, collate_for_training, load_processor
 from ref.losses import Batch, LossWeights, batch_flops, unlearning_loss
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
+from ref.files import write_atomically
 from ref.provenance import provenance
 from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
-                      RunError, keep_log_before, load_checkpoint, read_checkpoint_state, read_run_args,
-                      save_checkpoint, step_adapter_dir, trainable_tensors, write_atomically)
+                      RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state, read_run_args,
+                      save_checkpoint, step_adapter_dir, trainable_tensors)
 from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, split_records
 from ref.weights import load_model
 from toy import defaults as toy
@@ -88,7 +92,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     progress = Progress("step", args.max_steps, "steps", every=args.log_every, done=state.step)
     last_good = trainable_tensors(model)
     with open(out / LOG_FILE, "a") as log, stop.on_signals():
-        while state.step < args.max_steps:
+        while state.step < args.max_steps and not state.stopped_by:
             started = time.perf_counter()
             lr = set_learning_rate(optimizer, state.step, args)
             optimizer.zero_grad(set_to_none=True)
@@ -102,12 +106,12 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
                     (loss / args.grad_accum).backward()
                 add_terms(terms, micro_terms, args.grad_accum)
                 counts.add(model, batches)
-            grad_norm, failure = guarded_update(model, optimizer, trainable, terms, args.clip, last_good, state.step)
+            norms, failure = guarded_update(model, optimizer, trainable, terms, args, last_good, state)
             if failure:
                 state.stopped_by = failure
                 break
             last_good = trainable_tensors(model)
-            record = state.finish_step(terms, grad_norm, lr, counts, time.perf_counter() - started, device)
+            record = state.finish_step(terms, norms, lr, counts, time.perf_counter() - started, device)
             log.write(json.dumps(record) + "\n")
             log.flush()
             progress.update(1, progress_info(record))
@@ -144,6 +148,7 @@ REAL_MODEL_DEFAULTS = {"lr": 2e-4, "eps": [0.5, 1.0, 1.0], "batch_size": 2, "max
 # Options a resumed run may change: they decide how far it goes and what it writes, not what one step computes.
 RESUMABLE = ("max_steps", "save_every", "save_adapter_every", "log_every")
 PATH_OPTIONS = ("model", "vision_dir", "data")  # compared as the files they name: ./data.jsonl is data.jsonl
+NOT_RECORDED = ("resume", "debug")  # how this invocation runs, not what the run is: kept out of args.json
 
 
 def model_default(name: str) -> str:
@@ -175,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--mode", default="textual", choices=["textual", "multimodal", "sft"],
                         help="textual: the paper's method; multimodal: the same losses on image+text records;\n"
                              "sft: the supervised baseline (helpful NLL and the utility term, no ascent)")
-    method.add_argument("--eps", type=float, nargs=3, default=None, metavar=("HARM", "HELPFUL", "UTILITY"),
+    method.add_argument("--eps", type=non_negative_float, nargs=3, default=None, metavar=("HARM", "HELPFUL", "UTILITY"),
                         help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (sft mode ignores eps1)\n"
                              + model_default("eps"))
     method.add_argument("--mismatch", default="helpful", choices=["helpful", "random"],
@@ -186,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="float32", choices=TRAIN_DTYPES, help="compute dtype")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    model.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (the update is alpha/r B A x)")
-    model.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    model.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank")
+    model.add_argument("--lora-alpha", type=positive_float, default=16.0,
+                       help="LoRA scale alpha (the update is alpha/r B A x)")
+    model.add_argument("--lora-dropout", type=probability, default=0.0, help="dropout on the adapters' input")
     model.add_argument("--lora-targets", nargs="+", default=list(LoraConfig().targets),
                        help="decoder linears that get adapters, by name")
     model.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
@@ -197,31 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one op's implementation (repeatable), e.g. --kernel attention=sdpa")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=None, help="peak learning rate " + model_default("lr"))
-    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    opt.add_argument("--batch-size", type=int, default=None,
+    opt.add_argument("--lr", type=positive_float, default=None, help="peak learning rate " + model_default("lr"))
+    opt.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW's decoupled weight decay")
+    opt.add_argument("--batch-size", type=positive_int, default=None,
                      help="records per batch, for each of the three terms " + model_default("batch_size"))
-    opt.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
-    opt.add_argument("--max-steps", type=int, default=None, help="optimizer steps " + model_default("max_steps"))
-    opt.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    opt.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
+    opt.add_argument("--max-steps", type=positive_int, default=None,
+                     help="optimizer steps " + model_default("max_steps"))
+    opt.add_argument("--warmup", type=non_negative_int, default=0, help="linear warm-up steps")
     opt.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
                      help="learning rate after warm-up: constant, or decaying to 0 at --max-steps")
-    opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
-    opt.add_argument("--seed", type=int, default=0, help="seeds the data order, the adapters' init and dropout")
-    opt.add_argument("--stop-harm-nll", type=float, default=None,
-                     help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps, stop;\n"
-                          "a negative value turns the rule off " + model_default("stop_harm_nll"))
-    opt.add_argument("--extra-batches", type=int, default=40, help="steps run after the stopping rule fires")
+    opt.add_argument("--clip", type=non_negative_float, default=1.0, help="gradient norm clipping (0: off)")
+    opt.add_argument("--divergence-factor", type=non_negative_float, default=100.0,
+                     help="stop, keeping the last good adapter, when the gradient norm passes this many times the\n"
+                          "first step's or the adapters' norm this many times the untrained adapters' (0: off)")
+    opt.add_argument("--seed", type=non_negative_int, default=0,
+                     help="seeds the data order, the adapters' init and dropout")
+    opt.add_argument("--stop-harm-nll", type=finite_float, default=None,
+                     help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps,\n"
+                          "then stop; a negative value turns the rule off " + model_default("stop_harm_nll"))
+    opt.add_argument("--extra-batches", type=non_negative_int, default=40,
+                     help="steps run after the stopping rule fires")
 
     run = p.add_argument_group("run")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--threads", type=positive_int, default=None,
                      help="CPU threads for torch (default: 1 for the toy, whose tiny matrices gain nothing from more\n"
                           "and lose a lot when another process shares the cores; torch's default otherwise)")
-    run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
-    run.add_argument("--save-adapter-every", type=int, default=0,
+    run.add_argument("--save-every", type=positive_int, default=50, help="steps between checkpoints")
+    run.add_argument("--save-adapter-every", type=non_negative_int, default=0,
                      help="also keep the adapter every N steps, in adapter-step<N>/ (0: only the final adapter);\n"
                           "eval.py --adapter RUN_DIR evaluates them all, to plot ASR against steps")
-    run.add_argument("--log-every", type=int, default=1, help="steps between progress lines on a non-terminal")
+    run.add_argument("--log-every", type=positive_int, default=1, help="steps between progress lines on a non-terminal")
+    add_debug_option(run)
     return p
 
 
@@ -262,11 +275,20 @@ def open_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path]:
     """A new run folder (model-dependent defaults filled in), or with --resume the existing one and the options its
     run was started with, changed where the command line changes a `RESUMABLE` option."""
     out = Path(args.out)
-    if args.resume:
+    check_run_folder(out)
+    has_checkpoint = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
+    if args.resume and has_checkpoint:
         args = resumed_options(args, out)
-    elif (out / LOG_FILE).exists():
+    elif has_checkpoint:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    elif args.resume and not (out / ARGS_FILE).is_file():
+        raise RunError(f"--resume: {out} holds no train.py run (no {ARGS_FILE}, no checkpoint)")
     else:
+        if args.resume:  # stopped before its first checkpoint: the same options, from step 0
+            args = resumed_options(args, out, from_start=True)
+        if (out / ARGS_FILE).is_file():
+            print(f"{out}: a run stopped before its first checkpoint; starting it again in place", file=sys.stderr)
+            clear_unfinished_run(out)
         defaults = toy.TRAIN_DEFAULTS if toy.is_toy_model(args.model) else REAL_MODEL_DEFAULTS
         for name, value in defaults.items():
             if getattr(args, name) is None:
@@ -282,23 +304,43 @@ def same_option(name: str, saved, given) -> bool:
     return saved == given
 
 
-def resumed_options(args: argparse.Namespace, out: Path) -> argparse.Namespace:
+def check_run_folder(out: Path) -> None:
+    """--out can hold a run: not a file, and writable, found before anything is read or loaded."""
+    if out.is_file():
+        raise RunError(f"--out {out}: is a file, not a run folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out}: {existing} is not writable; choose another --out")
+
+
+def clear_unfinished_run(out: Path) -> None:
+    """A run with no checkpoint trained nothing that can be kept: its log and step adapters go (its files only)."""
+    (out / LOG_FILE).unlink(missing_ok=True)
+    for folder in out.glob(f"{ADAPTER_DIR}-step*"):
+        if adapter_step(folder) is not None:
+            shutil.rmtree(folder)
+
+
+def resumed_options(args: argparse.Namespace, out: Path, from_start: bool = False) -> argparse.Namespace:
     """The run's options (args.json) with the command line's changes to `RESUMABLE` ones; any other difference is
-    refused, listed. `changes` holds {name: [before, now]} for the log."""
-    if not (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
-        raise RunError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}")
+    refused, listed. `changes` holds {name: [before, now]} for the log. `from_start`: the run has no checkpoint, so
+    it starts again from step 0 (as a new run, with its options)."""
     defaults = option_defaults()
     saved = {**defaults, **{k: v for k, v in read_run_args(out).items() if k in defaults}}
     changes = {name: [saved[name], getattr(args, name)] for name in args.given
-               if name not in ("resume", "out") and not same_option(name, saved[name], getattr(args, name))}
+               if name not in (*NOT_RECORDED, "out") and not same_option(name, saved[name], getattr(args, name))}
     refused = [name for name in changes if name not in RESUMABLE]
     if refused:
-        listed = "; ".join(f"--{n.replace('_', '-')} {changes[n][0]!r} in the run, {changes[n][1]!r} now" for n in refused)
+        listed = "; ".join(f"--{n.replace('_', '-')} {changes[n][0]!r} in the run, {changes[n][1]!r} now"
+                           for n in refused)
         raise TrainError(f"--resume {out}: options differ from {out / ARGS_FILE}: {listed}. Only "
                          f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change on resume; start a "
                          f"new run (another --out) for the others")
     resumed = argparse.Namespace(**{**saved, **{name: now for name, (_, now) in changes.items()}})
-    resumed.resume, resumed.out, resumed.given, resumed.changes = True, str(out), args.given, changes
+    resumed.resume, resumed.debug, resumed.out = not from_start, args.debug, str(out)
+    resumed.given, resumed.changes = args.given, changes
     return resumed
 
 
@@ -320,9 +362,11 @@ def finished_run(args: argparse.Namespace, out: Path) -> dict | None:
                              f"cannot continue it")
     elif args.max_steps > step:
         return None
+    if not ((out / ADAPTER_DIR).is_dir() and (out / SUMMARY_FILE).is_file()):
+        return None  # stopped after its last checkpoint, before its outputs: the run writes them without a step
     print(f"nothing to do: {out} ended at step {step} ({stopped_by or 'max_steps'}); pass --max-steps N > {step} to "
           f"train further", file=sys.stderr)
-    return read_json(out / SUMMARY_FILE, RunError) if (out / SUMMARY_FILE).is_file() else {"steps": step}
+    return read_json(out / SUMMARY_FILE, RunError)
 
 
 def set_up_torch(args: argparse.Namespace) -> kernel_registry.Kernels:
@@ -383,12 +427,14 @@ def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[No
 
 def read_data(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord], BatchMaker]:
     """The records and what turns them into batches; tokenizer and every image checked now."""
-    processor = load_processor(args.model, args.vision_dir)
+    processor = load_processor(args.model, args.vision_dir)  # its token ids checked against the model's vocabulary
     harmful, normal = read_records(args)
     maker = BatchMaker(processor, args, harmful, normal)
-    for record in [*harmful, *normal]:  # an unreadable image stops the run before training starts
-        if record.image:
-            maker.image(record.image)
+    for kind, records in (("harmful", harmful), ("normal", normal)):
+        for number, record in enumerate(records, start=1):
+            maker.check_fits(record, f"{args.data}: {kind} record {number}")
+            if record.image:  # an unreadable image stops the run before training starts
+                maker.image(record.image)
     return harmful, normal, maker
 
 
@@ -461,6 +507,17 @@ class BatchMaker:
             self.images[path] = self.processor.images_to_tensor([path])  # (1, 3, S, S)
         return self.images[path]
 
+    def check_fits(self, record: HarmfulRecord | NormalRecord, where: str) -> None:
+        """The record's prompt leaves room for its response in the model's context (found now, not mid-run)."""
+        text = build_prompt(record.prompt, num_images=1 if record.image else 0, prompt_format=self.args.prompt_format)
+        try:
+            length = len(self.processor.tokenize_prompt(text))
+        except PromptTooLongError as err:
+            raise TrainError(f"{where}: {err}") from None
+        if length >= self.processor.max_length:
+            raise TrainError(f"{where}: the prompt is {length} tokens (images expanded), leaving no room for a "
+                             f"response in the context of {self.processor.max_length}: {record.prompt[:60]!r}...")
+
     def example(self, prompt: str, response: str, image: str | None):
         text = build_prompt(prompt, num_images=1 if image else 0, prompt_format=self.args.prompt_format)
         example = self.processor.training_example(text, response)
@@ -522,16 +579,19 @@ class LoopState:
     stop_at: int | None = None  # the step at which the stopping rule ends the run, once it has fired
     totals: dict = field(default_factory=new_totals)
     stopped_by: str | None = None
+    # what the divergence guard compares with: the adapters' norm before training, the first step's gradient norm
+    reference_norms: dict | None = None
 
-    def finish_step(self, terms: dict, grad_norm: float, lr: float, counts: StepCounts, seconds: float,
+    def finish_step(self, terms: dict, norms: tuple[float, float], lr: float, counts: StepCounts, seconds: float,
                     device: torch.device) -> dict:
         """Count the step into the totals; return its log record."""
         for key, value in (("tokens", counts.tokens), ("image_tokens", counts.image_tokens),
                            ("flops", counts.flops), ("seconds", seconds)):
             self.totals[key] += value
-        record = {"step": self.step, **terms, "grad_norm": grad_norm, "lr": lr, "tokens": counts.tokens,
-                  "image_tokens": counts.image_tokens, "flops": counts.flops, "seconds": seconds,
-                  "peak_memory_mb": peak_memory_mb(device)}
+        grad_norm, adapter_norm = norms
+        record = {"step": self.step, **terms, "grad_norm": grad_norm, "adapter_norm": adapter_norm, "lr": lr,
+                  "tokens": counts.tokens, "image_tokens": counts.image_tokens, "flops": counts.flops,
+                  "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}
         if not terms:
             record["skipped"] = "no loss term: no record of this step's batches has a response for a weighted term"
         self.step += 1
@@ -539,7 +599,7 @@ class LoopState:
 
     def checkpoint(self, streams: Streams) -> dict:
         return {"step": self.step, "stop_at": self.stop_at, "totals": self.totals, "stopped_by": self.stopped_by,
-                **streams.positions()}
+                "reference_norms": self.reference_norms, **streams.positions()}
 
 
 def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels) -> LoopState:
@@ -549,18 +609,20 @@ def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels
         saved = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer)
         streams.restore(saved)
         keep_log_before(out / LOG_FILE, saved["step"])  # steps after the checkpoint are run (and logged) again
-        state = LoopState(saved["step"], saved["stop_at"], saved["totals"])
+        # a rule or a failure that ended the run still ends it; reaching --max-steps does not, once it has grown
+        stopped_by = saved.get("stopped_by") if saved.get("stopped_by") != "max_steps" else None
+        state = LoopState(saved["step"], saved["stop_at"], saved["totals"], stopped_by, saved.get("reference_norms"))
         record_resume(args, out, state.step)
     else:
         write_run_args(out, {**options_of(args), "provenance": run_provenance(args)})
-        state = LoopState()
+        state = LoopState(reference_norms={"adapter": adapter_norm(model), "grad": None})
     (out / KERNELS_FILE).write_text(kernels.table() + "\n")
     return state
 
 
 def options_of(args: argparse.Namespace) -> dict:
     """What args.json keeps: the options, as resolved (model-dependent defaults filled in)."""
-    return {name: getattr(args, name) for name in option_defaults() if name != "resume"}
+    return {name: getattr(args, name) for name in option_defaults() if name not in NOT_RECORDED}
 
 
 def run_provenance(args: argparse.Namespace) -> dict:
@@ -616,23 +678,43 @@ def add_terms(step_terms: dict[str, float], terms: dict[str, float], grad_accum:
         step_terms[key] = step_terms.get(key, 0.0) + value / grad_accum
 
 
-def guarded_update(model, optimizer, trainable: list[torch.Tensor], terms: dict, clip: float,
-                   last_good: dict[str, torch.Tensor], step: int) -> tuple[float, str | None]:
-    """Clip the gradient, then AdamW on the adapters. A non-finite loss or gradient skips the update, and non-finite
-    adapter weights after it are put back to the last good ones; either ends the run (the string says why)."""
+def adapter_norm(model) -> float:
+    """||theta||_2 over every trainable tensor (the adapters)."""
+    return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in model.parameters() if p.requires_grad))
+
+
+def guarded_update(model, optimizer, trainable: list[torch.Tensor], terms: dict, args, last_good: dict,
+                   state: LoopState) -> tuple[tuple[float, float], str | None]:
+    """Clip the gradient, then AdamW on the adapters; returns (gradient norm before clipping, adapter norm) and why
+    the run must stop, if it must. A non-finite loss or gradient, or a gradient norm over --divergence-factor times the
+    first step's, skips the update; non-finite adapter weights, or an adapter norm over --divergence-factor times the
+    untrained adapters', are put back to the last good ones. Either ends the run with the last good adapter."""
     if not terms:
-        return 0.0, None  # nothing to learn from this step's batches: no update (the step is logged as skipped)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf")))
+        return (0.0, adapter_norm(model)), None  # nothing to learn from this step's batches: no update (logged)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")))
+    step, factor, reference = state.step, args.divergence_factor, state.reference_norms
     if not (math.isfinite(terms["total"]) and math.isfinite(grad_norm)):
-        return grad_norm, f"non-finite loss or gradient at step {step}"
+        return (grad_norm, adapter_norm(model)), f"non-finite loss or gradient at step {step}"
+    if reference["grad"] is None and grad_norm > 0:
+        reference["grad"] = grad_norm
+    if factor > 0 and reference["grad"] and grad_norm > factor * reference["grad"]:
+        return (grad_norm, adapter_norm(model)), (f"diverging: gradient norm {grad_norm:.3g} at step {step} is over "
+                                                  f"{factor:g}x the first step's {reference['grad']:.3g} "
+                                                  f"(--divergence-factor)")
     optimizer.step()
-    if not all(torch.isfinite(p).all() for p in trainable):
+    norm = adapter_norm(model)
+    failure = None
+    if not math.isfinite(norm):
+        failure = f"non-finite adapter weights after step {step} (restored the previous step's)"
+    elif factor > 0 and norm > factor * reference["adapter"]:
+        failure = (f"diverging: adapter norm {norm:.3g} after step {step} is over {factor:g}x the untrained "
+                   f"adapters' {reference['adapter']:.3g} (--divergence-factor; restored the previous step's)")
+    if failure:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in last_good:
                     p.copy_(last_good[name])
-        return grad_norm, f"non-finite adapter weights after step {step} (restored the previous step's)"
-    return grad_norm, None
+    return (grad_norm, norm), failure
 
 
 def stopping_rule(state: LoopState, harm_nll: float | None, args) -> str | None:
@@ -726,7 +808,7 @@ def write_summary(args, out: Path, state: LoopState, device: torch.device, kerne
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with exit_on_user_error("train.py"):
+    with exit_on_user_error("train.py", args.debug):
         try:
             result = train(args)
         except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop: stop now, no traceback

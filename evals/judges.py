@@ -105,10 +105,14 @@ def load_phrase_lists(path: str | Path = PHRASES_FILE) -> dict[str, dict]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise JudgeError(f"{path}: cannot read the refusal phrase lists: {err}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise JudgeError(f"{path}: cannot read the refusal phrase lists: {type(err).__name__}: {err}") from err
+    if not isinstance(data, dict):
+        raise JudgeError(f"{path}: expected a JSON object of phrase lists, got {type(data).__name__}")
     lists = {name: entry for name, entry in data.items() if not name.startswith("_")}
     for name, entry in lists.items():
+        if not isinstance(entry, dict):
+            raise JudgeError(f"{path}: list {name!r} is {type(entry).__name__}, not an object")
         missing = {"phrases", "rule"} - set(entry)
         if missing:
             raise JudgeError(f"{path}: list {name!r} lacks {sorted(missing)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 
@@ -65,15 +66,51 @@ class Progress:
 
 
 @contextlib.contextmanager
-def exit_on_user_error(prog: str):
+def exit_on_user_error(prog: str, debug: bool = False):
     """The user's errors become one line on stderr and exit status 2, as argparse reports bad options. Every error
     this project raises for bad input is a ValueError whose message names the file, key, line or option, and an
-    OSError names the path it failed on; anything else is a bug and keeps its traceback."""
+    OSError names the path it failed on; anything else is a bug and keeps its traceback. `debug` (every program's
+    --debug) keeps the traceback of user errors too."""
     try:
         yield
     except (ValueError, OSError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        if debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="on an error, show its traceback instead of one line")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Option types: a number out of range is refused by argparse, naming the option, before anything runs
+
+
+def _number(kind: type, low: float | None, low_open: bool, high: float | None = None, high_open: bool = True,
+            what: str = ""):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 0, True, what="must be an integer > 0")
+non_negative_int = _number(int, 0, False, what="must be an integer >= 0")
+positive_float = _number(float, 0.0, True, what="must be a finite number > 0")
+non_negative_float = _number(float, 0.0, False, what="must be a finite number >= 0")
+finite_float = _number(float, None, False, what="must be a finite number")
+probability = _number(float, 0.0, False, 1.0, True, what="must be a number in [0, 1)")
 
 
 class HelpFormatter(argparse.RawTextHelpFormatter):

@@ -137,8 +137,8 @@ def read_log_lines(path: Path) -> list[tuple[str, dict]]:
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as err:
-            raise RunError(f"{path}:{number}: not valid JSON ({type(err).__name__}); a log line is only ever cut short at the end, "
-                           f"so this file was edited") from err
+            raise RunError(f"{path}:{number}: not valid JSON ({type(err).__name__}); a log line is only ever cut short "
+                           f"at the end, so this file was edited") from err
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise RunError(f"{path}:{number}: not a log record (a JSON object with an integer \"step\")")
         entries.append((line, record))

@@ -184,8 +184,8 @@ def test_adapters_along_the_way_and_eval_reads_them_from_the_run_folder(world, t
                            for d in ("adapter-step2", "adapter-step4", "adapter"))
     assert any(not torch.equal(step2[k], step4[k]) for k in step2)
     assert any(not torch.equal(step4[k], final[k]) for k in step4)
-    assert eval_py.parse_adapters([str(out)]) == [("steps@2", out / "adapter-step2"), ("steps@4", out / "adapter-step4"),
-                                                  ("steps", out / "adapter")]
+    assert eval_py.parse_adapters([str(out)]) == [("steps@2", out / "adapter-step2"),
+                                                  ("steps@4", out / "adapter-step4"), ("steps", out / "adapter")]
     assert eval_py.parse_adapters([f"mine={out}"])[0][0] == "mine@2"
     log = read_log(out)
     summary = read_train_summary(out / "adapter-step2")
@@ -294,7 +294,7 @@ def test_a_second_signal_stops_at_once_and_main_says_so_in_one_line(world, tmp_p
     assert capsys.readouterr().err.strip().startswith("train.py: stopped at once; python train.py --resume --out")
 
 
-# --- defaults, help, hints, provenance ---------------------------------------------------------------------------------
+# --- defaults, help, hints, provenance --------------------------------------------------------------------------------
 
 def test_a_model_that_is_not_the_toy_gets_the_real_model_defaults(world, tmp_path, capsys):
     run(world, tmp_path / "real", "--max-steps", "1")
@@ -308,7 +308,7 @@ def test_help_states_every_default():
     blocks = [b for b in re.split(r"\n  (?=-)", train.build_parser().format_help().split("options:", 1)[1])
               if b.startswith("-")]
     assert len(blocks) > 30
-    flags = ("-h, --help", "--resume", "--activation-checkpointing")  # off unless given
+    flags = ("-h, --help", "--resume", "--activation-checkpointing", "--debug")  # off unless given
     for block in blocks:
         if not block.startswith(flags):
             assert "default" in block, f"{block.split()[0]}: no default in its help"

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from evals.generation import Sampling, generate_responses, tokenize_samples
 from ref.config import LlavaConfig, TextConfig, VisionConfig
-from ref.console import Progress, exit_on_user_error
+from ref.console import Progress, add_debug_option, exit_on_user_error
 from ref.data import (IGNORE_INDEX, Processor, TextTokenizer, build_prompt, build_training_example,
                       collate_for_training, load_processor, preprocess_image)
 from ref.llava import Llava
@@ -327,6 +327,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--measure", type=Path, default=None, metavar="DIR",
                         help="only measure an existing toy checkpoint folder on the held-out suites (no build)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     args.argv = list(argv)
     args.mix = training_mix(parser, args.mix)
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     start = time.time()
     if args.measure is not None:
-        with exit_on_user_error("toy.build"):
+        with exit_on_user_error("toy.build", args.debug):
             return {"metrics": measure_folder(args.measure, args.eval_limit, log)}
 
     backend = build_tokenizer()

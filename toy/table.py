@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from ref.console import exit_on_user_error
+from ref.console import add_debug_option, exit_on_user_error
 
 SEED_SUFFIX = re.compile(r"_seed\d+$")
 COLUMNS = [  # (header, suite, what): the README's columns
@@ -77,8 +77,9 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m toy.table", description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path, help="eval.py's report.json on the toy's suites")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    with exit_on_user_error("toy.table"):
+    with exit_on_user_error("toy.table", args.debug):
         report = json.loads(args.report.read_text())
         print(table(report), end="")
 

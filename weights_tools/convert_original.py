@@ -29,8 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ref.config import DTYPES, load_config
-from ref.console import exit_on_user_error
+from ref.config import DTYPES, load_config, nonfinite_problem
+from ref.console import add_debug_option, exit_on_user_error
+from ref.files import check_new_folder, new_folder
 from ref.weights import (FLOAT_DTYPES, INDEX_FILE, LAYOUTS, SINGLE_FILE, CheckpointError, TensorInfo, match_checkpoint,
                          open_checkpoint, read_headers, read_index)
 
@@ -104,6 +105,7 @@ def convert_original(model_dir: str | Path, clip_dir: str | Path, out_dir: str |
                      dtype: torch.dtype | None = None) -> Path:
     """Write the llava-hf version of an original-format LLaVA checkpoint to `out_dir`; return `out_dir`."""
     model_dir, clip_dir, out_dir = Path(model_dir), Path(clip_dir), Path(out_dir)
+    check_new_folder(out_dir, (model_dir, clip_dir))  # never into an input, never over files
     config = load_config(model_dir, clip_dir)
     if config.source_format != "original":
         raise CheckpointError(f"{model_dir / 'config.json'}: already in llava-hf format; nothing to convert")
@@ -125,29 +127,33 @@ def convert_original(model_dir: str | Path, clip_dir: str | Path, out_dir: str |
             for file in sorted({i.file for i in text_entries.values()})]
     jobs += [(clip_source, file, {n: i for n, i in vision_entries.items() if i.file == file})
              for file in sorted({i.file for i in vision_entries.values()})]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    to_external = LAYOUTS["llava-hf"].to_external
-    names = [SINGLE_FILE] if len(jobs) == 1 else [f"model-{i + 1:05d}-of-{len(jobs):05d}.safetensors"
-                                                  for i in range(len(jobs))]
-    weight_map, total_bytes = {}, 0
-    for (source, file, entries), out_name in zip(jobs, names):
-        stored = source.read(file, sorted({info.key for info in entries.values()}))
-        tensors = {}
-        for name, info in entries.items():
-            tensor = stored[info.key]
-            if name in (EMBED, LM_HEAD):
-                tensor = pad_rows(tensor, new_config.text.vocab_size, new_row)
-            tensor = tensor.to(dtype or tensor.dtype).contiguous()
-            tensors[to_external(name)] = tensor
-            weight_map[to_external(name)] = out_name
-            total_bytes += tensor.numel() * tensor.element_size()
-        save_file(tensors, out_dir / out_name, metadata={"format": "pt"})
-        del stored, tensors
-    if len(jobs) > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (out_dir / "config.json").write_text(json.dumps(new_config.to_llava_hf_dict(), indent=2) + "\n")
-    open_checkpoint(out_dir)  # the result must pass the loader's checks
+    with new_folder(out_dir, (model_dir, clip_dir)) as partial:  # renamed to out_dir once complete and checked
+        to_external = LAYOUTS["llava-hf"].to_external
+        names = [SINGLE_FILE] if len(jobs) == 1 else [f"model-{i + 1:05d}-of-{len(jobs):05d}.safetensors"
+                                                      for i in range(len(jobs))]
+        weight_map, total_bytes = {}, 0
+        for (source, file, entries), out_name in zip(jobs, names):
+            stored = source.read(file, sorted({info.key for info in entries.values()}))
+            tensors = {}
+            for name, info in entries.items():
+                tensor = stored[info.key]
+                if name in (EMBED, LM_HEAD):
+                    tensor = pad_rows(tensor, new_config.text.vocab_size, new_row)
+                cast = tensor.to(dtype or tensor.dtype).contiguous()
+                problem = nonfinite_problem(cast, tensor)  # what the loader would refuse is not written
+                if problem:
+                    raise CheckpointError(f"{source.folder / file}: tensor {info.key!r} {problem}")
+                tensor = cast
+                tensors[to_external(name)] = tensor
+                weight_map[to_external(name)] = out_name
+                total_bytes += tensor.numel() * tensor.element_size()
+            save_file(tensors, partial / out_name, metadata={"format": "pt"})
+            del stored, tensors
+        if len(jobs) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (partial / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (partial / "config.json").write_text(json.dumps(new_config.to_llava_hf_dict(), indent=2) + "\n")
+        open_checkpoint(partial)  # the result must pass the loader's checks
     return out_dir
 
 
@@ -159,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path, help="output folder (llava-hf layout)")
     parser.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default="keep",
                         help="cast the weights (default: keep the stored dtypes)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    with exit_on_user_error("convert_original"):
+    with exit_on_user_error("convert_original", args.debug):
         out = convert_original(args.model_dir, args.clip_dir, args.out_dir, OUTPUT_DTYPES[args.dtype])
     print(f"wrote {out} (llava-hf layout)")
 

@@ -15,7 +15,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from ref.console import exit_on_user_error
+from ref.console import add_debug_option, exit_on_user_error
 from ref.weights import open_checkpoint
 
 PARTS = {"vision_tower.": "vision_tower", "multi_modal_projector.": "projector", "language_model.": "decoder",
@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model_dir", type=Path, help="folder with config.json and model safetensors")
     parser.add_argument("--vision-dir", type=Path, default=None, help="CLIP folder (original-format checkpoints)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    with exit_on_user_error("inspect"):
+    with exit_on_user_error("inspect", args.debug):
         summary = describe(args.model_dir, args.vision_dir)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 

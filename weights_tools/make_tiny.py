@@ -23,7 +23,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ref.config import LlavaConfig, TextConfig, VisionConfig
-from ref.console import exit_on_user_error
+from ref.console import add_debug_option, exit_on_user_error
 from ref.llava import Llava
 from ref.weights import save_model
 
@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="a text-only LlamaForCausalLM checkpoint (the architecture of the LLM judges)")
     for key, default in DEFAULT_SIZES.items():
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=default, dest=key)
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in DEFAULT_SIZES}
-    with exit_on_user_error("make_tiny"):
+    with exit_on_user_error("make_tiny", args.debug):
         folder = write_tiny_checkpoint(args.out_dir, seed=args.seed, text_only=args.text_only, **sizes)
     print(f"wrote {folder}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json")
 

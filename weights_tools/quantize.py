@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ref import quant, weights
 from ref.config import DTYPES
-from ref.console import exit_on_user_error
+from ref.console import add_debug_option, exit_on_user_error
+from ref.files import check_new_folder, new_folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,14 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
                         help="dtype the weights are cast to before quantizing (and the dense parts are kept in)")
     parser.add_argument("--vision-dir", type=Path, default=None, help="CLIP folder (original-format checkpoints)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     config = quant.QuantConfig(args.quant_type, args.blocksize, not args.no_double_quant)
     start = time.perf_counter()
-    with exit_on_user_error("quantize"):
+    inputs = [args.model_dir] + ([args.vision_dir] if args.vision_dir else [])
+    with exit_on_user_error("quantize", args.debug):
+        check_new_folder(args.out_dir, inputs)  # before the load: never into an input, never over files
         model = weights.load_model(args.model_dir, DTYPES[args.dtype], vision_dir=args.vision_dir, quantize=config,
                                    show_progress=True)
-        weights.save_quantized(model, args.out_dir)
-        weights.copy_side_files(args.model_dir, args.out_dir)
+        with new_folder(args.out_dir, inputs) as partial:  # renamed to OUT_DIR once complete
+            weights.save_quantized(model, partial)
+            weights.copy_side_files(args.model_dir, partial)
     n_4bit = sum(isinstance(m, quant.Linear4bit) for m in model.modules())
     print(f"quantized {n_4bit} linears ({args.quant_type}, blocksize {args.blocksize}, double quant "
           f"{not args.no_double_quant}) in {time.perf_counter() - start:.1f}s: {args.out_dir} holds "
