@@ -44,14 +44,15 @@ from ref.config import DTYPES, check_device, read_json
 from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
 from ref.data import Processor, PromptTooLongError, build_prompt, collate_for_training, load_processor
-from ref.losses import Batch, LossWeights, batch_flops, unlearning_loss
+from ref.distributed import Distributed, close_process_group, full_tensor, shard_decoder_layers
+from ref.losses import TERMS, Batch, LossWeights, batch_flops, total_loss, unlearning_loss
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
 from ref.files import write_atomically
 from ref.provenance import provenance
 from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
                       RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state, read_run_args,
-                      save_checkpoint, step_adapter_dir, trainable_tensors)
+                      save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
 from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, split_records
 from ref.weights import load_model
 from toy import defaults as toy
@@ -70,42 +71,53 @@ class TrainError(ValueError):
 
 def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     """Run 1-5 of the module docstring; returns the summary (or {"interrupted_at": step} after a stop request)."""
-    # 1. options -> the run folder; a resumed run continues with the options it was started with
-    args, out = open_run(args)
-    if (finished := finished_run(args, out)) is not None:
+    # 1. options -> the run folder; a resumed run continues with the options it was started with. Under torchrun
+    # every rank runs this function; rank 0 alone writes files and prints (`world.is_main`)
+    world = Distributed.from_environment(args.device)
+    args, out = open_run(args, world)
+    if (finished := finished_run(args, out, world)) is not None:
         return finished
     kernels = set_up_torch(args)
     # 3 before 2: every input is read and checked before the (slow) model load
     harmful, normal, maker = read_data(args)
     # 2. the model, the optimizer over the adapters, the loss weights
-    model, lora = build_model(args, kernels)
+    model, lora = build_model(args, kernels, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     weights = LossWeights(harm=0.0 if args.mode == "sft" else args.eps[0], helpful=args.eps[1], utility=args.eps[2])
-    streams = Streams(len(harmful), len(normal), args.batch_size, args.seed)
-    state = start_or_resume(args, out, model, optimizer, streams, kernels)
-    announce(args, harmful, normal, model, trainable, kernels, state)
+    streams = Streams(len(harmful), len(normal), args.batch_size, args.seed, world.world_size, args.grad_accum)
+    state = start_or_resume(args, out, model, optimizer, streams, kernels, world)
+    if world.is_main:
+        announce(args, harmful, normal, model, trainable, kernels, state, world)
 
     # 4. the loop
     stop = stop or StopRequest()
     device = model.lm_head.weight.device
-    progress = Progress("step", args.max_steps, "steps", every=args.log_every, done=state.step)
+    progress = Progress("step", args.max_steps, "steps", every=args.log_every, done=state.step,
+                        stream=None if world.is_main else open(os.devnull, "w"))
     last_good = trainable_tensors(model)
-    with open(out / LOG_FILE, "a") as log, stop.on_signals():
+    with open(out / LOG_FILE if world.is_main else os.devnull, "a") as log, stop.on_signals():
         while state.step < args.max_steps and not state.stopped_by:
             started = time.perf_counter()
             lr = set_learning_rate(optimizer, state.step, args)
             optimizer.zero_grad(set_to_none=True)
-            terms, counts = {}, StepCounts()
-            for micro in range(args.grad_accum):
-                batches = maker.step_batches(*streams.next_indices(), state.step, micro).to(device)
-                # L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility                  (ref/losses.py)
-                loss, micro_terms = unlearning_loss(model, batches.harmful, batches.helpful, batches.normal, weights,
-                                                    kernels, lambda: adapters_disabled(model))
+            micro_batches = [maker.step_batches(harm, normal, state.step, position).to(device)
+                             for harm, normal, position in streams.next_step(world.rank)]  # this rank's share
+            step_tokens = tokens_in_step(micro_batches, world)
+            sums, counts = {}, StepCounts()
+            for batches in micro_batches:
+                # L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility, each term the mean over all its
+                # response tokens in the step: this batch's mean counts with its share of them     (ref/losses.py)
+                loss, means = unlearning_loss(model, batches.harmful, batches.helpful, batches.normal, weights,
+                                              kernels, lambda: adapters_disabled(model),
+                                              step_shares(batches, step_tokens, world))
                 if loss is not None:  # None: no record of this batch has a response for any term
-                    (loss / args.grad_accum).backward()
-                add_terms(terms, micro_terms, args.grad_accum)
+                    loss.backward()
+                add_token_sums(sums, means, batches)
                 counts.add(model, batches)
+            world.average_gradients(trainable)  # what DDP does; the shares' factor of ranks undoes its mean
+            terms = step_terms(sums, step_tokens, weights, world)
+            counts = counts.over_ranks(world)
             norms, failure = guarded_update(model, optimizer, trainable, terms, args, last_good, state)
             if failure:
                 state.stopped_by = failure
@@ -119,22 +131,24 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
             if state.stopped_by:
                 break
             if args.save_adapter_every and state.step % args.save_adapter_every == 0:
-                save_adapter(model, out / step_adapter_dir(state.step), lora, base_model=args.model)
-            interrupted = stop.requested(state.step) and state.step < args.max_steps
+                save_adapter(model, out / step_adapter_dir(state.step), lora, args.model, write=world.is_main)
+            # a signal reaches the ranks at different moments: they stop together, after the step any of them saw it
+            interrupted = world.any(stop.requested(state.step)) and state.step < args.max_steps
             if state.step % args.save_every == 0 or interrupted:
-                save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, state.checkpoint(streams))
+                save_training_state(out, model, optimizer, state.checkpoint(streams), world)
             if interrupted:
                 progress.close()
-                print(f"stopped after step {state.step} ({stop.reason()}); continue with: python train.py --resume "
-                      f"--out {out}", file=sys.stderr)
+                if world.is_main:
+                    print(f"stopped after step {state.step} ({stop.reason()}); continue with: python train.py "
+                          f"--resume --out {out}", file=sys.stderr)
                 return {"interrupted_at": state.step, "signal": stop.signal_number}
     progress.close()
 
     # 5. the outputs
     state.stopped_by = state.stopped_by or "max_steps"
-    save_checkpoint(out / CHECKPOINT_DIR, model, optimizer, state.checkpoint(streams))
-    save_adapter(model, out / ADAPTER_DIR, lora, base_model=args.model)
-    return write_summary(args, out, state, device, kernels)
+    save_training_state(out, model, optimizer, state.checkpoint(streams), world)
+    save_adapter(model, out / ADAPTER_DIR, lora, args.model, write=world.is_main)  # every rank gathers its shards
+    return write_summary(args, out, state, device, kernels, world)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora-targets", nargs="+", default=list(LoraConfig().targets),
                        help="decoder linears that get adapters, by name")
     model.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    model.add_argument("--parallel", default=None, choices=["ddp", "fsdp"],
+                       help="under torchrun: ddp (every rank holds the model; adapter gradients all-reduced) or fsdp\n"
+                            "(decoder layers sharded across ranks; a dense base only). Default: ddp for a 4-bit\n"
+                            "base, fsdp for a dense one (--quantize none)")
     model.add_argument("--kernels", default="reference", help=f"kernel preset: {sorted(kernel_registry.PRESETS)}")
     model.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
                        help="override one op's implementation (repeatable), e.g. --kernel attention=sdpa")
@@ -271,7 +289,7 @@ def kernel_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def open_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path]:
+def open_run(args: argparse.Namespace, world: Distributed = Distributed()) -> tuple[argparse.Namespace, Path]:
     """A new run folder (model-dependent defaults filled in), or with --resume the existing one and the options its
     run was started with, changed where the command line changes a `RESUMABLE` option."""
     out = Path(args.out)
@@ -286,13 +304,17 @@ def open_run(args: argparse.Namespace) -> tuple[argparse.Namespace, Path]:
     else:
         if args.resume:  # stopped before its first checkpoint: the same options, from step 0
             args = resumed_options(args, out, from_start=True)
-        if (out / ARGS_FILE).is_file():
+        if (out / ARGS_FILE).is_file() and world.is_main:
             print(f"{out}: a run stopped before its first checkpoint; starting it again in place", file=sys.stderr)
             clear_unfinished_run(out)
         defaults = toy.TRAIN_DEFAULTS if toy.is_toy_model(args.model) else REAL_MODEL_DEFAULTS
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+        args.parallel = args.parallel or ("fsdp" if args.quantize == "none" else "ddp")
+    if args.parallel == "fsdp" and args.quantize != "none":
+        raise TrainError(f"--parallel fsdp shards dense weights; a {args.quantize} base runs under --parallel ddp "
+                         f"(or train on a dense base: --quantize none)")
     check_device(args.device)
     toy.require_toy_model(args.model)
     return args, out
@@ -344,7 +366,7 @@ def resumed_options(args: argparse.Namespace, out: Path, from_start: bool = Fals
     return resumed
 
 
-def finished_run(args: argparse.Namespace, out: Path) -> dict | None:
+def finished_run(args: argparse.Namespace, out: Path, world: Distributed = Distributed()) -> dict | None:
     """A resumed run with nothing left to do (it ended, and --max-steps does not reach past its end): its summary,
     after one line saying so. A run stopped by a rule or a failure cannot be extended: that is refused."""
     if not args.resume:
@@ -364,8 +386,9 @@ def finished_run(args: argparse.Namespace, out: Path) -> dict | None:
         return None
     if not ((out / ADAPTER_DIR).is_dir() and (out / SUMMARY_FILE).is_file()):
         return None  # stopped after its last checkpoint, before its outputs: the run writes them without a step
-    print(f"nothing to do: {out} ended at step {step} ({stopped_by or 'max_steps'}); pass --max-steps N > {step} to "
-          f"train further", file=sys.stderr)
+    if world.is_main:
+        print(f"nothing to do: {out} ended at step {step} ({stopped_by or 'max_steps'}); pass --max-steps N > {step} "
+              f"to train further", file=sys.stderr)
     return read_json(out / SUMMARY_FILE, RunError)
 
 
@@ -383,13 +406,17 @@ def set_up_torch(args: argparse.Namespace) -> kernel_registry.Kernels:
 # 2. The model
 
 
-def build_model(args: argparse.Namespace, kernels: kernel_registry.Kernels):
-    """The LLaVA checkpoint with its decoder linears in 4-bit and LoRA adapters on them; only the adapters train."""
+def build_model(args: argparse.Namespace, kernels: kernel_registry.Kernels, world: Distributed):
+    """The LLaVA checkpoint with its decoder linears in 4-bit and LoRA adapters on them; only the adapters train.
+    Under torchrun with --parallel fsdp the decoder layers (dense base and adapters) are sharded across the ranks;
+    under ddp every rank holds the whole model and the adapters' gradients are averaged after each step."""
     quantize = None if args.quantize == "none" else args.quantize
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, vision_dir=args.vision_dir,
-                       kernels=kernels, quantize=quantize, show_progress=True)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=world.device(args.device),
+                       vision_dir=args.vision_dir, kernels=kernels, quantize=quantize, show_progress=world.is_main)
     lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
     add_lora(model, lora)  # freezes every base parameter: vision tower, projector, embeddings, lm_head, 4-bit linears
+    if world.enabled and args.parallel == "fsdp":
+        shard_decoder_layers(model)
     model.language_model.gradient_checkpointing = args.activation_checkpointing
     model.train()  # dropout in the adapters; nothing else in the model behaves differently
     return model, lora
@@ -465,16 +492,30 @@ class RecordStream:
 
 
 class Streams:
-    """The harmful and the normal record streams, seeded apart; their positions are part of a checkpoint."""
+    """The harmful and the normal record streams, seeded apart; their positions are part of a checkpoint.
 
-    def __init__(self, n_harmful: int, n_normal: int, batch_size: int, seed: int):
-        self.harmful = RecordStream(n_harmful, batch_size, seed)
-        self.normal = RecordStream(max(n_normal, 1), batch_size, seed + 1)
+    A step draws its whole batch (--batch-size x ranks x --grad-accum records of each) from the one stream every rank
+    follows, and cuts it into batches of --batch-size: micro-batch m of rank r takes the (m * ranks + r)-th. So a step
+    sees the same records however it is split, and resuming on another number of ranks continues the same stream."""
+
+    def __init__(self, n_harmful: int, n_normal: int, batch_size: int, seed: int, ranks: int = 1,
+                 grad_accum: int = 1):
+        self.batch_size, self.ranks, self.grad_accum = batch_size, ranks, grad_accum
+        step_size = batch_size * ranks * grad_accum
+        self.harmful = RecordStream(n_harmful, step_size, seed)
+        self.normal = RecordStream(max(n_normal, 1), step_size, seed + 1)
         self.has_normal = n_normal > 0
 
-    def next_indices(self) -> tuple[list[int], list[int]]:
+    def next_step(self, rank: int = 0) -> list[tuple[list[int], list[int], int]]:
+        """This rank's micro-batches of the next step: (harmful indices, normal indices, position of the first
+        harmful record in the step's whole batch)."""
+        harmful = self.harmful.next_indices()
         normal = self.normal.next_indices() if self.has_normal else []
-        return self.harmful.next_indices(), normal
+        size, pieces = self.batch_size, []
+        for micro in range(self.grad_accum):
+            start = (micro * self.ranks + rank) * size
+            pieces.append((harmful[start:start + size], normal[start:start + size], start))
+        return pieces
 
     def positions(self) -> dict:
         return {"harm_position": self.harmful.position(), "normal_position": self.normal.position()}
@@ -492,6 +533,11 @@ class StepBatches:
 
     def to(self, device: torch.device) -> StepBatches:
         return StepBatches(*(None if b is None else b.to(device) for b in (self.harmful, self.helpful, self.normal)))
+
+    def response_tokens(self) -> dict[str, int]:
+        """Each term's response tokens in these batches (what its mean is taken over)."""
+        batches = (self.harmful, self.helpful, self.normal)
+        return {term: 0 if b is None else b.response_tokens for term, b in zip(TERMS, batches)}
 
 
 class BatchMaker:
@@ -531,14 +577,14 @@ class BatchMaker:
         examples = [self.example(*pair) for pair in pairs]
         return Batch(**collate_for_training(examples, self.processor.tokenizer.pad_id))
 
-    def step_batches(self, harm_idx: list[int], normal_idx: list[int], step: int, micro: int = 0) -> StepBatches:
+    def step_batches(self, harm_idx: list[int], normal_idx: list[int], step: int, position: int = 0) -> StepBatches:
         records = [self.harmful[i] for i in harm_idx]
         harm_pairs = [(r.prompt, r.harmful_response, r.image) for r in records if r.harmful_response]
         if self.args.mismatch == "random":
-            # Yao et al.'s variant: a random normal answer, drawn from (seed, step, micro-batch) so a resumed run draws
-            # the same.
-            rng = random.Random(f"{self.args.seed}/{step}/{micro}")
-            helpful_pairs = [(r.prompt, rng.choice(self.normal).response, r.image) for r in records]
+            # Yao et al.'s variant: a random normal answer, drawn from (seed, step, the record's place in the step's
+            # batch), so a resumed run, or the same step split otherwise, draws the same.
+            helpful_pairs = [(r.prompt, random.Random(f"{self.args.seed}/{step}/{position + k}").choice(
+                self.normal).response, r.image) for k, r in enumerate(records)]
         else:
             helpful_pairs = [(r.prompt, r.helpful_response, r.image) for r in records if r.helpful_response]
         normal_pairs = [(self.normal[i].prompt, self.normal[i].response, self.normal[i].image) for i in normal_idx]
@@ -565,6 +611,10 @@ class StepCounts:
                 self.tokens += int(batch.attention_mask.sum())
                 self.image_tokens += int((batch.input_ids == model.config.image_token_index).sum())
                 self.flops += batch_flops(model, batch, backward=True, reference_pass=reference_pass)
+
+    def over_ranks(self, world: Distributed) -> StepCounts:
+        tokens, image_tokens, flops = world.sum_floats([self.tokens, self.image_tokens, self.flops])
+        return StepCounts(int(tokens), int(image_tokens), flops)
 
 
 def new_totals() -> dict:
@@ -602,22 +652,42 @@ class LoopState:
                 "reference_norms": self.reference_norms, **streams.positions()}
 
 
-def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels) -> LoopState:
-    """A fresh state (args.json written), or the checkpoint's: adapter, optimizer, RNG states and data positions."""
-    out.mkdir(parents=True, exist_ok=True)
+def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels, world: Distributed) -> LoopState:
+    """A fresh state (args.json written), or the checkpoint's: adapter, optimizer, RNG states and data positions.
+    Every rank reads the checkpoint; rank 0 alone writes."""
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if args.resume:
-        saved = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer)
+        saved = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, world.rank)
+        if saved.get("ranks", 1) != world.world_size:  # --batch-size is per rank: other ranks, another step batch
+            raise TrainError(f"--resume {out}: the run trained on {saved.get('ranks', 1)} rank(s) and this is "
+                             f"{world.world_size}; resume it with torchrun --nproc-per-node {saved.get('ranks', 1)} "
+                             f"(or one process for 1)")
         streams.restore(saved)
-        keep_log_before(out / LOG_FILE, saved["step"])  # steps after the checkpoint are run (and logged) again
+        world.barrier()  # every rank has read the log's length before rank 0 cuts it
+        if world.is_main:
+            keep_log_before(out / LOG_FILE, saved["step"])  # steps after the checkpoint are run (and logged) again
         # a rule or a failure that ended the run still ends it; reaching --max-steps does not, once it has grown
         stopped_by = saved.get("stopped_by") if saved.get("stopped_by") != "max_steps" else None
         state = LoopState(saved["step"], saved["stop_at"], saved["totals"], stopped_by, saved.get("reference_norms"))
-        record_resume(args, out, state.step)
+        if world.is_main:
+            record_resume(args, out, state.step)
     else:
-        write_run_args(out, {**options_of(args), "provenance": run_provenance(args)})
+        if world.is_main:
+            write_run_args(out, {**options_of(args), "provenance": run_provenance(args, world)})
         state = LoopState(reference_norms={"adapter": adapter_norm(model), "grad": None})
-    (out / KERNELS_FILE).write_text(kernels.table() + "\n")
+    if world.is_main:
+        (out / KERNELS_FILE).write_text(kernels.table() + "\n")
     return state
+
+
+def save_training_state(out: Path, model, optimizer, meta: dict, world: Distributed) -> None:
+    """The checkpoint, written by rank 0 with every rank's RNG state (the adapters and AdamW's moments are the same on
+    every rank: their gradients were averaged)."""
+    rng_states = world.all_gather_objects(torch.get_rng_state()) if world.enabled else None
+    tensors = training_tensors(model, optimizer)  # every rank: sharded tensors are gathered
+    if world.is_main:
+        save_checkpoint(out / CHECKPOINT_DIR, tensors, {**meta, "ranks": world.world_size}, rng_states)
 
 
 def options_of(args: argparse.Namespace) -> dict:
@@ -625,10 +695,11 @@ def options_of(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in option_defaults() if name not in NOT_RECORDED}
 
 
-def run_provenance(args: argparse.Namespace) -> dict:
-    """Date, commit, versions, device, and the sha256 of the data file and the model's config (ref/provenance.py)."""
+def run_provenance(args: argparse.Namespace, world: Distributed = Distributed()) -> dict:
+    """Date, commit, versions, device (and ranks), and the sha256 of the data file and the model's config."""
     data = None if args.data in toy.DATA else args.data  # the toy's records are code: the commit names them
-    return provenance({"data": data, "model_config": Path(args.model) / "config.json"}, device=args.device)
+    device = args.device if not world.enabled else f"{args.device} x {world.world_size} ranks"
+    return provenance({"data": data, "model_config": Path(args.model) / "config.json"}, device=device)
 
 
 def write_run_args(out: Path, record: dict) -> None:
@@ -672,15 +743,49 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, args) -> floa
     return lr
 
 
-def add_terms(step_terms: dict[str, float], terms: dict[str, float], grad_accum: int) -> None:
-    """A step's logged terms are the means over its micro-batches, as the backward weighs them."""
-    for key, value in terms.items():
-        step_terms[key] = step_terms.get(key, 0.0) + value / grad_accum
+# One normalisation for every split of a step. Each term is the mean over all its response tokens in the step:
+#     L_term = sum over the step's batches b (every micro-batch of every rank) of  n_b * mean_b / N_step
+# with n_b the term's response tokens in batch b and N_step their sum. Each batch's backward therefore weighs its mean
+# by n_b / N_step (times the number of ranks, which the all-reduce's mean divides out again), so that --grad-accum 2 x
+# batch 4, 2 ranks x batch 4 and one batch of 8 records give the same gradient, and a term missing from one batch does
+# not lose weight in the others.
+
+
+def tokens_in_step(micro_batches: list[StepBatches], world: Distributed) -> dict[str, float]:
+    """N_step of each term: its response tokens in every batch of the step, on every rank."""
+    local = [sum(b.response_tokens()[term] for b in micro_batches) for term in TERMS]
+    return dict(zip(TERMS, world.sum_floats(local)))
+
+
+def step_shares(batches: StepBatches, step_tokens: dict[str, float], world: Distributed) -> dict[str, float]:
+    """n_b / N_step of each term of this batch, times the ranks (the gradient all-reduce takes their mean)."""
+    return {term: world.world_size * n / step_tokens[term] for term, n in batches.response_tokens().items() if n}
+
+
+def add_token_sums(sums: dict[str, float], means: dict[str, float], batches: StepBatches) -> None:
+    """n_b * mean_b of each term this batch computed: the step's sums, for the log."""
+    tokens = batches.response_tokens()
+    for term, mean in means.items():
+        sums[term] = sums.get(term, 0.0) + mean * tokens[term]
+
+
+def step_terms(sums: dict[str, float], step_tokens: dict[str, float], weights: LossWeights,
+               world: Distributed) -> dict[str, float]:
+    """Each term's mean over all its response tokens in the step (what the stopping rule reads), and the total; a
+    term no batch of the step computed is absent."""
+    computed = world.sum_floats([1.0 if term in sums else 0.0 for term in TERMS])
+    active = [term for term, flag in zip(TERMS, computed) if flag]
+    totals = world.sum_floats([sums.get(term, 0.0) for term in active])
+    terms = {term: total / step_tokens[term] for term, total in zip(active, totals)}
+    if terms:
+        terms["total"] = total_loss(terms, weights)
+    return terms
 
 
 def adapter_norm(model) -> float:
-    """||theta||_2 over every trainable tensor (the adapters)."""
-    return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in model.parameters() if p.requires_grad))
+    """||theta||_2 over every trainable tensor (the adapters; sharded ones summed over their shards)."""
+    return math.sqrt(sum(float(full_tensor(p.detach().float().pow(2).sum())) for p in model.parameters()
+                         if p.requires_grad))
 
 
 def guarded_update(model, optimizer, trainable: list[torch.Tensor], terms: dict, args, last_good: dict,
@@ -691,7 +796,8 @@ def guarded_update(model, optimizer, trainable: list[torch.Tensor], terms: dict,
     untrained adapters', are put back to the last good ones. Either ends the run with the last good adapter."""
     if not terms:
         return (0.0, adapter_norm(model)), None  # nothing to learn from this step's batches: no update (logged)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")))
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0
+                                                                  else float("inf"))))
     step, factor, reference = state.step, args.divergence_factor, state.reference_norms
     if not (math.isfinite(terms["total"]) and math.isfinite(grad_norm)):
         return (grad_norm, adapter_norm(model)), f"non-finite loss or gradient at step {step}"
@@ -774,8 +880,11 @@ def progress_info(record: dict) -> str:
     return f"loss {record['total']:+.4f}  {terms}  lr {record['lr']:.2e}"
 
 
-def announce(args, harmful, normal, model, trainable, kernels, state: LoopState) -> None:
+def announce(args, harmful, normal, model, trainable, kernels, state: LoopState, world: Distributed) -> None:
     print(f"textual unlearning: mode {args.mode}, model {args.model}, data {args.data}", file=sys.stderr)
+    if world.enabled or args.grad_accum > 1:
+        print(f"  each step: {args.batch_size} records x {world.world_size} ranks x {args.grad_accum} accumulated "
+              f"batches of each kind = {args.batch_size * world.world_size * args.grad_accum}", file=sys.stderr)
     if not args.resume:
         toy_model = toy.is_toy_model(args.model)
         taken = [f"--{name.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
@@ -794,15 +903,19 @@ def announce(args, harmful, normal, model, trainable, kernels, state: LoopState)
 # 5. The outputs
 
 
-def write_summary(args, out: Path, state: LoopState, device: torch.device, kernels) -> dict:
+def write_summary(args, out: Path, state: LoopState, device: torch.device, kernels, world: Distributed) -> dict:
     totals = state.totals
     summary = {"mode": args.mode, "steps": state.step, "stopped_by": state.stopped_by or "max_steps",
                "tokens": totals["tokens"], "image_tokens": totals["image_tokens"], "estimated_flops": totals["flops"],
                "wall_seconds": totals["seconds"], "peak_memory_mb": peak_memory_mb(device),
-               "adapter": str(out / ADAPTER_DIR), "kernels": kernels.choice, "provenance": run_provenance(args)}
-    write_atomically(out / SUMMARY_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
-    print(f"done: {state.step} steps ({summary['stopped_by']}), {totals['tokens']:,} tokens, "
-          f"{totals['flops']:.3g} FLOPs, {totals['seconds']:.1f} s; adapter in {out / ADAPTER_DIR}", file=sys.stderr)
+               "adapter": str(out / ADAPTER_DIR), "kernels": kernels.choice, "ranks": world.world_size,
+               "provenance": run_provenance(args, world)}
+    if world.is_main:
+        write_atomically(out / SUMMARY_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
+        print(f"done: {state.step} steps ({summary['stopped_by']}), {totals['tokens']:,} tokens, "
+              f"{totals['flops']:.3g} FLOPs, {totals['seconds']:.1f} s; adapter in {out / ADAPTER_DIR}",
+              file=sys.stderr)
+    world.barrier()  # the files are written before any rank returns
     return summary
 
 
@@ -815,6 +928,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"train.py: stopped at once; python train.py --resume --out {args.out} continues from the last "
                   f"checkpoint, if one was written", file=sys.stderr)
             raise SystemExit(128 + signal.SIGINT) from None
+        finally:
+            close_process_group()
     if "interrupted_at" in result:  # a signal: the checkpoint is written; the exit status says the run is not done
         raise SystemExit(128 + (result["signal"] or 0))
 

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ref.config import DTYPES, nonfinite_problem, read_json
+from ref.distributed import full_tensor
 from ref.lora import (DEFAULT_TARGETS, PEFT_KEYS, LoraConfig, LoraError, add_lora_to, check_settings, lora_modules,
                       lora_target_names)
 from ref.weights import LAYOUTS
@@ -80,13 +81,18 @@ def target_modules(model: nn.Module, config: LoraConfig) -> str | list[str]:
     return [hf_module_name(name) for name in names]
 
 
-def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig, base_model: str | None = None) -> Path:
+def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig, base_model: str | None = None,
+                 write: bool = True) -> Path:
     """Write the model's adapters in peft's format (the two files are written under temporary names and renamed into
-    place, config last: a folder with a config holds a whole adapter)."""
-    state = {f"{PEFT_PREFIX}{hf_module_name(name)}.{part}.weight": getattr(module, part).weight.detach().contiguous()
-             .cpu() for name, module in lora_modules(model).items() for part in LORA_PARTS}
+    place, config last: a folder with a config holds a whole adapter). With sharded adapters (FSDP) every rank calls
+    this to gather them, and only the one with `write` writes."""
+    state = {f"{PEFT_PREFIX}{hf_module_name(name)}.{part}.weight":
+             full_tensor(getattr(module, part).weight.detach()).contiguous().cpu()
+             for name, module in lora_modules(model).items() for part in LORA_PARTS}
     if not state:
         raise LoraError("the model has no LoRA adapters to save")
+    if not write:
+        return Path(folder)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft_config = {

@@ -95,32 +95,45 @@ class LossWeights:
     utility: float = 1.0  # eps3
 
 
+TERMS = ("harm_nll", "helpful_nll", "utility_kl")  # the log's names of L_harm, L_helpful, L_utility
+
+
 def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None,
-                    weights: LossWeights, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager]
-                    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+                    weights: LossWeights, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager],
+                    shares: dict[str, float] | None = None) -> tuple[torch.Tensor | None, dict[str, float]]:
     """L_total = -eps1 L_harm + eps2 L_helpful + eps3 L_utility; a term whose batch is None (or weight 0) is skipped.
 
-    Returns the total (a scalar to backpropagate) and each term's value for the log. With no term at all (a batch of
-    harmful-only records in a run that only matches helpful responses, say) the total is None: nothing to learn from.
+    `shares[term]` multiplies the term's mean over this batch (default 1): a step made of several batches (gradient
+    accumulation, ranks) gives each batch's mean the share of the step's response tokens it holds, so that the step's
+    gradient is that of each term's mean over all its tokens (train.py's `step_shares`).
+
+    Returns the total (a scalar to backpropagate) and each term's mean over this batch, for the log. With no term at
+    all (a batch of harmful-only records in a run that only matches helpful responses, say) the total is None.
     """
+    shares = shares or {}
     total = torch.zeros((), device=model.lm_head.weight.device)
     terms: dict[str, float] = {}
     if harmful is not None and weights.harm:
         harm_nll = nll(model, harmful, kernels)
-        total = total - weights.harm * harm_nll  # ascent: raising the harmful NLL lowers the total
+        total = total - weights.harm * (harm_nll * shares.get("harm_nll", 1.0))  # ascent: raising it lowers the total
         terms["harm_nll"] = harm_nll.item()
     if helpful is not None and weights.helpful:
         helpful_nll = nll(model, helpful, kernels)
-        total = total + weights.helpful * helpful_nll
+        total = total + weights.helpful * (helpful_nll * shares.get("helpful_nll", 1.0))
         terms["helpful_nll"] = helpful_nll.item()
     if normal is not None and weights.utility:
         kl = kl_to_original(model, normal, kernels, adapters_off)
-        total = total + weights.utility * kl
+        total = total + weights.utility * (kl * shares.get("utility_kl", 1.0))
         terms["utility_kl"] = kl.item()
     if not terms:
         return None, terms
-    terms["total"] = total.item()
     return total, terms
+
+
+def total_loss(terms: dict[str, float], weights: LossWeights) -> float:
+    """-eps1 L_harm + eps2 L_helpful + eps3 L_utility from the terms' values (those present)."""
+    signed = {"harm_nll": -weights.harm, "helpful_nll": weights.helpful, "utility_kl": weights.utility}
+    return sum(signed[name] * value for name, value in terms.items() if name in signed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ref.config import all_finite, read_json
+from ref.distributed import full_tensor, shaped_like
 from ref.files import write_atomically
 
 ARGS_FILE, SUMMARY_FILE, LOG_FILE, KERNELS_FILE = "args.json", "summary.json", "log.jsonl", "kernels.txt"
@@ -167,17 +168,29 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Adapter, AdamW moments and RNG states as tensors, everything else (step, data position) as JSON metadata of
-    the same safetensors file: one file, renamed into place, so a checkpoint is never half old and half new."""
-    folder.mkdir(parents=True, exist_ok=True)
+def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The adapters and AdamW's moments as whole tensors, named as a checkpoint stores them. Sharded ones (FSDP) are
+    gathered: every rank calls this, whichever writes."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    tensors = {f"param/{n}": t.contiguous() for n, t in trainable_tensors(model).items()}
+    tensors = {f"param/{n}": full_tensor(t).contiguous() for n, t in trainable_tensors(model).items()}
     opt_state = optimizer.state_dict()
     for index, name in enumerate(names):
         for key, value in opt_state["state"].get(index, {}).items():
-            tensors[f"adam/{name}/{key}"] = value.detach().reshape(-1) if value.ndim == 0 else value.contiguous()
-    tensors["rng/torch"] = torch.get_rng_state()
+            value = full_tensor(value.detach())
+            tensors[f"adam/{name}/{key}"] = value.reshape(-1) if value.ndim == 0 else value.contiguous()
+    return tensors
+
+
+def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict,
+                    rank_rng_states: list[torch.Tensor] | None = None) -> None:
+    """`training_tensors` and the RNG states as tensors, everything else (step, data position) as JSON metadata of
+    the same safetensors file: one file, renamed into place, so a checkpoint is never half old and half new. Under
+    several ranks, `rank_rng_states` holds each rank's torch RNG state (their dropout masks differ)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [key.removeprefix("param/") for key in tensors if key.startswith("param/")]
+    tensors = {**tensors, "rng/torch": torch.get_rng_state()}
+    for rank, rng in enumerate(rank_rng_states or []):
+        tensors[f"rng/torch/rank{rank}"] = rng
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     meta = {**state, "python_rng": _jsonable_random_state(), "param_names": names}
@@ -195,9 +208,10 @@ def read_checkpoint_state(folder: Path) -> dict:
         raise RunError(f"{path}: not a readable training checkpoint ({err})") from err
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
     """Put a checkpoint's adapter, optimizer and RNG states back; return its metadata (step, data positions, ...).
-    Everything is checked before the first tensor is copied: a damaged checkpoint changes nothing."""
+    Everything is checked before the first tensor is copied: a damaged checkpoint changes nothing. `rank` takes that
+    rank's RNG state where the run had several (and rank 0's when it resumes on more ranks than it had)."""
     path = folder / CHECKPOINT_FILE
     try:
         with safe_open(str(path), "pt") as f:
@@ -209,12 +223,12 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         adapter, moments = _checked_state(tensors, meta, dict(model.named_parameters()))
         rng = _random_state_from_json(meta["python_rng"])
         optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
-        torch.set_rng_state(tensors["rng/torch"])
+        torch.set_rng_state(tensors.get(f"rng/torch/rank{rank}", tensors["rng/torch"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise RunError(f"{path}: a damaged training checkpoint ({type(err).__name__}: {err})") from err
     with torch.no_grad():
         for param, saved in adapter:
-            param.copy_(saved)
+            param.copy_(shaped_like(param, saved.to(param.device)))
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
     random.setstate(rng)
@@ -239,6 +253,7 @@ def _checked_state(tensors: dict, meta: dict, params: dict) -> tuple[list, dict]
             for key in ("exp_avg", "exp_avg_sq"):
                 if found[key].shape != saved.shape:
                     raise ValueError(f"AdamW {key} of {name!r} has shape {tuple(found[key].shape)}")
+                found[key] = shaped_like(params[name], found[key].to(params[name].device))  # this rank's shard
             moments[index] = found
     return adapter, moments
 

@@ -14,7 +14,7 @@ import torch
 from conftest import randomize_adapters
 from ref import kernels as kernel_registry
 from ref.data import IGNORE_INDEX
-from ref.losses import Batch, LossWeights, kl_to_original, nll, unlearning_loss
+from ref.losses import Batch, LossWeights, kl_to_original, nll, total_loss, unlearning_loss
 from ref.lora import LoraConfig, add_lora, adapters_disabled
 from weights_tools.make_tiny import build_tokenizer, random_model, tiny_config
 
@@ -130,7 +130,12 @@ def test_total_combines_the_terms_with_the_minus_sign_on_harm(base_model):
     expected = (-0.5 * nll(model, harmful, kernels) + 1.0 * nll(model, helpful, kernels)
                 + 2.0 * kl_to_original(model, normal, kernels, off))
     torch.testing.assert_close(total, expected)
-    assert set(terms) == {"harm_nll", "helpful_nll", "utility_kl", "total"}
+    assert set(terms) == {"harm_nll", "helpful_nll", "utility_kl"}
+    assert total_loss(terms, weights) == pytest.approx(float(expected), rel=1e-6)
+    shares = {"harm_nll": 0.25, "helpful_nll": 2.0, "utility_kl": 0.5}  # each term's mean weighed by its share
+    shared, _ = unlearning_loss(model, harmful, helpful, normal, weights, kernels, off, shares)
+    torch.testing.assert_close(shared, -0.5 * 0.25 * nll(model, harmful, kernels) + 2.0 * nll(model, helpful, kernels)
+                               + 2.0 * 0.5 * kl_to_original(model, normal, kernels, off))
 
 
 def test_one_step_of_pure_harm_term_raises_the_harmful_nll(base_model):

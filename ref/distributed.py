@@ -1,0 +1,159 @@
+"""Several processes on torch.distributed, as `torchrun --nproc-per-node N train.py ...` (or eval.py) starts them.
+
+    world = Distributed.from_environment()   # torchrun's RANK / WORLD_SIZE / LOCAL_RANK; one process without them
+    world.all_reduce_sum(tensor)              # in place, every rank gets the sum
+    world.average_gradients(params)           # what DDP does after backward: one all-reduce over all gradients
+    world.all_gather_objects(obj)             # [obj of rank 0, obj of rank 1, ...] on every rank
+    close_process_group()                     # at the end of the program
+
+Without torchrun's variables the program is one process and every call is the identity, so single-process code runs
+unchanged and pays nothing. The backend is NCCL on CUDA and gloo on CPU (what the tests use). torchrun ends every rank
+when one fails, so a rank that raises never leaves the others hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(ValueError):
+    """A launch this code cannot run: a partial torchrun environment, or a device the ranks cannot share."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and prints progress."""
+        return self.rank == 0
+
+    @staticmethod
+    def from_environment(device: str = "cpu") -> Distributed:
+        """The process group torchrun describes in the environment (joined now), or one process when it describes none.
+        On CUDA each rank takes the GPU of its LOCAL_RANK."""
+        present = [name for name in LAUNCHER_VARIABLES if name in os.environ]
+        if not present or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return Distributed()
+        missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
+        if missing:
+            raise DistributedError(f"the environment sets {present} but not {missing}: start with torchrun")
+        world = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+        kind = torch.device(device).type
+        if kind == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        return world
+
+    def device(self, requested: str) -> str:
+        """--device for this rank: "cuda" becomes this rank's GPU; anything else is shared as is."""
+        return f"cuda:{self.local_rank}" if self.enabled and requested == "cuda" else requested
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Sums over ranks of a few numbers (token counts, loss sums for the log), in float64."""
+        if not self.enabled:
+            return list(values)
+        return self.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Every rank's gradient becomes the mean over ranks, as DDP leaves it: one flat all-reduce (what DDP's
+        buckets do), after the whole step's backward passes (what DDP's no_sync does for gradient accumulation)."""
+        if not self.enabled:
+            return
+        params = [p for p in params if not isinstance(p, DTensor)]  # FSDP reduce-scatters the sharded ones itself
+        for p in params:  # a rank whose batches held no term has no gradient: it adds zeros to the others'
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any."""
+        return self.sum_floats([1.0 if flag else 0.0])[0] > 0 if self.enabled else flag
+
+    def all_gather_objects(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        close_process_group()
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FSDP: the decoder's layers sharded across ranks (torch.distributed.fsdp.fully_shard, "FSDP2")
+
+
+def shard_decoder_layers(model) -> None:
+    """fully_shard each decoder layer: its weights (dense base and adapters) are split across the ranks, gathered
+    for the layer's forward and backward, and its gradients reduce-scattered (as a mean over ranks, like DDP's).
+    The embeddings, lm_head, final norm, vision tower and projector are frozen and stay whole on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.language_model.layers:
+        fully_shard(layer)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every rank must call it), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shaped_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `param` is: this rank's shard of it when `param` is sharded."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+    return full
+
+
+def close_process_group() -> None:
+    """Leave the process group, if this process joined one (the end of a program under torchrun)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
