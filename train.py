@@ -44,17 +44,18 @@ from ref.config import DTYPES, check_device, read_json
 from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
 from ref.data import Processor, PromptTooLongError, build_prompt, collate_for_training, load_processor
-from ref.distributed import Distributed, close_process_group, full_tensor, shard_decoder_layers
+from ref.distributed import (Distributed, close_process_group, full_state_dict, full_tensor,
+                             shard_decoder_layers)
 from ref.losses import TERMS, Batch, LossWeights, batch_flops, total_loss, unlearning_loss
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
-from ref.files import write_atomically
+from ref.files import new_folder, write_atomically
 from ref.provenance import provenance
-from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
+from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, MODEL_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
                       RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state, read_run_args,
                       save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
 from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, split_records
-from ref.weights import load_model
+from ref.weights import copy_side_files, load_model, save_model
 from toy import defaults as toy
 
 ROOT = Path(__file__).resolve().parent
@@ -81,7 +82,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     # 3 before 2: every input is read and checked before the (slow) model load
     harmful, normal, maker = read_data(args)
     # 2. the model, the optimizer over the adapters, the loss weights
-    model, lora = build_model(args, kernels, world)
+    model, lora, original = build_model(args, kernels, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     weights = LossWeights(harm=0.0 if args.mode == "sft" else args.eps[0], helpful=args.eps[1], utility=args.eps[2])
@@ -110,7 +111,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
                 # response tokens in the step: this batch's mean counts with its share of them     (ref/losses.py)
                 loss, means = unlearning_loss(model, batches.harmful, batches.helpful, batches.normal, weights,
                                               kernels, lambda: adapters_disabled(model),
-                                              step_shares(batches, step_tokens, world))
+                                              step_shares(batches, step_tokens, world), original)
                 if loss is not None:  # None: no record of this batch has a response for any term
                     loss.backward()
                 add_token_sums(sums, means, batches)
@@ -130,7 +131,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
             state.stopped_by = stopping_rule(state, terms.get("harm_nll"), args)
             if state.stopped_by:
                 break
-            if args.save_adapter_every and state.step % args.save_adapter_every == 0:
+            if args.save_adapter_every and state.step % args.save_adapter_every == 0 and lora:
                 save_adapter(model, out / step_adapter_dir(state.step), lora, args.model, write=world.is_main)
             # a signal reaches the ranks at different moments: they stop together, after the step any of them saw it
             interrupted = world.any(stop.requested(state.step)) and state.step < args.max_steps
@@ -147,7 +148,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     # 5. the outputs
     state.stopped_by = state.stopped_by or "max_steps"
     save_training_state(out, model, optimizer, state.checkpoint(streams), world)
-    save_adapter(model, out / ADAPTER_DIR, lora, args.model, write=world.is_main)  # every rank gathers its shards
+    save_outputs(model, lora, args, out, world)
     return write_summary(args, out, state, device, kernels, world)
 
 
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora-targets", nargs="+", default=list(LoraConfig().targets),
                        help="decoder linears that get adapters, by name")
     model.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
+    model.add_argument("--full-parameter", action="store_true",
+                       help="train the decoder layers themselves, no LoRA (a dense base: --quantize none); the KL\n"
+                            "compares with a frozen copy of the model; the result is a llava-hf checkpoint, model/")
     model.add_argument("--parallel", default=None, choices=["ddp", "fsdp"],
                        help="under torchrun: ddp (every rank holds the model; adapter gradients all-reduced) or fsdp\n"
                             "(decoder layers sharded across ranks; a dense base only). Default: ddp for a 4-bit\n"
@@ -312,6 +316,9 @@ def open_run(args: argparse.Namespace, world: Distributed = Distributed()) -> tu
             if getattr(args, name) is None:
                 setattr(args, name, value)
         args.parallel = args.parallel or ("fsdp" if args.quantize == "none" else "ddp")
+    if args.full_parameter and (args.quantize != "none" or args.save_adapter_every):
+        raise TrainError("--full-parameter trains dense weights: it needs --quantize none, and keeps no adapters "
+                         "along the way (no --save-adapter-every)")
     if args.parallel == "fsdp" and args.quantize != "none":
         raise TrainError(f"--parallel fsdp shards dense weights; a {args.quantize} base runs under --parallel ddp "
                          f"(or train on a dense base: --quantize none)")
@@ -408,18 +415,33 @@ def set_up_torch(args: argparse.Namespace) -> kernel_registry.Kernels:
 
 def build_model(args: argparse.Namespace, kernels: kernel_registry.Kernels, world: Distributed):
     """The LLaVA checkpoint with its decoder linears in 4-bit and LoRA adapters on them; only the adapters train.
-    Under torchrun with --parallel fsdp the decoder layers (dense base and adapters) are sharded across the ranks;
-    under ddp every rank holds the whole model and the adapters' gradients are averaged after each step."""
-    quantize = None if args.quantize == "none" else args.quantize
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=world.device(args.device),
-                       vision_dir=args.vision_dir, kernels=kernels, quantize=quantize, show_progress=world.is_main)
-    lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets))
-    add_lora(model, lora)  # freezes every base parameter: vision tower, projector, embeddings, lm_head, 4-bit linears
+    With --full-parameter the decoder layers themselves train (a dense base), and a frozen copy of the model is the
+    original the KL term compares with. Under torchrun with --parallel fsdp the decoder layers are sharded across
+    the ranks; under ddp every rank holds the whole model and the gradients are averaged after each step.
+    Returns (model, the LoRA settings or None, the frozen original or None)."""
+    model = load_base(args, kernels, world)
+    lora, original = None, None
+    if args.full_parameter:
+        original = load_base(args, kernels, world).eval().requires_grad_(False)
+        model.requires_grad_(False)
+        model.language_model.layers.requires_grad_(True)  # embeddings, lm_head, final norm, tower, projector frozen
+    else:
+        lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          targets=tuple(args.lora_targets))
+        add_lora(model, lora)  # freezes every base parameter: tower, projector, embeddings, lm_head, 4-bit linears
     if world.enabled and args.parallel == "fsdp":
         shard_decoder_layers(model)
+        if original is not None:
+            shard_decoder_layers(original)
     model.language_model.gradient_checkpointing = args.activation_checkpointing
     model.train()  # dropout in the adapters; nothing else in the model behaves differently
-    return model, lora
+    return model, lora, original
+
+
+def load_base(args: argparse.Namespace, kernels: kernel_registry.Kernels, world: Distributed):
+    quantize = None if args.quantize == "none" else args.quantize
+    return load_model(args.model, dtype=DTYPES[args.dtype], device=world.device(args.device),
+                      vision_dir=args.vision_dir, kernels=kernels, quantize=quantize, show_progress=world.is_main)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -892,9 +914,11 @@ def announce(args, harmful, normal, model, trainable, kernels, state: LoopState,
         if taken:
             whose = "the toy's" if toy_model else "a real model's (Yao et al.'s eps and stopping rule; README)"
             print(f"  defaults, {whose}: {', '.join(taken)}", file=sys.stderr)
-    print(f"  {len(harmful)} harmful and {len(normal)} normal records; eps = {args.eps}; "
-          f"{sum(p.numel() for p in trainable):,} trainable adapter parameters in {len(lora_modules(model))} "
-          f"LoRA linears (r={args.lora_r}, base {args.quantize}); steps {state.step}..{args.max_steps}",
+    n_trainable = sum(p.numel() for p in trainable)  # a sharded parameter's numel is the whole tensor's
+    what = ("decoder-layer parameters (full-parameter training)" if args.full_parameter else
+            f"adapter parameters in {len(lora_modules(model))} LoRA linears (r={args.lora_r}, base {args.quantize})")
+    print(f"  {len(harmful)} harmful and {len(normal)} normal records; eps = {args.eps}; {n_trainable:,} trainable "
+          f"{what}; steps {state.step}..{args.max_steps}; {args.parallel if world.enabled else 'one process'}",
           file=sys.stderr)
     print("  kernels:\n" + kernels.table(), file=sys.stderr)
 
@@ -903,17 +927,33 @@ def announce(args, harmful, normal, model, trainable, kernels, state: LoopState,
 # 5. The outputs
 
 
+def save_outputs(model, lora: LoraConfig | None, args, out: Path, world: Distributed) -> None:
+    """The adapter (peft's format), or after full-parameter training the whole model as a llava-hf checkpoint in
+    model/. Every rank calls this: sharded weights are gathered, rank 0 writes."""
+    if lora is not None:
+        save_adapter(model, out / ADAPTER_DIR, lora, args.model, write=world.is_main)
+        return
+    state = full_state_dict(model, keep=world.is_main)
+    if world.is_main:
+        shutil.rmtree(out / MODEL_DIR, ignore_errors=True)  # this run's own output, from before a resume
+        with new_folder(out / MODEL_DIR) as partial:
+            save_model(model, partial, state=state)
+            copy_side_files(args.model, partial)
+
+
 def write_summary(args, out: Path, state: LoopState, device: torch.device, kernels, world: Distributed) -> dict:
     totals = state.totals
     summary = {"mode": args.mode, "steps": state.step, "stopped_by": state.stopped_by or "max_steps",
                "tokens": totals["tokens"], "image_tokens": totals["image_tokens"], "estimated_flops": totals["flops"],
                "wall_seconds": totals["seconds"], "peak_memory_mb": peak_memory_mb(device),
-               "adapter": str(out / ADAPTER_DIR), "kernels": kernels.choice, "ranks": world.world_size,
+               **({"model": str(out / MODEL_DIR)} if args.full_parameter else {"adapter": str(out / ADAPTER_DIR)}),
+               "kernels": kernels.choice, "ranks": world.world_size,
                "provenance": run_provenance(args, world)}
     if world.is_main:
         write_atomically(out / SUMMARY_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
         print(f"done: {state.step} steps ({summary['stopped_by']}), {totals['tokens']:,} tokens, "
-              f"{totals['flops']:.3g} FLOPs, {totals['seconds']:.1f} s; adapter in {out / ADAPTER_DIR}",
+              f"{totals['flops']:.3g} FLOPs, {totals['seconds']:.1f} s; "
+              f"{'model' if args.full_parameter else 'adapter'} in {summary.get('model', summary.get('adapter'))}",
               file=sys.stderr)
     world.barrier()  # the files are written before any rank returns
     return summary

@@ -146,6 +146,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def full_state_dict(model, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The model's whole state dict on the CPU of the rank that `keep`s it, gathered one tensor at a time (every
+    rank calls this; the others hold one whole tensor at a time and get None)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        whole = full_tensor(tensor.detach())
+        if keep:
+            state[name] = whole.cpu()
+    return state if keep else None
+
+
 def shaped_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `param` is: this rank's shard of it when `param` is sharded."""
     if isinstance(param, DTensor):

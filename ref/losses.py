@@ -73,17 +73,18 @@ def nll(model, batch: Batch, kernels: Kernels) -> torch.Tensor:
     return kernels.linear_cross_entropy(hidden, model.lm_head.weight, targets)
 
 
-def kl_to_original(model, batch: Batch, kernels: Kernels,
-                   adapters_off: Callable[[], AbstractContextManager]) -> torch.Tensor:
+def kl_to_original(model, batch: Batch, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager],
+                   original=None) -> torch.Tensor:
     """Mean per-token KL(p_orig || p_cur) over the batch's response tokens.
 
     `adapters_off()` is a context manager under which the model is the original (e.g. ref.lora.adapters_disabled).
+    Without adapters (full-parameter training) the original is a frozen copy of the model, `original`.
     """
     image_features = None
     if batch.pixel_values is not None:  # shared by both passes: the frozen tower gives the same features twice
         image_features = frozen_image_features(model, batch.pixel_values)
     with torch.no_grad(), adapters_off():
-        ref_hidden, _ = response_hidden(model, batch, image_features)  # (N, D), the original model
+        ref_hidden, _ = response_hidden(original or model, batch, image_features)  # (N, D), the original model
     hidden, _ = response_hidden(model, batch, image_features)  # (N, D), the model being trained
     return kernels.linear_kl(hidden, ref_hidden, model.lm_head.weight)
 
@@ -100,12 +101,14 @@ TERMS = ("harm_nll", "helpful_nll", "utility_kl")  # the log's names of L_harm, 
 
 def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None,
                     weights: LossWeights, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager],
-                    shares: dict[str, float] | None = None) -> tuple[torch.Tensor | None, dict[str, float]]:
+                    shares: dict[str, float] | None = None, original=None
+                    ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """L_total = -eps1 L_harm + eps2 L_helpful + eps3 L_utility; a term whose batch is None (or weight 0) is skipped.
 
     `shares[term]` multiplies the term's mean over this batch (default 1): a step made of several batches (gradient
     accumulation, ranks) gives each batch's mean the share of the step's response tokens it holds, so that the step's
-    gradient is that of each term's mean over all its tokens (train.py's `step_shares`).
+    gradient is that of each term's mean over all its tokens (train.py's `step_shares`). `original`: the frozen copy
+    the KL compares with when there are no adapters to switch off (full-parameter training).
 
     Returns the total (a scalar to backpropagate) and each term's mean over this batch, for the log. With no term at
     all (a batch of harmful-only records in a run that only matches helpful responses, say) the total is None.
@@ -122,7 +125,7 @@ def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal:
         total = total + weights.helpful * (helpful_nll * shares.get("helpful_nll", 1.0))
         terms["helpful_nll"] = helpful_nll.item()
     if normal is not None and weights.utility:
-        kl = kl_to_original(model, normal, kernels, adapters_off)
+        kl = kl_to_original(model, normal, kernels, adapters_off, original)
         total = total + weights.utility * (kl * shares.get("utility_kl", 1.0))
         terms["utility_kl"] = kl.item()
     if not terms:

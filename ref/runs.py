@@ -6,6 +6,7 @@
                 checkpoint/state.safetensors adapter, AdamW moments, RNG states and the loop's position, in one file
                 adapter/                     the trained LoRA adapter, in peft's format (ref.adapters)
                 adapter-step<N>/             the adapter after step N (train.py --save-adapter-every)
+                model/                       instead of adapter/, after --full-parameter: a llava-hf checkpoint
                 summary.json                 tokens, estimated FLOPs, wall time, peak memory, why the run stopped
 
 Every file but the log is written under a temporary name and renamed into place (ref/files.py), so a crash never
@@ -30,6 +31,7 @@ from ref.files import write_atomically
 
 ARGS_FILE, SUMMARY_FILE, LOG_FILE, KERNELS_FILE = "args.json", "summary.json", "log.jsonl", "kernels.txt"
 ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE = "adapter", "checkpoint", "state.safetensors"
+MODEL_DIR = "model"  # what full-parameter training writes instead of adapter/: a llava-hf checkpoint
 
 
 class RunError(ValueError):
@@ -168,16 +170,21 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The adapters and AdamW's moments as whole tensors, named as a checkpoint stores them. Sharded ones (FSDP) are
-    gathered: every rank calls this, whichever writes."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    tensors = {f"param/{n}": full_tensor(t).contiguous() for n, t in trainable_tensors(model).items()}
+def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, keep: bool = True
+                     ) -> dict[str, torch.Tensor]:
+    """The trainable parameters and AdamW's moments as whole tensors on the CPU, named as a checkpoint stores them.
+    Sharded ones (FSDP) are gathered one at a time: every rank calls this, and only the one that `keep`s (the writer)
+    holds the result."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     opt_state = optimizer.state_dict()
-    for index, name in enumerate(names):
-        for key, value in opt_state["state"].get(index, {}).items():
-            value = full_tensor(value.detach())
-            tensors[f"adam/{name}/{key}"] = value.reshape(-1) if value.ndim == 0 else value.contiguous()
+    tensors = {}
+    for index, (name, param) in enumerate(named):
+        parts = [(f"param/{name}", param.detach())]
+        parts += [(f"adam/{name}/{key}", value.detach()) for key, value in opt_state["state"].get(index, {}).items()]
+        for key, value in parts:
+            whole = full_tensor(value)
+            if keep:
+                tensors[key] = (whole.reshape(-1) if whole.ndim == 0 else whole).contiguous().cpu()
     return tensors
 
 

@@ -570,8 +570,10 @@ def _read_quant_state(file: Path, key: str, parts: dict[str, TensorInfo]) -> dic
 # Saving
 
 
-def _external_tensors(model: nn.Module, layout: str | None) -> dict[str, torch.Tensor]:
-    """The state dict under `layout`'s keys (default: llava-hf as published; "llama" for a text-only model)."""
+def _external_tensors(model: nn.Module, layout: str | None, state: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """The state dict (`state`, or the model's own) under `layout`'s keys (default: llava-hf as published; "llama"
+    for a text-only model)."""
     if model.config.text_only:
         allowed = ["llama"]
     else:
@@ -580,7 +582,8 @@ def _external_tensors(model: nn.Module, layout: str | None) -> dict[str, torch.T
     if layout not in allowed:
         raise ValueError(f"layout must be one of {allowed} for this model, got {layout!r}")
     to_external = LAYOUTS[layout].to_external
-    return {to_external(name): t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    return {to_external(name): t.detach().cpu().contiguous() for name, t in state.items()}
 
 
 def _write_folder(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -591,18 +594,20 @@ def _write_folder(folder: str | Path, config: dict, tensors: dict[str, torch.Ten
     return folder
 
 
-def save_model(model: Llava, folder: str | Path, layout: str | None = None, dtype: torch.dtype | None = None) -> Path:
+def save_model(model: Llava, folder: str | Path, layout: str | None = None, dtype: torch.dtype | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write config.json and model.safetensors in `layout` (default: llava-hf as published; a text-only model as
-    transformers' LlamaForCausalLM saves it).
+    transformers' LlamaForCausalLM saves it). `state`: the model's whole state dict, where its own holds shards
+    (FSDP: ref.distributed.full_state_dict gathers it).
 
     The model must be a plain `Llava` (no swapped or quantized modules): its state_dict names must be the internal ones.
     """
     expected = expected_shapes(model.config)
-    state = model.state_dict()
-    if set(state) != set(expected):
-        odd = sorted(set(state) ^ set(expected))
+    own = model.state_dict() if state is None else state
+    if set(own) != set(expected):
+        odd = sorted(set(own) ^ set(expected))
         raise ValueError(f"save_model needs a plain Llava; its state_dict differs from the internal names at {odd[:3]}")
-    state = _external_tensors(model, layout)
+    state = _external_tensors(model, layout, own)
     tensors = {key: t.to(dtype or t.dtype) for key, t in state.items()}
     _refuse_nonfinite(folder, tensors, state)
     return _write_folder(folder, model.config.to_dict(), tensors)

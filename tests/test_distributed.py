@@ -142,6 +142,23 @@ def test_fsdp_shards_a_dense_base_and_gives_the_one_process_adapter_and_resumes(
     assert max_difference(tmp_path / "fsdp", tmp_path / "resumed") == 0.0  # the sharded checkpoint, gathered
 
 
+def test_full_parameter_training_under_fsdp_gives_the_one_process_model(world, tmp_path):
+    full = ("--quantize", "none", "--full-parameter", "--lr", "1e-4")
+    done = torchrun(world, tmp_path / "fsdp", *full, "--batch-size", "4", "--max-steps", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    train_here(world, tmp_path / "one", *full, "--batch-size", "8", "--max-steps", "3")
+    assert read_log(tmp_path / "one")[0]["utility_kl"] == 0.0  # the frozen copy is the model at step 0
+    sharded, single = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("fsdp", "one"))
+    base = load_file(Path(world["model"]) / "model.safetensors")
+    assert sharded.keys() == single.keys() == base.keys()
+    assert max(float((sharded[k] - single[k]).abs().max()) for k in single) < ROUNDING
+    changed = [k for k in single if not torch.equal(single[k], base[k])]
+    assert changed and all(".layers." in k for k in changed)  # only the decoder layers trained
+    assert not (tmp_path / "one" / "adapter").exists()
+    with pytest.raises(train.TrainError, match="--full-parameter trains dense weights"):
+        train_here(world, tmp_path / "x", "--full-parameter")
+
+
 def test_fsdp_on_a_4_bit_base_is_refused(world, tmp_path):
     with pytest.raises(train.TrainError, match="--parallel fsdp shards dense weights"):
         train_here(world, tmp_path / "x", "--parallel", "fsdp")
