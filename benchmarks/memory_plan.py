@@ -290,8 +290,9 @@ def static_bytes(w: Weights, strategy: str, gpus: int) -> dict[str, float]:
 
 def step_plan(config: LlavaConfig, strategy: str, base: str, gpus: int, batch: int, tokens: int, lora_r: int,
               checkpointing: bool) -> dict[str, float] | None:
-    """Per-GPU bytes by component and their total; None where the combination does not exist (NF4 full training)."""
-    if strategy == "fsdp-full" and base == "nf4":
+    """Per-GPU bytes by component and their total; None where the combination does not exist: NF4 full training,
+    and FSDP over an NF4 base (train.py shards dense weights only; a 4-bit base runs under DDP)."""
+    if strategy.startswith("fsdp") and base == "nf4":
         return None
     text = config.text
     adapter_r = None if strategy == "fsdp-full" else lora_r
