@@ -22,6 +22,10 @@ The program, top to bottom (one section each):
      utility, the training compute of train.py runs; per-category tables; provenance)
   6. the run: every suite, the normal data and the judges are read and checked first (bad input fails there, by
      name), then the sections above in order. Progress goes to stderr.
+
+Under `torchrun --nproc-per-node N eval.py ...` the N processes share the generation and utility batches (whole
+batches, batch k to rank k % N, so every response and number is the one process's) and gather them; rank 0 alone
+keeps the run folder, prints, and judges (LLM judges included, on its own device). Without torchrun it is one process.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from ref import kernels as kernel_registry
 from ref.config import DTYPES, read_json
 from ref.console import HelpFormatter, Progress, add_debug_option, exit_on_user_error
 from ref.data import load_processor
+from ref.distributed import Distributed
 from ref.adapters import is_adapter_folder, load_adapter
 from ref.lora import remove_adapters
 from ref.runs import (adapter_display_name, adapter_step, is_run_folder, read_run_args, read_train_summary,
@@ -101,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                     help="weights / compute dtype (default float32)")
     io.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="torch device (default: cuda if available, else cpu)")
+                    help="torch device (default: cuda if available, else cpu); under torchrun, cuda is each rank's\n"
+                         "GPU (its LOCAL_RANK)")
     io.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: 1 for the toy model, whose tiny matrices run fastest on one\n"
                          "thread and slow down badly when cores are shared; torch's default otherwise)")
@@ -247,11 +253,11 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
 # 2. Models
 
 
-def load_base(args, kernels):
+def load_base(args, kernels, show_progress: bool = True):
     """The base model, loaded once for every row of the table (dense, or 4-bit decoder linears)."""
     quantize = None if args.quantize == "none" else args.quantize
     return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, vision_dir=args.vision_dir,
-                      kernels=kernels, quantize=quantize, show_progress=True)
+                      kernels=kernels, quantize=quantize, show_progress=show_progress)
 
 
 def check_adapters(model, adapters: list[tuple[str, Path]], run_args: dict[str, dict],
@@ -410,6 +416,28 @@ def open_run_folder(out: Path, run: dict) -> None:
     write_atomically(out / RUN_FILE, lambda p: p.write_text(json.dumps(run, indent=1) + "\n"))
 
 
+def new_run_record(args: argparse.Namespace, adapters: list[tuple[str, Path]], suites, normal) -> dict:
+    """run.json as a run starts: its settings, suites and the sha256 of its inputs (the models come once loaded)."""
+    settings = run_settings(args, adapters)
+    return {"settings": settings, "model": str(args.model), "quantize": args.quantize, "dtype": args.dtype,
+            "refusal_judge": args.refusal_judge,
+            "prompt_format": args.prompt_format, "generation": settings["generation"],
+            "normal": {"spec": args.normal, "n": len(normal)} if normal else None,
+            "suite_list": [{"name": s.name, "kind": s.kind, "n": len(s.samples), "source": s.source} for s in suites],
+            "provenance": report_provenance(ROOT, args.model, adapters, suites)}
+
+
+def start_or_resume(out: Path, run: dict, suites) -> tuple[set[tuple[str, str]], set[str]]:
+    """Open the run folder (`open_run_folder`); return the (model, suite) blocks and the models an interrupted run
+    there already finished, which are not generated again."""
+    open_run_folder(out, run)
+    done = set(saved_blocks(out, {s.name: len(s.samples) for s in suites}))
+    finished = finished_models(out)
+    if done:
+        print(f"eval: resuming {out}: {len(done)} (model, suite) blocks already generated", file=sys.stderr)
+    return done, finished
+
+
 def read_jsonl_lines(path: Path) -> list[dict]:
     """The complete lines of a file this program appends to: a kill can leave the last one cut short (dropped); a bad
     line before it means the file was edited (an error naming it)."""
@@ -475,24 +503,27 @@ def generation_rows(name: str, adapter_dir: Path | None, suite, generations, pro
 
 
 def generate_for_model(model, name: str, adapter_dir: Path | None, processor, suites, prompt_ids, normal_data,
-                       sampling: Sampling, args, out: Path, done: dict) -> None:
-    """Generate every suite not yet saved for this model, then its utility on the normal data."""
+                       sampling: Sampling, args, out: Path, done: set, world: Distributed = Distributed()) -> None:
+    """Generate every suite not yet saved for this model, then its utility on the normal data. Every rank takes its
+    share of the batches and gets every result; rank 0 saves them."""
     start = time.perf_counter()
     for suite in suites:
         if (name, suite.name) in done:
             continue
-        progress = Progress(f"[{name}] {suite.name}", len(suite.samples), "prompts")
+        progress = Progress(f"[{name}] {suite.name}", len(suite.samples), "prompts") if world.is_main else None
         generations = generate_responses(model, processor, suite.samples, prompt_ids[suite.name], sampling,
-                                         args.batch_size, progress)
-        progress.close()
-        append_lines(out / GENERATIONS_FILE, generation_rows(name, adapter_dir, suite, generations,
-                                                             args.prompt_format))
+                                         args.batch_size, progress, world)
+        if world.is_main:
+            progress.close()
+            append_lines(out / GENERATIONS_FILE, generation_rows(name, adapter_dir, suite, generations,
+                                                                 args.prompt_format))
     entry = {"model": name, "generation_seconds": time.perf_counter() - start}
     if normal_data:
         start = time.perf_counter()
-        entry["utility"] = utility_metrics(model, normal_data, has_adapter=adapter_dir is not None)
+        entry["utility"] = utility_metrics(model, normal_data, has_adapter=adapter_dir is not None, world=world)
         entry["utility_seconds"] = time.perf_counter() - start
-    append_lines(out / UTILITY_FILE, [entry])
+    if world.is_main:
+        append_lines(out / UTILITY_FILE, [entry])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -588,10 +619,14 @@ def judge_run(out: Path, run: dict, judges: Judges, refusal_judge: RefusalPhrase
 # 6. The run
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, world: Distributed | None = None) -> dict | None:
+    """The evaluation (or --rejudge); its report on rank 0, None on the other ranks of a torchrun launch."""
     started = time.perf_counter()
-    if args.rejudge:
-        return rejudge(args, started)
+    world = Distributed.from_environment(args.device) if world is None else world
+    if args.rejudge:  # judging is rank 0's alone
+        leave_process_group(world)
+        return rejudge(args, started) if world.is_main else None
+    args.device = rank_device(args.device, world)
     args = resolve_defaults(args)
     adapters = parse_adapters(args.adapter)
     run_args = adapter_run_args(adapters)
@@ -611,43 +646,58 @@ def run(args: argparse.Namespace) -> dict:
     normal_data = list(normal_batches(processor, normal, args.prompt_format, args.batch_size))
     judge_registry.check_names(args.judge + [args.refusal_judge], JUDGES)
     judge_model_dirs(args.judge_model, args.judge)  # a judge model folder that is not one fails now
-    settings = run_settings(args, adapters)
-    run_record = {"settings": settings, "model": str(args.model), "quantize": args.quantize, "dtype": args.dtype,
-                  "refusal_judge": args.refusal_judge,
-                  "prompt_format": args.prompt_format, "generation": settings["generation"],
-                  "normal": {"spec": args.normal, "n": len(normal)} if normal else None,
-                  "suite_list": [{"name": s.name, "kind": s.kind, "n": len(s.samples), "source": s.source}
-                                 for s in suites],
-                  "provenance": report_provenance(ROOT, args.model, adapters, suites)}
-    open_run_folder(out, run_record)
-    done = saved_blocks(out, {s.name: len(s.samples) for s in suites})
-    finished = finished_models(out)
-    if done:
-        print(f"eval: resuming {out}: {len(done)} (model, suite) blocks already generated", file=sys.stderr)
 
-    model = load_base(args, kernels)
+    # Rank 0 alone keeps the run folder; the other ranks learn from it what an interrupted run saved, so that every
+    # rank skips the same work. (A refused --out ends rank 0 here; torchrun then ends the ranks waiting for its answer.)
+    done, finished = set(), set()
+    if world.is_main:
+        done, finished = start_or_resume(out, new_run_record(args, adapters, suites, normal), suites)
+    done, finished = world.broadcast_object((done, finished))
+
+    model = load_base(args, kernels, show_progress=world.is_main)
     summaries = check_adapters(model, adapters, run_args, args.model)
-    run_record = {**read_json(out / RUN_FILE, EvalError), "models": [["base", None, None]] + [
-        [name, str(folder), summaries[name]] for name, folder in adapters]}
-    write_atomically(out / RUN_FILE, lambda p: p.write_text(json.dumps(run_record, indent=1) + "\n"))
+    if world.is_main:
+        ranks = f", {world.world_size} ranks" if world.enabled else ""
+        run_record = {**read_json(out / RUN_FILE, EvalError), "models": [["base", None, None]] + [
+            [name, str(folder), summaries[name]] for name, folder in adapters]}
+        write_atomically(out / RUN_FILE, lambda p: p.write_text(json.dumps(run_record, indent=1) + "\n"))
+        print(f"eval: model {args.model} ({args.quantize}, {args.dtype}, {args.device}, "
+              f"{torch.get_num_threads()} threads{ranks}); models: base"
+              + "".join(f", {n}" for n, _ in adapters)
+              + "; suites: " + ", ".join(f"{s.name} ({s.kind}, {len(s.samples)})" for s in suites)
+              + f"; normal: {args.normal} ({len(normal)}); judges: {', '.join(args.judge)}, refusal: "
+              f"{args.refusal_judge}", file=sys.stderr)
     sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
-    print(f"eval: model {args.model} ({args.quantize}, {args.dtype}, {args.device}, "
-          f"{torch.get_num_threads()} threads); models: base" + "".join(f", {n}" for n, _ in adapters)
-          + "; suites: " + ", ".join(f"{s.name} ({s.kind}, {len(s.samples)})" for s in suites)
-          + f"; normal: {args.normal} ({len(normal)}); judges: {', '.join(args.judge)}, refusal: "
-          f"{args.refusal_judge}", file=sys.stderr)
     for name, folder in [("base", None)] + adapters:
         if name in finished:
             continue
         if folder is not None:
             load_adapter(model, folder)  # onto the same base: no reload
         generate_for_model(model, name, folder, processor, suites, prompt_ids, normal_data, sampling, args, out,
-                           done)
+                           done, world)
         if folder is not None:
             remove_adapters(model)
     del model  # the evaluated model goes before a judge model comes
+    leave_process_group(world)  # the last collective is behind us: rank 0 judges alone, the others are done
+    if not world.is_main:
+        return None
     return judge_run(out, run_record, Judges(args, args.judge), judge_registry.judge(args.refusal_judge, JUDGES),
                      started)
+
+
+def leave_process_group(world: Distributed) -> None:
+    """The torchrun group this run joined; a single process leaves alone any group its caller may have made."""
+    if world.enabled:
+        world.shutdown()
+
+
+def rank_device(requested: str, world: Distributed) -> str:
+    """--device for this rank. Under torchrun "cuda" is the GPU of the rank's LOCAL_RANK; one GPU named for every rank
+    (cuda:1) would put them all on it, which NCCL refuses, so it is refused here, by name."""
+    if world.enabled and requested.startswith("cuda:"):
+        raise EvalError(f"--device {requested}: under torchrun every rank takes its own GPU (cuda:LOCAL_RANK); give "
+                        f"--device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    return world.device(requested)
 
 
 def rejudge(args: argparse.Namespace, started: float) -> dict:
@@ -671,10 +721,13 @@ def rejudge(args: argparse.Namespace, started: float) -> dict:
     return judge_run(out, run_record, judges, judge_registry.judge(args.refusal_judge, JUDGES), started)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     with exit_on_user_error("eval.py", args.debug):
-        return run(args)
+        world = Distributed.from_environment(args.device)
+    # Every rank checks the same inputs, so a bad one usually fails on all of them: each line says whose it is.
+    with exit_on_user_error(f"eval.py (rank {world.rank})" if world.enabled else "eval.py", args.debug):
+        return run(args, world)
 
 
 if __name__ == "__main__":

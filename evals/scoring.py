@@ -20,6 +20,7 @@ from evals.judges import LLMJudge, RefusalPhraseJudge, Verdict, asr_from_flags
 from evals.suites import AttackSample, NormalPair, SuiteError
 from evals.typographic import TypographicImage
 from ref.data import Processor, build_prompt, collate_for_training
+from ref.distributed import Distributed
 from ref.losses import Batch, kl_to_original, nll
 from ref.lora import adapters_disabled
 
@@ -143,21 +144,34 @@ def normal_batches(processor: Processor, pairs: Sequence[NormalPair], prompt_for
 
 
 @torch.no_grad()
-def utility_metrics(model, batches: Sequence[Batch], has_adapter: bool) -> dict:
+def batch_utility(model, batch: Batch, has_adapter: bool) -> tuple[float, float, int]:
+    """One batch's mean NLL and mean KL(p_base || p_model) over its answer tokens, and that token count."""
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    batch = Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device),
+                  None if batch.pixel_values is None else batch.pixel_values.to(device, dtype))
+    mean_nll = float(nll(model, batch, model.kernels))
+    mean_kl = 0.0
+    if has_adapter:
+        mean_kl = float(kl_to_original(model, batch, model.kernels, lambda: adapters_disabled(model)))
+    return mean_nll, mean_kl, batch.response_tokens
+
+
+def utility_metrics(model, batches: Sequence[Batch], has_adapter: bool, world: Distributed = Distributed()) -> dict:
     """Per-token means over all answer tokens: NLL (perplexity = exp NLL) and KL(p_base || p_model).
 
     Each batch's mean is weighted by its token count, so the result is the mean over every answer token of the data
     set, whatever the batching. Without an adapter the model is the base and the KL is 0 by definition.
+
+    Several processes (`world`) compute the batches k % world_size == rank and gather the per-batch means; the sums
+    are then taken in batch order, the same float operations in the same order as one process: the same result.
     """
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    mine = {k: batch_utility(model, batches[k], has_adapter) for k in range(world.rank, len(batches), world.world_size)}
+    per_batch = {k: values for shard in world.all_gather_objects(mine) for k, values in shard.items()}
     total_nll, total_kl, tokens = 0.0, 0.0, 0
-    for batch in batches:
-        batch = Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device),
-                      None if batch.pixel_values is None else batch.pixel_values.to(device, dtype))
-        n = batch.response_tokens
-        total_nll += float(nll(model, batch, model.kernels)) * n
-        if has_adapter:
-            total_kl += float(kl_to_original(model, batch, model.kernels, lambda: adapters_disabled(model))) * n
+    for k in range(len(batches)):
+        mean_nll, mean_kl, n = per_batch[k]
+        total_nll += mean_nll * n
+        total_kl += mean_kl * n
         tokens += n
     mean_nll = total_nll / tokens
     return {"tokens": tokens, "nll": mean_nll, "perplexity": math.exp(mean_nll), "kl_from_base": total_kl / tokens}
