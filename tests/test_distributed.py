@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,17 +114,30 @@ def test_two_ranks_give_the_one_process_adapter_on_the_same_records(world, tmp_p
     assert summary["ranks"] == 2 and "x 2 ranks" in summary["provenance"]["device"]
 
 
-def test_a_two_rank_run_resumed_gives_the_uninterrupted_adapter(world, tmp_path):
-    straight = torchrun(world, tmp_path / "straight", "--batch-size", "4", "--max-steps", "4")
+def test_a_two_rank_run_interrupted_and_resumed_gives_the_uninterrupted_adapter(world, tmp_path):
+    """SIGTERM to torchrun reaches every rank; they stop after the same step (whichever saw it first), rank 0 writes
+    the checkpoint, and a resume on two ranks ends where the uninterrupted run ends."""
+    options = ("--batch-size", "4", "--max-steps", "60", "--save-every", "1000")
+    straight = torchrun(world, tmp_path / "straight", *options)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = torchrun(world, tmp_path / "resumed", "--batch-size", "4", "--max-steps", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    (tmp_path / "resumed" / "summary.json").unlink()  # as if stopped after its step-2 checkpoint
-    again = torchrun(world, tmp_path / "resumed", "--batch-size", "4", "--max-steps", "4", "--resume")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(ROOT / "train.py"), *argv(world, tmp_path / "stopped", *options)]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / "stopped" / "log.jsonl", time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and "--resume" in err
+    stopped_at = len(read_log(tmp_path / "stopped"))
+    assert 3 <= stopped_at < 60 and not (tmp_path / "stopped" / "adapter").exists()
+    again = torchrun(world, tmp_path / "stopped", *options, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert max_difference(tmp_path / "straight", tmp_path / "resumed") == 0.0
-    assert logged(tmp_path / "straight", "tokens") == logged(tmp_path / "resumed", "tokens")
-    one = train.parse_args(argv(world, tmp_path / "resumed", "--batch-size", "4", "--max-steps", "6", "--resume"))
+    assert max_difference(tmp_path / "straight", tmp_path / "stopped") == 0.0
+    assert logged(tmp_path / "straight", "tokens") == logged(tmp_path / "stopped", "tokens")
+    one = train.parse_args(argv(world, tmp_path / "stopped", *options[:2], "--max-steps", "70", "--resume"))
     with pytest.raises(train.TrainError, match="trained on 2 rank"):
         train.train(one)
 
