@@ -51,9 +51,9 @@ from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
 from ref.files import new_folder, write_atomically
 from ref.provenance import provenance
-from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, MODEL_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, SUMMARY_FILE,
-                      RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state, read_run_args,
-                      save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
+from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, MODEL_DIR,
+                      SUMMARY_FILE, RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state,
+                      read_run_args, save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
 from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, split_records
 from ref.weights import copy_side_files, load_model, save_model
 from toy import defaults as toy
@@ -149,7 +149,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     state.stopped_by = state.stopped_by or "max_steps"
     save_training_state(out, model, optimizer, state.checkpoint(streams), world)
     save_outputs(model, lora, args, out, world)
-    return write_summary(args, out, state, device, kernels, world)
+    return write_summary(args, out, state, device, kernels, world, maker.coverage)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--eps", type=non_negative_float, nargs=3, default=None, metavar=("HARM", "HELPFUL", "UTILITY"),
                         help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (sft mode ignores eps1)\n"
                              + model_default("eps"))
+    method.add_argument("--include-categories", nargs="+", default=None, metavar="CATEGORY",
+                        help="train on the harmful records of these harm categories only (the records'\n"
+                             "\"categories\": the toy's are its topics, PKU-SafeRLHF's its harm categories)")
+    method.add_argument("--exclude-categories", nargs="+", default=None, metavar="CATEGORY",
+                        help="drop the harmful records of these categories")
+    method.add_argument("--category-fraction", type=positive_float, default=1.0,
+                        help="keep this fraction of the (remaining) categories, drawn with --category-seed")
+    method.add_argument("--category-seed", type=non_negative_int, default=0, help="draws --category-fraction's choice")
     method.add_argument("--mismatch", default="helpful", choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
 
@@ -448,7 +456,8 @@ def load_base(args: argparse.Namespace, kernels: kernel_registry.Kernels, world:
 # 3. The data
 
 
-def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord]]:
+def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord], dict | None]:
+    """The harmful and normal records this mode trains on, and (when categories were chosen) which were kept."""
     if args.data in toy.DATA:
         records = toy.unlearning_records(args.data, with_images=args.mode == "multimodal")
     else:
@@ -458,6 +467,7 @@ def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[No
         harmful, normal = [r for r in harmful if r.image], [r for r in normal if r.image]
     else:  # textual unlearning never shows the model an image
         harmful, normal = [r for r in harmful if not r.image], [r for r in normal if not r.image]
+    harmful, coverage = select_categories(harmful, args)
     where = f"{args.data} (mode {args.mode})"
     if not harmful and args.mode == "multimodal":
         raise TrainError(f"{where}: no harmful record has an image, and the multimodal baseline trains on image+text "
@@ -471,14 +481,38 @@ def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[No
         raise TrainError(f"{where}: no normal records for the utility term (or pass --eps ... 0)")
     if args.mismatch == "random" and not normal:
         raise TrainError(f"{where}: --mismatch random needs normal records to draw answers from")
-    return harmful, normal
+    return harmful, normal, coverage
+
+
+def select_categories(harmful: list[HarmfulRecord], args) -> tuple[list[HarmfulRecord], dict | None]:
+    """The harm-coverage ablation: keep the harmful records of some categories (--include-categories, then
+    --exclude-categories, then a --category-fraction of what is left, drawn with --category-seed). A record is kept
+    when one of its categories is; a record without categories is dropped once any choice is made. Returns the
+    records and {"kept": [...], "dropped": [...]} (None when no choice was made)."""
+    if not (args.include_categories or args.exclude_categories or args.category_fraction < 1.0):
+        return harmful, None
+    known = list(dict.fromkeys(c for r in harmful for c in r.categories))  # in order of first appearance
+    asked = [*(args.include_categories or []), *(args.exclude_categories or [])]
+    unknown = [c for c in asked if c not in known]
+    if unknown:
+        raise TrainError(f"{args.data}: no harmful record has the categories {unknown}; known: {known}")
+    chosen = [c for c in known if c in args.include_categories] if args.include_categories else list(known)
+    chosen = [c for c in chosen if c not in (args.exclude_categories or [])]
+    if args.category_fraction < 1.0:
+        count = max(1, round(args.category_fraction * len(chosen)))
+        picked = set(random.Random(args.category_seed).sample(chosen, count))
+        chosen = [c for c in chosen if c in picked]
+    kept = [r for r in harmful if set(r.categories) & set(chosen)]
+    if not kept:
+        raise TrainError(f"{args.data}: the chosen categories keep no harmful record")
+    return kept, {"kept": chosen, "dropped": [c for c in known if c not in chosen], "records": len(kept)}
 
 
 def read_data(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord], BatchMaker]:
     """The records and what turns them into batches; tokenizer and every image checked now."""
     processor = load_processor(args.model, args.vision_dir)  # its token ids checked against the model's vocabulary
-    harmful, normal = read_records(args)
-    maker = BatchMaker(processor, args, harmful, normal)
+    harmful, normal, coverage = read_records(args)
+    maker = BatchMaker(processor, args, harmful, normal, coverage)
     for kind, records in (("harmful", harmful), ("normal", normal)):
         for number, record in enumerate(records, start=1):
             maker.check_fits(record, f"{args.data}: {kind} record {number}")
@@ -565,9 +599,11 @@ class StepBatches:
 class BatchMaker:
     """Records -> tokenized batches with response-only labels; images preprocessed once and cached."""
 
-    def __init__(self, processor: Processor, args, harmful: list[HarmfulRecord], normal: list[NormalRecord]):
+    def __init__(self, processor: Processor, args, harmful: list[HarmfulRecord], normal: list[NormalRecord],
+                 coverage: dict | None = None):
         self.processor, self.args = processor, args
         self.harmful, self.normal = harmful, normal
+        self.coverage = coverage  # the harm categories kept and dropped (select_categories), or None
         self.images: dict[str, torch.Tensor] = {}
 
     def image(self, path: str) -> torch.Tensor:
@@ -941,13 +977,15 @@ def save_outputs(model, lora: LoraConfig | None, args, out: Path, world: Distrib
             copy_side_files(args.model, partial)
 
 
-def write_summary(args, out: Path, state: LoopState, device: torch.device, kernels, world: Distributed) -> dict:
+def write_summary(args, out: Path, state: LoopState, device: torch.device, kernels, world: Distributed,
+                  coverage: dict | None = None) -> dict:
     totals = state.totals
     summary = {"mode": args.mode, "steps": state.step, "stopped_by": state.stopped_by or "max_steps",
                "tokens": totals["tokens"], "image_tokens": totals["image_tokens"], "estimated_flops": totals["flops"],
                "wall_seconds": totals["seconds"], "peak_memory_mb": peak_memory_mb(device),
                **({"model": str(out / MODEL_DIR)} if args.full_parameter else {"adapter": str(out / ADAPTER_DIR)}),
                "kernels": kernels.choice, "ranks": world.world_size,
+               **({"categories": coverage} if coverage else {}),
                "provenance": run_provenance(args, world)}
     if world.is_main:
         write_atomically(out / SUMMARY_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))

@@ -3,7 +3,7 @@
 Schema: one JSON object per line, with a "kind" and no other keys than those listed (a misspelt key is an error).
 
     {"kind": "harmful", "prompt": str, "harmful_response": str | null, "helpful_response": str | null,
-     "image": str (optional)}
+     "image": str (optional), "categories": [str, ...] (optional)}
     {"kind": "normal", "prompt": str, "response": str, "image": str (optional)}
 
 - harmful: a harmful prompt with the unsafe answer to unlearn (gradient ascent, L_harm) and a safe, helpful answer to
@@ -12,6 +12,9 @@ Schema: one JSON object per line, with a "kind" and no other keys than those lis
 - normal: ordinary data whose output distribution must not move (L_utility, the KL to the original model).
 - image: a path relative to the JSONL file's folder, for multimodal baselines; text-only unlearning ignores it. The
   reader checks that the file exists and returns it as an absolute path.
+- categories: the harm categories a harmful record belongs to (PKU-SafeRLHF's harm categories of its unsafe
+  response; the toy's topic), for train.py's --include-categories / --exclude-categories / --category-fraction: the
+  harm-coverage question of the paper.
 
 Converters:
 
@@ -57,6 +60,7 @@ class HarmfulRecord:
     helpful_response: str | None       # to match (the safe answer to the same prompt)
     image: str | None = None
     kind: str = "harmful"
+    categories: tuple[str, ...] = ()  # harm categories, for coverage ablations
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "harmful": (("prompt", "harmful_response", "helpful_response"), ("harmful_response", "helpful_response")),
     "normal": (("prompt", "response"), ()),
 }
-OPTIONAL_KEYS = ("image",)
+OPTIONAL_KEYS = ("image", "categories")
 # a PKU-SafeRLHF row (the converter below reads these); given as --data unconverted, it gets a hint
 PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe", "safer_response_id")
 
@@ -100,12 +104,17 @@ def _parse_record(obj: object, where: str, folder: Path) -> Record:
     if unknown:
         raise UnlearningDataError(f"{where}: unknown field(s) {unknown} in a {kind} record; "
                                   f"allowed: {['kind', *required, *OPTIONAL_KEYS]}")
-    for key in (*required, *OPTIONAL_KEYS):
+    if kind == "normal" and "categories" in obj:
+        raise UnlearningDataError(f"{where}: 'categories' belongs to harmful records only")
+    for key in (*required, "image"):
         value = obj.get(key)
         if value is None and (key in nullable or key in OPTIONAL_KEYS):
             continue
         if not isinstance(value, str) or not value.strip():
             raise UnlearningDataError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    categories = obj.get("categories", [])
+    if not isinstance(categories, list) or not all(isinstance(c, str) and c.strip() for c in categories):
+        raise UnlearningDataError(f"{where}: 'categories' must be a list of non-empty strings, got {categories!r}")
     if kind == "harmful" and obj["harmful_response"] is None and obj["helpful_response"] is None:
         raise UnlearningDataError(f"{where}: harmful record has neither a harmful_response nor a helpful_response")
     image = obj.get("image")
@@ -115,7 +124,9 @@ def _parse_record(obj: object, where: str, folder: Path) -> Record:
             raise UnlearningDataError(f"{where}: image {image!r} not found ({image_path})")
         image = str(image_path)
     fields = {key: obj[key] for key in required}
-    return HarmfulRecord(**fields, image=image) if kind == "harmful" else NormalRecord(**fields, image=image)
+    if kind == "harmful":
+        return HarmfulRecord(**fields, image=image, categories=tuple(categories))
+    return NormalRecord(**fields, image=image)
 
 
 def read_unlearning_jsonl(path: str | Path) -> list[Record]:
@@ -146,6 +157,8 @@ def record_to_dict(record: Record) -> dict:
         obj = {"kind": "normal", "prompt": record.prompt, "response": record.response}
     if record.image is not None:
         obj["image"] = record.image
+    if getattr(record, "categories", ()):
+        obj["categories"] = list(record.categories)
     return obj
 
 
@@ -174,10 +187,23 @@ def pku_row_to_record(row: dict, where: str) -> HarmfulRecord:
                                   f"got {is_safe}, {safer!r}")
     if is_safe[0] != is_safe[1]:                  # one unsafe, one safe: the full pair
         unsafe_index = is_safe.index(False)
-        return HarmfulRecord(row["prompt"], responses[unsafe_index], responses[1 - unsafe_index])
+        return HarmfulRecord(row["prompt"], responses[unsafe_index], responses[1 - unsafe_index],
+                             categories=pku_categories(row, unsafe_index, where))
     if not is_safe[0]:                            # both unsafe: unlearn the less safe one, nothing to match
-        return HarmfulRecord(row["prompt"], responses[1 - safer], None)
+        return HarmfulRecord(row["prompt"], responses[1 - safer], None,
+                             categories=pku_categories(row, 1 - safer, where))
     return HarmfulRecord(row["prompt"], None, responses[safer])   # both safe: match the safer one, nothing to unlearn
+
+
+def pku_categories(row: dict, index: int, where: str) -> tuple[str, ...]:
+    """The harm categories PKU-SafeRLHF marks true for response `index` (its `response_<i>_harm_category`: a map of
+    the data set's 19 categories to true/false), in the file's order; () where the row has no such map."""
+    marks = row.get(f"response_{index}_harm_category")
+    if marks is None:
+        return ()
+    if not isinstance(marks, dict) or not all(isinstance(v, bool) for v in marks.values()):
+        raise UnlearningDataError(f"{where}: response_{index}_harm_category must map category names to true/false")
+    return tuple(name for name, marked in marks.items() if marked)
 
 
 def pku_saferlhf_to_records(path: str | Path, max_samples: int | None = None,

@@ -181,8 +181,10 @@ def test_unlearning_dicts_follow_the_schema():
     for r in records:
         keys = set(r) - {"image"}
         if r["kind"] == "harmful":
-            assert keys == {"kind", "prompt", "harmful_response", "helpful_response"}
+            assert keys == {"kind", "prompt", "harmful_response", "helpful_response", "categories"}
             assert toy_judges.is_refusal(r["helpful_response"]) and not toy_judges.is_refusal(r["harmful_response"])
+            assert len(r["categories"]) == 1 and r["categories"][0] in tw.HARMFUL_TOPICS  # the topic
+            keys -= {"categories"}
         else:
             assert keys == {"kind", "prompt", "response"}
         assert all(isinstance(r[k], str) and r[k] for k in keys)

@@ -344,3 +344,41 @@ def test_args_and_summary_record_provenance(world, tmp_path):
     if (ROOT / ".git").exists():
         assert made["commit"].split("+")[0] == subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
                                                               capture_output=True, text=True).stdout.strip()
+
+
+# --- the harm-coverage ablation: records by category ------------------------------------------------------------------
+
+def test_category_filtering_keeps_and_drops_exactly_the_records_it_should():
+    from ref.unlearning_data import HarmfulRecord
+    records = [HarmfulRecord("p1", "a", "b", categories=("drugs",)),
+               HarmfulRecord("p2", "a", "b", categories=("drugs", "violence")),
+               HarmfulRecord("p3", "a", "b", categories=("fraud",)),
+               HarmfulRecord("p4", "a", "b")]  # no category: dropped once any choice is made
+
+    def select(*argv):
+        return train.select_categories(records, train.parse_args(list(argv)))
+
+    assert select() == (records, None)
+    kept, coverage = select("--include-categories", "drugs")
+    assert [r.prompt for r in kept] == ["p1", "p2"] and coverage["dropped"] == ["violence", "fraud"]
+    kept, coverage = select("--exclude-categories", "drugs")
+    assert [r.prompt for r in kept] == ["p2", "p3"]  # p2 is violence too: one kept category keeps a record
+    assert coverage == {"kept": ["violence", "fraud"], "dropped": ["drugs"], "records": 2}
+    kept, _ = select("--include-categories", "drugs", "fraud", "--exclude-categories", "drugs")
+    assert [r.prompt for r in kept] == ["p3"]
+    first, second = select("--category-fraction", "0.5", "--category-seed", "3"), \
+        select("--category-fraction", "0.5", "--category-seed", "3")
+    assert first == second and len(first[1]["kept"]) == 2  # round(0.5 x 3) categories, the same for the same seed
+    with pytest.raises(train.TrainError, match=r"no harmful record has the categories \['nope'\]"):
+        select("--include-categories", "nope")
+
+
+def test_pku_rows_carry_the_harm_categories_of_their_unsafe_response():
+    from ref.unlearning_data import pku_row_to_record
+    marks = {"Drugs": True, "Violence": False, "Cybercrime": True}
+    row = {"prompt": "p", "response_0": "unsafe", "response_1": "safe", "is_response_0_safe": False,
+           "is_response_1_safe": True, "safer_response_id": 1, "response_0_harm_category": marks,
+           "response_1_harm_category": {"Drugs": False, "Violence": False, "Cybercrime": False}}
+    assert pku_row_to_record(row, "x:1").categories == ("Drugs", "Cybercrime")
+    both_safe = {**row, "is_response_0_safe": True}
+    assert pku_row_to_record(both_safe, "x:1").categories == ()  # nothing to unlearn, no harm category

@@ -183,3 +183,17 @@ def test_cli_real_files_as_module(tmp_path):
     harmful, normal = split_records(read_unlearning_jsonl(out))
     assert len(normal) == 817
     assert harmful and all(r.harmful_response and r.helpful_response for r in harmful)
+
+
+def test_harm_categories_round_trip_and_are_checked(tmp_path):
+    record = HarmfulRecord("how?", "Sure.", "No.", categories=("Drugs", "Cybercrime"))
+    write_unlearning_jsonl([record], tmp_path / "data.jsonl")
+    assert json.loads((tmp_path / "data.jsonl").read_text())["categories"] == ["Drugs", "Cybercrime"]
+    assert read_unlearning_jsonl(tmp_path / "data.jsonl") == [record]
+    for bad, message in (({"kind": "harmful", "prompt": "p", "harmful_response": "a", "helpful_response": None,
+                           "categories": "Drugs"}, "must be a list of non-empty strings"),
+                         ({"kind": "normal", "prompt": "p", "response": "r", "categories": ["x"]},
+                          "belongs to harmful records only")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(UnlearningDataError, match=message):
+            read_unlearning_jsonl(tmp_path / "bad.jsonl")

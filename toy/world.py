@@ -606,7 +606,8 @@ def unlearning_dicts(split: str = "train", with_images: bool = False, typed_atta
     harmful += harmful_image_train() if with_images else []
     for k, ex in enumerate(harmful):
         record = {"kind": "harmful", "prompt": ex.prompt, "harmful_response": ex.response,
-                  "helpful_response": fill(REFUSAL_RESPONSES[k % len(REFUSAL_RESPONSES)], ex.meta["topic"])}
+                  "helpful_response": fill(REFUSAL_RESPONSES[k % len(REFUSAL_RESPONSES)], ex.meta["topic"]),
+                  "categories": [ex.meta["topic"]]}  # the harm category: the topic (coverage ablations)
         if ex.image is not None:
             record["image"] = ex.image
         records.append(record)
