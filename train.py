@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop the harmful records of these categories")
     method.add_argument("--category-fraction", type=positive_float, default=1.0,
                         help="keep this fraction of the (remaining) categories, drawn with --category-seed")
-    method.add_argument("--category-seed", type=non_negative_int, default=0, help="draws --category-fraction's choice")
+    method.add_argument("--category-seed", type=non_negative_int, default=None,
+                        help="draws --category-fraction's choice (default: --seed)")
     method.add_argument("--mismatch", default="helpful", choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
 
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip", type=non_negative_float, default=1.0, help="gradient norm clipping (0: off)")
     opt.add_argument("--divergence-factor", type=non_negative_float, default=100.0,
                      help="stop, keeping the last good adapter, when the gradient norm passes this many times the\n"
-                          "first step's or the adapters' norm this many times the untrained adapters' (0: off)")
+                          "largest before it, or the adapters' norm this many times the untrained adapters' (0: off)")
     opt.add_argument("--seed", type=non_negative_int, default=0,
                      help="seeds the data order, the adapters' init and dropout")
     opt.add_argument("--stop-harm-nll", type=finite_float, default=None,
@@ -500,7 +501,8 @@ def select_categories(harmful: list[HarmfulRecord], args) -> tuple[list[HarmfulR
     chosen = [c for c in chosen if c not in (args.exclude_categories or [])]
     if args.category_fraction < 1.0:
         count = max(1, round(args.category_fraction * len(chosen)))
-        picked = set(random.Random(args.category_seed).sample(chosen, count))
+        seed = args.seed if args.category_seed is None else args.category_seed
+        picked = set(random.Random(seed).sample(chosen, count))
         chosen = [c for c in chosen if c in picked]
     kept = [r for r in harmful if set(r.categories) & set(chosen)]
     if not kept:
@@ -687,7 +689,7 @@ class LoopState:
     stop_at: int | None = None  # the step at which the stopping rule ends the run, once it has fired
     totals: dict = field(default_factory=new_totals)
     stopped_by: str | None = None
-    # what the divergence guard compares with: the adapters' norm before training, the first step's gradient norm
+    # what the divergence guard compares with: the adapters' norm before training, the largest gradient norm so far
     reference_norms: dict | None = None
 
     def finish_step(self, terms: dict, norms: tuple[float, float], lr: float, counts: StepCounts, seconds: float,
@@ -850,7 +852,7 @@ def guarded_update(model, optimizer, trainable: list[torch.Tensor], terms: dict,
                    state: LoopState) -> tuple[tuple[float, float], str | None]:
     """Clip the gradient, then AdamW on the adapters; returns (gradient norm before clipping, adapter norm) and why
     the run must stop, if it must. A non-finite loss or gradient, or a gradient norm over --divergence-factor times the
-    first step's, skips the update; non-finite adapter weights, or an adapter norm over --divergence-factor times the
+    largest of the steps before, skips the update; non-finite adapter weights, or an adapter norm over --divergence-factor times the
     untrained adapters', are put back to the last good ones. Either ends the run with the last good adapter."""
     if not terms:
         return (0.0, adapter_norm(model)), None  # nothing to learn from this step's batches: no update (logged)
@@ -859,12 +861,13 @@ def guarded_update(model, optimizer, trainable: list[torch.Tensor], terms: dict,
     step, factor, reference = state.step, args.divergence_factor, state.reference_norms
     if not (math.isfinite(terms["total"]) and math.isfinite(grad_norm)):
         return (grad_norm, adapter_norm(model)), f"non-finite loss or gradient at step {step}"
-    if reference["grad"] is None and grad_norm > 0:
-        reference["grad"] = grad_norm
     if factor > 0 and reference["grad"] and grad_norm > factor * reference["grad"]:
         return (grad_norm, adapter_norm(model)), (f"diverging: gradient norm {grad_norm:.3g} at step {step} is over "
-                                                  f"{factor:g}x the first step's {reference['grad']:.3g} "
+                                                  f"{factor:g}x the largest before it, {reference['grad']:.3g} "
                                                   f"(--divergence-factor)")
+    # the largest gradient norm so far, not the first: a first step can have almost none (a memorised harmful
+    # answer, a KL of exactly 0), and gradients then grow over many steps without diverging
+    reference["grad"] = max(reference["grad"] or 0.0, grad_norm)
     optimizer.step()
     norm = adapter_norm(model)
     failure = None

@@ -493,3 +493,25 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_adapter(wo
     assert_same_adapter(straight, killed)
     assert [r["total"] for r in read_log(killed)] == [r["total"] for r in read_log(straight)]
     assert json.loads((killed / "summary.json").read_text())["stopped_by"] == summary["stopped_by"]
+
+
+def test_the_gradient_guard_compares_with_the_largest_gradient_before_not_the_first():
+    """A first step with almost no gradient (a memorised harmful answer, a KL of exactly 0) must not make an ordinary
+    later gradient look like a divergence; a 100x jump over everything before must stop the run."""
+    model = torch.nn.Linear(4, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    args = train.parse_args(["--clip", "0"])
+    state = train.LoopState(reference_norms={"adapter": train.adapter_norm(model), "grad": None})
+
+    def step(gradient_norm: float):
+        model.weight.grad = torch.full_like(model.weight, gradient_norm / 2)  # ||g|| = 2 x value for 4 entries
+        last_good = {name: p.detach().clone() for name, p in model.named_parameters()}
+        return train.guarded_update(model, optimizer, list(model.parameters()), {"total": 0.0}, args, last_good,
+                                    state)
+
+    for norm in (1e-4, 1e-3, 5e-2, 0.4):  # grows 4000x over the steps, never 100x over the largest before
+        assert step(norm)[1] is None
+    before = model.weight.detach().clone()
+    (grad_norm, _), failure = step(41.0)
+    assert grad_norm == pytest.approx(41.0) and failure.startswith("diverging: gradient norm 41 at step 0 is over 100x")
+    assert torch.equal(model.weight, before)  # the update was skipped
