@@ -7,6 +7,7 @@ over-refusal and utility, in one table.
         --suite mmsafetybench:MM-SafetyBench/data --suite xstest:xstest.csv --normal truthfulqa:truthfulqa.csv \\
         --judge gcg --judge llamaguard --judge-model LlamaGuard-7b --out results/
     python eval.py --rejudge results/ --judge harmbench --judge-model HarmBench-Llama-2-13b-cls
+    python eval.py --suite pgd:toy --max-samples 4 --pgd-eps 16,32,64,255     # visual adversarial examples (PGD)
 
 The program, top to bottom (one section each):
   1. options, with the toy's defaults when no model is named; the adapters named and found
@@ -16,7 +17,9 @@ The program, top to bottom (one section each):
      a finished one overwritten
   4. generating: batched greedy generation of every model on every suite, each (model, suite) block appended to
      generations.jsonl as soon as it is done; NLL / perplexity of the reference answers and KL(p_base || p_model) on
-     the normal data (adapters switched off = the base, no second copy)
+     the normal data (adapters switched off = the base, no second copy). The images of pgd suites are attacked
+     first (evals/pgd.py): on the base before any adapter is on (transfer), and on each adapted model (white-box),
+     each attack saved in the run folder as PNGs and reused by a resumed run
   5. judging: every saved response judged (also what --rejudge runs, without the evaluated model), responses.jsonl,
      report.json and report.md (rows: models; columns: each suite's rate with its judge, count and 95% interval,
      utility, the training compute of train.py runs; per-category tables; provenance)
@@ -37,22 +40,26 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import asdict, replace
 from itertools import product
 from pathlib import Path
 
 import torch
 
 from evals import judges as judge_registry
+from evals import pgd
 from evals.benchmarks import BENCHMARK_READERS
 from evals.generation import Sampling, chat_prompt, generate_responses, tokenize_samples
 from evals.judges import RefusalPhraseJudge
 from evals.report import report_provenance, write_report
 from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_batches, saved_verdicts,
                            utility_metrics)
-from evals.suites import NORMAL_READERS, READERS, AttackSample, SuiteOptions, load_normal, load_suites
+from evals.suites import (NORMAL_READERS, READERS, AttackSample, Suite, SuiteError, SuiteOptions, SuiteReader,
+                          load_normal, load_suites, parse_suite_spec)
 from ref import kernels as kernel_registry
 from ref.config import DTYPES, read_json
-from ref.console import HelpFormatter, Progress, add_debug_option, exit_on_user_error
+from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, non_negative_int,
+                         positive_int)
 from ref.data import load_processor
 from ref.distributed import Distributed
 from ref.adapters import is_adapter_folder, load_adapter
@@ -62,10 +69,36 @@ from ref.runs import (adapter_display_name, adapter_step, is_run_folder, read_ru
 from ref.weights import is_quantized_checkpoint, load_model, open_checkpoint
 from toy import defaults as toy
 from toy import judges as toy_judges
+from toy import world as toy_world
 
 ROOT = Path(__file__).resolve().parent
+TOY_PGD = "toy"  # pgd:toy, the toy's held-out benign image tasks as the clean images of a PGD attack
+TOY_PGD_IMAGES = 8  # how many of them pgd:toy attacks without --max-samples (300 steps: ~20 s an image on one core)
+
+
+def read_pgd_suites(name: str | None, path: str, options: SuiteOptions, spec: str) -> list[Suite]:
+    """pgd:JSONL as evals.suites reads it; pgd:toy: the toy's held-out benign image tasks, --max-samples of them (else
+    TOY_PGD_IMAGES) spread evenly over the suite, so that a few images are of several kinds of task."""
+    if path != TOY_PGD:
+        return READERS["pgd"].read(name, path, options, spec)
+    tasks = toy.toy_suites(["benign_image"])[0].samples
+    n = min(len(tasks), options.max_samples or TOY_PGD_IMAGES)
+    samples = [replace(tasks[k * len(tasks) // n], suite=name or "pgd") for k in range(n)]
+    return [Suite(name or "pgd", "pgd", samples, spec, files=())]
+
+
+def toy_pgd_targets() -> list[str]:
+    """The toy's default target corpus: its harmful compliance (HARMFUL_RESPONSE) for every harmful topic."""
+    return [toy_world.fill(toy_world.HARMFUL_RESPONSE, topic) for topic in toy_world.HARMFUL_TOPICS]
+
+
 # eval.py knows every suite kind, normal-data kind and judge of evals/, and the toy's (its bare default).
-SUITE_READERS = {**READERS, **BENCHMARK_READERS, "toy": toy.SUITE_READER}
+SUITE_READERS = {**READERS, **BENCHMARK_READERS, "toy": toy.SUITE_READER,
+                 "pgd": SuiteReader(READERS["pgd"].description + ";\n           'pgd:toy': the toy's held-out "
+                                    f"benign image tasks (--max-samples of them, default {TOY_PGD_IMAGES},\n"
+                                    "           spread over the kinds of task), its harmful answers the default "
+                                    "--pgd-targets",
+                                    read_pgd_suites, needs_path=False)}
 NORMAL_DATA_READERS = {**NORMAL_READERS, "toy": toy.NORMAL_READER}
 JUDGES = {**judge_registry.JUDGES, **toy_judges.JUDGES}
 PHRASE_JUDGES = sorted({*judge_registry.PHRASE_JUDGES, *toy_judges.PHRASE_JUDGES})  # for --refusal-judge
@@ -154,6 +187,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed; batch k uses seed + k")
 
+    attack = p.add_argument_group("visual adversarial examples (pgd suites; evals/pgd.py)")
+    attack.add_argument("--pgd-targets", default=None, metavar="FILE",
+                        help="the answers the attack makes likely after each benign prompt: .txt (one a line) or\n"
+                             ".csv (first column; Qi et al.'s derogatory_corpus.csv). Required, except for pgd:toy\n"
+                             "(default there: the toy's harmful answer for every harmful topic)")
+    attack.add_argument("--pgd-eps", type=budget_levels, default=None, metavar="E[,E...]",
+                        help="L-inf budgets in levels of 1/255, one suite each; 255 = unconstrained, 0 = the clean\n"
+                             "images (default: 16,32,64,255, Qi et al.'s)")
+    attack.add_argument("--pgd-threat", type=threat_list, default=None, metavar="T[,T]",
+                        help="transfer (optimised on the base, shown to every model) and/or whitebox (optimised\n"
+                             "against the model evaluated, adapters on), one suite each (default: transfer,whitebox)")
+    attack.add_argument("--pgd-steps", type=non_negative_int, default=None,
+                        help="sign-gradient steps per restart (default 300; Qi et al.: 5000)")
+    attack.add_argument("--pgd-step-size", type=positive_int, default=None, metavar="LEVELS",
+                        help="step size alpha in levels of 1/255 (default 1)")
+    attack.add_argument("--pgd-restarts", type=positive_int, default=None,
+                        help="restarts from random points of the budget, the best iterate kept (default 1)")
+    attack.add_argument("--pgd-seed", type=int, default=None, help="seed of the random starts (default 0)")
+    attack.add_argument("--pgd-batch-size", type=positive_int, default=None, metavar="ROWS",
+                        help="(image, target) rows per forward pass of the attack; lower it when a large model's\n"
+                             "activations do not fit (default 32)")
+
     p.add_argument("--out", default=None,
                    help="run folder: run.json, generations.jsonl, utility.jsonl, responses.jsonl, report.json,\n"
                         "report.md. A new or empty folder starts a run; an interrupted run's folder resumes it (same\n"
@@ -171,6 +226,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def budget_levels(text: str) -> list[int]:
+    """--pgd-eps: comma-separated whole levels 0 .. 255, each once."""
+    try:
+        levels = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole levels of 1/255 separated by commas, got {text!r}") from None
+    if any(not 0 <= level <= pgd.LEVELS for level in levels) or len(set(levels)) != len(levels):
+        raise argparse.ArgumentTypeError(f"each budget once, in 0 .. 255 (255 = unconstrained), got {text!r}")
+    return levels
+
+
+def threat_list(text: str) -> list[str]:
+    """--pgd-threat: transfer and/or whitebox, comma-separated, each once."""
+    threats = text.split(",")
+    if any(t not in pgd.THREATS for t in threats) or len(set(threats)) != len(threats):
+        raise argparse.ArgumentTypeError(f"expected {' and/or '.join(pgd.THREATS)}, comma-separated, got {text!r}")
+    return threats
+
+
+def is_toy_spec(spec: str) -> bool:
+    """A suite of the toy world: toy[:NAME] or pgd:toy."""
+    _, kind, path = parse_suite_spec(spec, SUITE_READERS)
+    return kind == "toy" or (kind == "pgd" and path == TOY_PGD)
+
+
 def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Namespace:
     """The embedded default: with the toy model, its suites, its judges, its normal data, the run adapters."""
     toy.require_toy_model(args.model)
@@ -180,7 +260,7 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
             raise EvalError("give at least one --suite KIND:PATH for a model other than the toy (see --help)")
         args.suite = ["toy"]
     # A toy model (or a toy rebuilt elsewhere, evaluated on the toy suites) is judged by the toy's own judges.
-    is_toy = is_toy or all(spec.split(":")[0] == "toy" for spec in args.suite)
+    is_toy = is_toy or all(is_toy_spec(spec) for spec in args.suite)
     args.judge = list(dict.fromkeys(args.judge or (["toy", "toy_harm"] if is_toy else ["gcg"])))  # each once
     args.refusal_judge = args.refusal_judge or ("toy" if is_toy else "xstest")
     if args.normal is None:
@@ -192,6 +272,49 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
     elif args.adapter is None:
         args.adapter = [str(p) for p in sorted((root / "runs").glob("*/adapter")) if p.is_dir()] if is_toy else []
     return args
+
+
+PGD_DEFAULTS = {"pgd_eps": [16, 32, 64, 255], "pgd_threat": list(pgd.THREATS), "pgd_steps": 300,
+                "pgd_step_size": 1, "pgd_restarts": 1, "pgd_seed": 0, "pgd_batch_size": 32}
+
+
+def resolve_pgd(args: argparse.Namespace, suites: list[Suite]) -> tuple[list[Suite], list[str]]:
+    """The suites with every pgd suite expanded into its attack suites (evals.pgd.expand_suites), and the target
+    corpus. The --pgd-* defaults are filled in on `args` (run.json records them); --pgd-* options without a pgd suite,
+    and a pgd suite without targets (other than pgd:toy's), are errors naming the option."""
+    clean = [s for s in suites if s.kind == "pgd"]
+    if not clean:
+        given = [f"--{key.replace('_', '-')}" for key in (*PGD_DEFAULTS, "pgd_targets")
+                 if getattr(args, key) is not None]
+        if given:
+            raise EvalError(f"{', '.join(given)}: no pgd suite to attack; add --suite [NAME=]pgd:JSONL (or pgd:toy)")
+        return suites, []
+    for key, value in PGD_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.pgd_targets is not None:
+        try:
+            targets = pgd.read_targets(args.pgd_targets)
+        except pgd.PGDError as err:
+            raise EvalError(f"--pgd-targets: {err}") from err
+    else:
+        not_toy = [s for s in clean if parse_suite_spec(s.source, SUITE_READERS)[2] != TOY_PGD]
+        if not_toy:
+            raise EvalError(f"--pgd-targets FILE is needed for pgd suite {not_toy[0].name!r} ({not_toy[0].source}): "
+                            f"the answers the attack makes likely (.txt, one a line, or .csv)")
+        targets = toy_pgd_targets()
+    # eps 0 is the clean images, a control: no step could move them, so none is taken
+    configs = [pgd.PGDConfig(eps=e / pgd.LEVELS, steps=args.pgd_steps if e else 0, restarts=args.pgd_restarts,
+                             step_size=args.pgd_step_size / pgd.LEVELS, seed=args.pgd_seed,
+                             batch_size=args.pgd_batch_size) for e in args.pgd_eps]
+    targets_file = Path(args.pgd_targets) if args.pgd_targets else None
+    expanded = pgd.expand_suites(suites, configs, args.pgd_threat, targets_file)
+    names = [s.name for s in expanded]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise SuiteError(f"suite name(s) {clash} used twice (a pgd suite makes <NAME>_<budget>_<threat>); name them "
+                         f"apart with --suite NAME=KIND:PATH")
+    return expanded, targets
 
 
 def default_out(root: Path = ROOT) -> Path:
@@ -375,6 +498,7 @@ class Judges:
 
 RUN_FILE, GENERATIONS_FILE, UTILITY_FILE = "run.json", "generations.jsonl", "utility.jsonl"
 RESPONSES_FILE, REPORT_FILE = "responses.jsonl", "report.json"
+PGD_DIR, PGD_FILE = "pgd", "pgd.jsonl"  # the adversarial PNGs, and one line per PNG
 
 
 def run_settings(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> dict:
@@ -383,10 +507,19 @@ def run_settings(args: argparse.Namespace, adapters: list[tuple[str, Path]]) -> 
             "dtype": args.dtype, "kernels": args.kernels, "prompt_format": args.prompt_format,
             "adapters": [[name, str(folder.resolve())] for name, folder in adapters], "suites": list(args.suite),
             "max_samples": args.max_samples, "piece_column": args.piece_column,
-            "prompt_column": args.prompt_column, "normal": args.normal,
+            "prompt_column": args.prompt_column, "normal": args.normal, "pgd": pgd_settings(args),
             "generation": {"mode": "sampling" if args.sample else "greedy", "max_new_tokens": args.max_new_tokens,
                            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                            "batch_size": args.batch_size}}
+
+
+def pgd_settings(args: argparse.Namespace) -> dict | None:
+    """The --pgd-* options (resolved by `resolve_pgd`), the target corpus by its path or as the toy's; None without
+    a pgd suite."""
+    if getattr(args, "pgd_eps", None) is None:
+        return None
+    targets = str(Path(args.pgd_targets).resolve()) if args.pgd_targets else "toy"
+    return {"targets": targets, **{key[len("pgd_"):]: getattr(args, key) for key in PGD_DEFAULTS}}
 
 
 def open_run_folder(out: Path, run: dict) -> None:
@@ -423,8 +556,16 @@ def new_run_record(args: argparse.Namespace, adapters: list[tuple[str, Path]], s
             "refusal_judge": args.refusal_judge,
             "prompt_format": args.prompt_format, "generation": settings["generation"],
             "normal": {"spec": args.normal, "n": len(normal)} if normal else None,
-            "suite_list": [{"name": s.name, "kind": s.kind, "n": len(s.samples), "source": s.source} for s in suites],
+            "suite_list": [suite_entry(s) for s in suites],
             "provenance": report_provenance(ROOT, args.model, adapters, suites)}
+
+
+def suite_entry(suite: Suite) -> dict:
+    """What run.json and the report keep of a suite: the attack behind a pgd suite's images too."""
+    entry = {"name": suite.name, "kind": suite.kind, "n": len(suite.samples), "source": suite.source}
+    if isinstance(suite, pgd.PGDSuite):
+        entry["pgd"] = suite.describe()
+    return entry
 
 
 def start_or_resume(out: Path, run: dict, suites) -> tuple[set[tuple[str, str]], set[str]]:
@@ -489,6 +630,109 @@ def append_lines(path: Path, rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. Generating: every model on every suite, each (model, suite) block saved as soon as it is done
+
+
+PGD_IMAGES_PER_ATTACK = 8  # images optimised together (each against its own prompt and the whole target corpus)
+
+
+class PGDAttacks:
+    """The adversarial images of a run's pgd suites, each (attacker model, pgd suite, budget) attacked once: PNGs in
+    OUT/pgd/<model>/<suite>_<budget>/, and one line per image in OUT/pgd.jsonl (clean and adversarial target NLL,
+    L-inf, seconds per image, peak memory), appended once every PNG of the attack is written. A resumed run reuses an
+    attack whose lines and PNGs are there; one a kill cut short has no lines, and is made again."""
+
+    def __init__(self, out: Path, processor, targets: list[str], prompt_format: str):
+        self.out, self.processor, self.targets, self.prompt_format = out, processor, targets, prompt_format
+        self.saved: dict[tuple[str, str, str], list[dict]] = {}
+        for row in self.rewrite():
+            self.saved.setdefault((row["model"], row["suite"], row["budget"]), []).append(row)
+        self.made: dict[tuple[str, str, str], list[AttackSample]] = {}
+
+    def rewrite(self, drop: tuple[str, str, str] | None = None) -> list[dict]:
+        """pgd.jsonl without a line a kill cut short (so that new lines append to whole ones) and the lines of
+        `drop`, an attack about to be made again."""
+        rows = [r for r in read_jsonl_lines(self.out / PGD_FILE) if (r["model"], r["suite"], r["budget"]) != drop]
+        write_jsonl(self.out / PGD_FILE, rows)
+        return rows
+
+    def samples(self, model, model_name: str, suite: pgd.PGDSuite) -> list[AttackSample]:
+        """The suite's samples with their adversarial images when `model_name` is evaluated: made or saved before, or
+        attacked now by `model` as it is (the attacker itself: the base for transfer, the adapted model for
+        white-box)."""
+        key = (suite.attacker(model_name), suite.clean_suite, suite.config.name)
+        if key not in self.made:
+            rows = self.saved.get(key)
+            if self.complete(rows, suite):
+                print(self.summary(key, rows, "saved by the interrupted run, reused"), file=sys.stderr)
+            else:
+                if key[0] != model_name:  # eval.py makes the base's images before any adapter is loaded
+                    raise RuntimeError(f"pgd: the images of {key} must be made by {key[0]}, not {model_name}")
+                rows = self.attack(model, key, suite)
+            self.made[key] = [replace(clean, image=self.out / row["png"], image_name=Path(row["png"]).name,
+                                      source={**clean.source, "pgd": row})
+                              for clean, row in zip(suite.samples, rows)]
+        return [replace(sample, suite=suite.name) for sample in self.made[key]]
+
+    def complete(self, rows: list[dict] | None, suite: pgd.PGDSuite) -> bool:
+        """A saved attack of these images with these settings, every PNG in place."""
+        return (rows is not None and [r["id"] for r in rows] == [s.id for s in suite.samples]
+                and all(r["config"] == asdict(suite.config) and (self.out / r["png"]).is_file() for r in rows))
+
+    def attack(self, model, key: tuple[str, str, str], suite: pgd.PGDSuite) -> list[dict]:
+        """Attack the suite's clean images with `model`, save the PNGs, then their lines; returns the lines."""
+        self.rewrite(drop=key)
+        folder = self.out / PGD_DIR / key[0] / f"{key[1]}_{key[2]}"
+        attacks = -(-len(suite.samples) // PGD_IMAGES_PER_ATTACK)
+        progress = Progress(f"[{key[0]}] PGD {key[1]} {key[2]}", attacks * suite.config.restarts * suite.config.steps,
+                            "steps", min_seconds=10)  # in a log: a line every 10 s, not one per step
+        _, records = pgd.attack_samples(model, self.processor, suite.samples, self.targets, suite.config, folder,
+                                        prompt_format=self.prompt_format, images_per_attack=PGD_IMAGES_PER_ATTACK,
+                                        progress=progress)
+        progress.close()
+        rows = [{"model": key[0], "suite": key[1], **record, "png": (folder / record["png"]).relative_to(self.out)
+                 .as_posix()} for record in records]
+        append_lines(self.out / PGD_FILE, rows)
+        print(self.summary(key, rows, str(folder)), file=sys.stderr)
+        return rows
+
+    @staticmethod
+    def summary(key: tuple[str, str, str], rows: list[dict], where: str) -> str:
+        """One line per attack: what it did to the target NLL, its time per image and its peak memory."""
+        return f"eval: [{key[0]}] PGD {key[1]} {key[2]}: " + pgd_attack_line(pgd_attack_summary(rows)) + f" ({where})"
+
+
+def pgd_attack_summary(rows: list[dict]) -> dict:
+    """One attack's lines of pgd.jsonl in a few numbers (means over its images; peak memory: the largest)."""
+    config = rows[0]["config"]
+    return {"model": rows[0]["model"], "suite": rows[0]["suite"], "budget": rows[0]["budget"], "images": len(rows),
+            "steps": config["steps"], "restarts": config["restarts"],
+            "clean_nll": sum(r["clean_nll"] for r in rows) / len(rows),
+            "adv_nll": sum(r["adv_nll"] for r in rows) / len(rows),
+            "max_linf_levels": max(r["linf_levels"] for r in rows),
+            "seconds_per_image": sum(r["seconds_per_image"] for r in rows) / len(rows),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in rows)}
+
+
+def pgd_attack_line(entry: dict) -> str:
+    return (f"{entry['images']} image(s), {entry['steps']} steps x {entry['restarts']} restart(s), target NLL "
+            f"{entry['clean_nll']:.4f} -> {entry['adv_nll']:.4f} (mean per token), L-inf <= "
+            f"{entry['max_linf_levels']}/255, {entry['seconds_per_image']:.2f} s/image, peak "
+            f"{entry['peak_memory_mb']:.0f} MiB")
+
+
+def make_base_images(model, attacks: PGDAttacks, suites, names: list[str], done: set) -> None:
+    """The base's images of every pgd suite that a model still to generate shows (transfer, and the base's own
+    white-box), made now, while the model is the base: before any adapter is loaded."""
+    for suite in suites:
+        if isinstance(suite, pgd.PGDSuite) and any(suite.attacker(name) == "base" and (name, suite.name) not in done
+                                                   for name in names):
+            attacks.samples(model, "base", suite)
+
+
+def with_adversarial_images(model, name: str, suites, attacks: PGDAttacks | None, done: set) -> list:
+    """The suites `name` is generated on: each pgd suite it still lacks with the adversarial images it is shown."""
+    return [replace(suite, samples=attacks.samples(model, name, suite))
+            if isinstance(suite, pgd.PGDSuite) and (name, suite.name) not in done else suite for suite in suites]
 
 
 def generation_rows(name: str, adapter_dir: Path | None, suite, generations, prompt_format: str) -> list[dict]:
@@ -603,6 +847,7 @@ def judge_run(out: Path, run: dict, judges: Judges, refusal_judge: RefusalPhrase
               "judge_notes": {name: notes[name] for name in judge_names},
               "judge_models": {**run.get("judge_models", {}), **judges.model_dirs},
               "judge_input": JUDGE_INPUT if any(n in judge_registry.MODEL_JUDGES for n in judge_names) else "",
+              **pgd_report(out, run["suite_list"], judge_names),
               "suites": run["suite_list"], "models": models, "responses": str(out / RESPONSES_FILE),
               "argv": sys.argv[1:], "seconds": time.perf_counter() - started}
     run.update(judges=judge_names, judge_notes=report["judge_notes"], judge_models=report["judge_models"],
@@ -613,6 +858,27 @@ def judge_run(out: Path, run: dict, judges: Judges, refusal_judge: RefusalPhrase
     print(f"eval: {report['seconds']:.1f} s; report in {out / REPORT_FILE}, {md_path}, responses in "
           f"{out / RESPONSES_FILE}", file=sys.stderr)
     return report
+
+
+def pgd_report(out: Path, suite_list: list[dict], judge_names: list[str]) -> dict:
+    """For a run with pgd suites: every attack in a few numbers (pgd.jsonl), and how to read their ASR."""
+    names = [s["name"] for s in suite_list if "pgd" in s]
+    if not names:
+        return {}
+    attacks: dict[tuple[str, str, str], list[dict]] = {}
+    for row in read_jsonl_lines(out / PGD_FILE):
+        attacks.setdefault((row["model"], row["suite"], row["budget"]), []).append(row)
+    phrase = [j for j in judge_names if j in PHRASE_JUDGES]
+    harm = [j for j in judge_names if j not in PHRASE_JUDGES]
+    note = (f"PGD suites ({', '.join(names)}): benign prompts on images optimised (PGD, L-inf budget in the name) to "
+            f"make the target answers likely; transfer: the base's images shown to every model; whitebox: images "
+            f"optimised against the model of the row, its adapter on (on the base, the transfer images). Their "
+            f"prompts are benign, so a refusal-phrase judge counts every answer that is not a refusal as a success")
+    note += (f": the ASR of {', '.join(phrase)} there is the rate of answers not refused, not of harmful ones"
+             if phrase else "")
+    note += (f"; harm is what {', '.join(harm)} judge{'s' if len(harm) == 1 else ''}." if harm else
+             "; add a harm judge (toy_harm on the toy; llamaguard or harmbench on a real model) to see harm.")
+    return {"pgd_attacks": [pgd_attack_summary(rows) for rows in attacks.values()], "pgd_note": note}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -639,7 +905,9 @@ def run(args: argparse.Namespace, world: Distributed | None = None) -> dict | No
     # Everything that can be wrong with the inputs is found here, before the first token is generated.
     out = Path(args.out) if args.out else default_out()
     options = SuiteOptions(args.max_samples, processor.image_size, args.piece_column, args.prompt_column)
-    suites = load_suites(args.suite, options, SUITE_READERS)
+    suites, pgd_targets = resolve_pgd(args, load_suites(args.suite, options, SUITE_READERS))
+    if world.enabled and pgd_targets:
+        raise EvalError("--suite ...pgd...: the PGD attack runs in one process; run eval.py without torchrun")
     prompt_ids = {s.name: tokenize_samples(processor, s.samples, args.prompt_format, args.max_new_tokens)
                   for s in suites}
     normal = [] if args.normal == "none" else load_normal(args.normal, args.max_samples, NORMAL_DATA_READERS)
@@ -668,13 +936,15 @@ def run(args: argparse.Namespace, world: Distributed | None = None) -> dict | No
               + f"; normal: {args.normal} ({len(normal)}); judges: {', '.join(args.judge)}, refusal: "
               f"{args.refusal_judge}", file=sys.stderr)
     sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
-    for name, folder in [("base", None)] + adapters:
-        if name in finished:
-            continue
+    to_generate = [(name, folder) for name, folder in [("base", None)] + adapters if name not in finished]
+    attacks = PGDAttacks(out, processor, pgd_targets, args.prompt_format) if pgd_targets else None
+    if attacks:
+        make_base_images(model, attacks, suites, [name for name, _ in to_generate], done)
+    for name, folder in to_generate:
         if folder is not None:
             load_adapter(model, folder)  # onto the same base: no reload
-        generate_for_model(model, name, folder, processor, suites, prompt_ids, normal_data, sampling, args, out,
-                           done, world)
+        generate_for_model(model, name, folder, processor, with_adversarial_images(model, name, suites, attacks, done),
+                           prompt_ids, normal_data, sampling, args, out, done, world)
         if folder is not None:
             remove_adapters(model)
     del model  # the evaluated model goes before a judge model comes

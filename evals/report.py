@@ -90,6 +90,8 @@ def markdown_table(report: dict) -> str:
              f"Model {report['model']} ({report['quantize']} base, {report['dtype']}); generation: "
              f"{report['generation']['mode']}, max {report['generation']['max_new_tokens']} new tokens, prompt format "
              f"{report['prompt_format']}."]
+    if report.get("pgd_note"):
+        notes.append(report["pgd_note"])
     if report.get("judge_models"):
         notes.append("Judge models: " + ", ".join(f"`{name}` {folder}" for name, folder in
                                                    report["judge_models"].items()) + ".")
@@ -103,7 +105,23 @@ def markdown_table(report: dict) -> str:
         notes.append(f"Produced {made['date']} by commit {commit}; {packages}; sha256 of the model config, adapters "
                      f"and suite files in report.json.")
     return ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-            + "\n".join(category_tables(report)) + "\n")
+            + "\n".join(category_tables(report) + pgd_table(report)) + "\n")
+
+
+def pgd_table(report: dict) -> list[str]:
+    """The PGD attacks of the run, one row each: whose images, what they did to the target NLL, time and memory."""
+    if not report.get("pgd_attacks"):
+        return []
+    lines = ["", "PGD attacks (images optimised against the model named; target NLL: mean per token over the corpus, "
+                 "clean -> adversarial; peak memory: CUDA's peak allocated, or on a CPU the process's peak resident "
+                 "set):", "",
+             "| attacked model | suite | budget | images | steps x restarts | target NLL | L-inf max | s / image | "
+             "peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for a in report["pgd_attacks"]:
+        lines.append(f"| {a['model']} | {a['suite']} | {a['budget']} | {a['images']} | {a['steps']} x "
+                     f"{a['restarts']} | {a['clean_nll']:.4f} -> {a['adv_nll']:.4f} | {a['max_linf_levels']}/255 | "
+                     f"{a['seconds_per_image']:.2f} | {a['peak_memory_mb']:.0f} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,7 +147,9 @@ def report_provenance(root: Path, model_dir: str | Path, adapters: list[tuple[st
         "model_config": sha256_file(config) if config.is_file() else None,
         "adapters": {name: {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file()}
                      for name, folder in adapters},
-        "suites": {suite.source: {str(f): sha256_file(f) for f in spec_files(suite.source)} for suite in suites},
+        "suites": {suite.source: {str(f): sha256_file(f) for f in (spec_files(suite.source) if suite.files is None
+                                                                    else suite.files)}
+                   for suite in suites},
     }
     return made
 

@@ -11,6 +11,8 @@ generation starts: a bad row is a `SuiteError` naming the file and line.
     image pieces        load_image_pieces(path)        the harmful key phrase as an image + a benign text prompt
     over-refusal        load_xstest(path, label)       XSTest "safe" prompts and their "unsafe" contrast prompts
     user pairs          load_image_text_pairs(path)    JSONL {"prompt", "image"} with images checked at load time
+    images to attack    "pgd:JSONL" specs              the same pairs, kind "pgd": clean images that eval.py attacks
+                                                       (evals/pgd.py) into one attack suite per budget and threat
     benign tasks        load_benign_jsonl(path)        JSONL {"prompt", "expected", "image"?}: exact-match accuracy
     normal data         load_normal(spec)              (prompt, reference answer) pairs for the utility metrics
 
@@ -75,6 +77,7 @@ class Suite:
     kind: str  # one of SUITE_KINDS
     samples: list[AttackSample]
     source: str  # the spec it was read from ("text:data/advbench.csv", "toy:text_attacks")
+    files: tuple[Path, ...] | None = None  # the files it was read from, where not the spec's PATH (for provenance)
 
 
 def check_max_samples(max_samples: int | None) -> None:
@@ -373,6 +376,17 @@ def attack_suite(loader: Callable[[str | None, str, SuiteOptions], list[AttackSa
     return read
 
 
+def _pgd_suites(name: str | None, path: str, options: SuiteOptions, spec: str) -> list[Suite]:
+    """The clean images of a PGD attack, kind "pgd": eval.py turns the suite into one attack suite per budget and
+    threat model before anything is generated (evals/pgd.py `expand_suites`)."""
+    if not path:
+        raise SuiteError(f"suite spec {spec!r}: expected pgd:JSONL (image+text pairs: the clean images to attack)")
+    if not Path(path).is_file():
+        raise SuiteError(f"suite spec {spec!r}: {path}: no such file")
+    samples = load_image_text_pairs(path, options.max_samples, suite=name or "pgd")
+    return [Suite(samples[0].suite, "pgd", samples, spec, files=(Path(path),))]
+
+
 def _xstest_suites(name: str | None, path: str, options: SuiteOptions, spec: str) -> list[Suite]:
     """Two suites from one file: the safe prompts (over-refusal) and their unsafe contrast prompts (attacks)."""
     prefix = f"{name}_" if name else ""
@@ -403,6 +417,11 @@ READERS: dict[str, SuiteReader] = {
     "pairs": SuiteReader(
         "image+text attack pairs: JSONL {prompt, image (path relative to the JSONL), id?, request?, category?}",
         attack_suite(lambda name, path, o: load_image_text_pairs(path, o.max_samples, suite=name))),
+    "pgd": SuiteReader(
+        "visual adversarial examples (Qi et al. 2023): a pairs JSONL of clean images and benign prompts, each image\n"
+        "           optimised by PGD towards --pgd-targets, one attack suite per --pgd-eps and --pgd-threat:\n"
+        "           NAME_eps16_transfer, NAME_unconstrained_whitebox, ... (NAME defaults to 'pgd')",
+        _pgd_suites, needs_path=False),  # its reader checks the path: eval.py's also takes 'pgd:toy'
     "benign": SuiteReader(
         "benign tasks with exact answers: JSONL {prompt, expected, image?, id?} -> exact-match accuracy",
         attack_suite(lambda name, path, o: load_benign_jsonl(path, o.max_samples, suite=name), kind="benign")),
