@@ -14,7 +14,9 @@ import torch.nn as nn
 
 from ref.config import LlavaConfig, TextConfig, VisionConfig
 from ref.llava import Llava
-from ref.lora import lora_modules
+from ref.adapters import save_adapter
+from ref.lora import LoraConfig, add_lora, lora_modules
+from ref.weights import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -81,6 +83,16 @@ def randomize_adapters(model: nn.Module, seed: int = 0, scale: float = 0.1) -> N
     with torch.no_grad():
         for module in lora_modules(model).values():
             module.lora_B.weight.copy_(scale * torch.randn(module.lora_B.weight.shape, generator=generator))
+
+
+def write_random_adapter(model_dir: Path, folder: Path, seed: int = 1) -> Path:
+    """A LoRA adapter (r=2) for the checkpoint in `model_dir` with random (nonzero) B, so the adapted model differs
+    from the base, saved in peft's format."""
+    model = load_model(model_dir)
+    config = LoraConfig(r=2, alpha=4.0)
+    add_lora(model, config)
+    randomize_adapters(model, seed, scale=0.5)
+    return save_adapter(model, folder, config)
 
 
 # The words the tiny judges answer in, each one token of their tokenizer (weights_tools.make_tiny extra_words).

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as eval_py
-from conftest import judge_words, randomize_adapters, write_csv, write_jsonl, write_tiny_judge
+from conftest import judge_words, write_csv, write_jsonl, write_random_adapter, write_tiny_judge
 from evals.generation import Sampling, generate_responses, tokenize_samples
 from evals.judges import judge as phrase_judge
 from evals.suites import AttackSample, SuiteError, load_harmful_prompts, load_suites, parse_suite_spec
 from ref.data import IGNORE_INDEX, build_prompt, load_processor
 from ref.llava import Llava
-from ref.adapters import load_adapter, save_adapter
-from ref.lora import LoraConfig, LoraError, add_lora, adapters_disabled
+from ref.adapters import load_adapter
+from ref.lora import LoraError, adapters_disabled
 from ref.weights import load_model
 from toy import defaults as toy
 from weights_tools.make_tiny import write_tiny_checkpoint
@@ -31,15 +31,6 @@ from weights_tools.make_tiny import write_tiny_checkpoint
 def evaluate(argv: list[str]) -> dict:
     """eval.py's run on these options, its errors raised (main turns them into one line and exit status 2)."""
     return eval_py.run(eval_py.parse_args(argv))
-
-
-def make_adapter(model_dir: Path, folder: Path, seed: int = 1) -> Path:
-    """A LoRA adapter with random (nonzero) B, so the adapted model differs from the base."""
-    model = load_model(model_dir)
-    config = LoraConfig(r=2, alpha=4.0)
-    add_lora(model, config)
-    randomize_adapters(model, seed, scale=0.5)
-    return save_adapter(model, folder, config)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +47,7 @@ def world(tmp_path_factory):
     """A tiny checkpoint, an adapter for it, and one small file of every suite kind."""
     root = tmp_path_factory.mktemp("eval")
     model_dir = write_tiny_checkpoint(root / "tiny", seed=0)
-    adapter = make_adapter(model_dir, root / "runs" / "textual" / "adapter")
+    adapter = write_random_adapter(model_dir, root / "runs" / "textual" / "adapter")
     (root / "runs" / "textual" / "summary.json").write_text(json.dumps(
         {"mode": "textual", "steps": 3, "tokens": 1234, "image_tokens": 0, "estimated_flops": 5.5e9,
          "wall_seconds": 2.5}))
@@ -283,7 +274,7 @@ def test_unreadable_image(world, tmp_path, no_generation):
 
 def test_adapter_for_another_model(world, tmp_path, no_generation):
     other = write_tiny_checkpoint(tmp_path / "other", text_hidden_size=32, text_heads=2, text_kv_heads=2)
-    wrong = make_adapter(other, tmp_path / "wrong_adapter")
+    wrong = write_random_adapter(other, tmp_path / "wrong_adapter")
     with pytest.raises(LoraError, match=r"adapter_model\.safetensors.*has shape"):
         evaluate(base_args(world, tmp_path / "o", "--adapter", str(world["adapter"]), "--adapter", str(wrong)))
 

@@ -19,10 +19,7 @@ import torch
 from PIL import Image
 
 import eval as eval_py
-from conftest import REPO, randomize_adapters, write_csv, write_jsonl
-from ref.adapters import save_adapter
-from ref.lora import LoraConfig, add_lora
-from ref.weights import load_model
+from conftest import REPO, write_csv, write_jsonl, write_random_adapter
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -35,11 +32,7 @@ def world(tmp_path_factory):
     of different lengths (3 batches), 3 typographic images, over-refusal and benign suites, 5 normal-data pairs."""
     root = tmp_path_factory.mktemp("eval_distributed")
     model_dir = write_tiny_checkpoint(root / "tiny", seed=0)
-    model = load_model(model_dir)
-    config = LoraConfig(r=2, alpha=4.0)
-    add_lora(model, config)
-    randomize_adapters(model, seed=1, scale=0.5)
-    adapter = save_adapter(model, root / "runs" / "textual" / "adapter", config)
+    adapter = write_random_adapter(model_dir, root / "runs" / "textual" / "adapter")
     data = root / "data"
     data.mkdir()
     write_csv(data / "advbench.csv", ["goal", "target"],

@@ -15,13 +15,10 @@ import torch
 from PIL import Image
 
 import eval as eval_py
-from conftest import randomize_adapters, write_jsonl
+from conftest import write_jsonl, write_random_adapter
 from evals import pgd
 from evals.suites import SuiteError, SuiteOptions, load_suites
-from ref.adapters import save_adapter
 from ref.data import load_processor
-from ref.lora import LoraConfig, add_lora
-from ref.weights import load_model
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 SUITES = ["pgd_eps2_transfer", "pgd_eps2_whitebox", "pgd_unconstrained_transfer", "pgd_unconstrained_whitebox"]
@@ -45,11 +42,7 @@ def world(tmp_path_factory):
     """A tiny checkpoint, an adapter with random B, two noise images with benign prompts, three targets."""
     root = tmp_path_factory.mktemp("eval_pgd")
     model_dir = write_tiny_checkpoint(root / "tiny", seed=0)
-    model = load_model(model_dir)
-    config = LoraConfig(r=2, alpha=4.0)
-    add_lora(model, config)
-    randomize_adapters(model, seed=1, scale=0.5)
-    adapter = save_adapter(model, root / "runs" / "textual" / "adapter", config)
+    adapter = write_random_adapter(model_dir, root / "runs" / "textual" / "adapter")
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
