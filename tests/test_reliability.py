@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 
 import eval as eval_py
 import train
-from ref.data import load_image, to_rgb
+from ref.data import TextTokenizer, load_image, to_rgb
 from ref.runs import read_log
 from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, write_unlearning_jsonl
 from weights_tools import merge_adapter, quantize
@@ -380,11 +380,16 @@ def test_a_huge_prompt_is_refused_before_the_model_loads(world, tmp_path, capsys
     monkeypatch.setattr(train, "build_model", no_model)
     huge = write_jsonl(tmp_path / "huge.jsonl", [{"kind": "harmful", "prompt": "how " * 5_000_000,
                                                   "harmful_response": "Sure.", "helpful_response": "No."}])
-    started = time.perf_counter()
+    real_encode = TextTokenizer.encode
+
+    def encode_short_texts_only(self, text, *args, **kwargs):
+        assert len(text) < 1_000_000, "a 20 MB text was tokenized"  # it must be refused by its length alone
+        return real_encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(TextTokenizer, "encode", encode_short_texts_only)
     line = error_of(train.main, train_argv(world, tmp_path / "run", "--data", str(huge), "--eps", "0.5", "1", "0"),
                     capsys)
     assert f"{huge}: harmful record 1: the prompt is 20,000,0" in line and "per position of the context" in line
-    assert time.perf_counter() - started < 30  # a length check, not a tokenization of 20 MB
     long = write_jsonl(tmp_path / "long.jsonl", [{"kind": "harmful", "prompt": "how " * 3000,
                                                   "harmful_response": "Sure.", "helpful_response": "No."}])
     line = error_of(train.main, train_argv(world, tmp_path / "run", "--data", str(long), "--eps", "0.5", "1", "0"),
