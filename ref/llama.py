@@ -18,23 +18,38 @@ from ref.kernels import Kernels, resolve
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far: (B, Hkv, T_past, hd) each."""
+    """Keys and values of every layer for the positions seen so far: (B, Hkv, T_past, hd) each.
 
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
+    `reserve`: room for that many positions past the first update (generation's new tokens), allocated once with it:
+    each later update writes into the buffer in place and the layer reads a view, instead of copying the whole cache
+    into a new tensor per token. Past the reserve, updates fall back to concatenation.
+    """
+
+    def __init__(self, num_layers: int, reserve: int = 0):
+        self.reserve = reserve
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # (B, Hkv, capacity, hd) buffers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers  # positions filled in each layer's buffers
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        return self.lengths[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's k, v (B, Hkv, T_new, hd) and return all of them so far."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Append this step's k, v (B, Hkv, T_new, hd) and return all of them so far (B, Hkv, T_past + T_new, hd)."""
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if self.keys[layer] is None:
+            shape = (*k.shape[:2], end + self.reserve, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        elif end > self.keys[layer].shape[2]:  # past the reserve: grow by concatenation
+            self.keys[layer] = torch.cat([self.keys[layer][:, :, :start], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer][:, :, :start], v], dim=2)
+            self.lengths[layer] = end
+            return self.keys[layer], self.values[layer]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -67,6 +82,12 @@ def causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row's real tokens come first (1s, then only 0s): then each real query's keys are exactly those at or
+    before it, the causal pattern, and the padding keys matter only to padding queries (training batches)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, kernels: Kernels):
         super().__init__()
@@ -89,7 +110,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, causal: bool = False) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -97,7 +118,7 @@ class Attention(nn.Module):
         q, k = self.kernels.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, Hkv, T_past + T, hd)
-        out = self.kernels.attention(q, k, v, mask, self.head_dim**-0.5)  # (B, H, T, hd)
+        out = self.kernels.attention(q, k, v, mask, self.head_dim**-0.5, causal)  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -123,8 +144,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.mlp = MLP(config, kernels)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, causal: bool = False) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,10 +178,11 @@ class LlamaDecoder(nn.Module):
                              f"(max_position_embeddings)")
         cos, sin = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, t, inputs_embeds.dtype)  # (B, 1, T, T_past + T)
+        causal = past == 0 and is_right_padded(attention_mask)  # the mask is plain causal for every real query
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, causal, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, causal)
         return self.norm(x)  # (B, T, D)

@@ -145,7 +145,7 @@ class Llava(nn.Module):
             generator = torch.Generator(device=input_ids.device)
             generator.manual_seed(0 if seed is None else seed)
         image_features = self.image_features(pixel_values) if pixel_values is not None else None
-        cache = KVCache(len(self.language_model.layers)) if use_cache else None
+        cache = KVCache(len(self.language_model.layers), reserve=max_new_tokens) if use_cache else None
 
         ids, mask = input_ids, attention_mask
         step_ids = input_ids  # what goes through the decoder this step: the whole prompt first

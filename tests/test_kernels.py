@@ -20,7 +20,7 @@ from ref.kernels.attention import attention, attention_sdpa
 from ref.kernels.cross_entropy import LossInputError, default_chunk_rows
 from ref.kernels.rms_norm import rms_norm
 from ref.kernels.rope import rope
-from ref.kernels.swiglu import swiglu
+from ref.kernels.swiglu import swiglu, swiglu_fused
 
 IGNORE = -100
 
@@ -388,11 +388,38 @@ def test_rope_matches_float64_pairs():
     torch.testing.assert_close(got_k.double(), rotate(k), rtol=1e-5, atol=1e-5)
 
 
-def test_swiglu_matches_float64():
+@pytest.mark.parametrize("fn", [swiglu, swiglu_fused], ids=["reference", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_output_and_gradients_match_float64(fn, dtype):
+    """silu(g) * u and its gradients, against float64 autograd of the formula written out (silu(g) = g sigmoid(g))."""
     g = torch.Generator().manual_seed(3)
-    gate, up = torch.randn(3, 11, generator=g), torch.randn(3, 11, generator=g)
-    want = gate.double() / (1.0 + torch.exp(-gate.double())) * up.double()  # silu(g) = g * sigmoid(g)
-    torch.testing.assert_close(swiglu(gate, up).double(), want, rtol=1e-5, atol=1e-6)
+    gate, up, upstream = (torch.randn(3, 5, 11, generator=g) * 3 for _ in range(3))
+    gate64, up64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    want = gate64 / (1.0 + torch.exp(-gate64)) * up64
+    want_grads = torch.autograd.grad(want, (gate64, up64), upstream.double())
+    gate_in, up_in = gate.to(dtype).requires_grad_(), up.to(dtype).requires_grad_()
+    got = fn(gate_in, up_in)
+    got_grads = torch.autograd.grad(got, (gate_in, up_in), upstream.to(dtype))
+    # bfloat16: the inputs themselves are rounded; compare against float64 at bf16's resolution of the values (~1e-2)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-2, atol=1e-1)
+    assert got.dtype == dtype and all(grad.dtype == dtype for grad in got_grads)
+    torch.testing.assert_close(got.double(), want.detach(), **tolerance)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad.double(), want_grad, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_fused_matches_reference_outputs_and_gradients(dtype):
+    g = torch.Generator().manual_seed(4)
+    gate, up, upstream = (torch.randn(2, 7, 13, generator=g).to(dtype) for _ in range(3))
+    results = []
+    for fn in (swiglu, swiglu_fused):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        out = fn(a, b)
+        results.append((out, *torch.autograd.grad(out, (a, b), upstream)))
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **tolerance)
 
 
 def causal_mask(t: int) -> torch.Tensor:

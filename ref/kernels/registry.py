@@ -19,7 +19,10 @@ PRESETS: dict[str, dict[str, str]] = {
     # the loss ops chunked over tokens: never the full [tokens x vocab] logits (ref/kernels/cross_entropy.py, kl.py)
     "chunked": {"linear_cross_entropy": "chunked", "linear_kl": "chunked"},
     # every faster variant there is: chunked losses, the fused LoRA-over-4-bit function, PyTorch's fused attention
-    "fast": {"linear_cross_entropy": "chunked", "linear_kl": "chunked", "lora_linear": "fused", "attention": "sdpa"},
+    # (causal FlashAttention on training batches), SwiGLU keeping two tensors instead of three. train.py's and
+    # eval.py's default on every model but the toy (tests/test_fast_preset.py holds it to the reference)
+    "fast": {"linear_cross_entropy": "chunked", "linear_kl": "chunked", "lora_linear": "fused", "attention": "sdpa",
+             "swiglu": "fused"},
 }
 
 
