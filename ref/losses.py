@@ -99,6 +99,20 @@ class LossWeights:
 TERMS = ("harm_nll", "helpful_nll", "utility_kl")  # the log's names of L_harm, L_helpful, L_utility
 
 
+def loss_terms(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None, weights: LossWeights,
+               kernels: Kernels, adapters_off: Callable[[], AbstractContextManager], original=None
+               ) -> list[tuple[str, float, Callable[[], torch.Tensor]]]:
+    """The terms of L_total that run, as (name, coefficient, compute): coefficient is the term's signed eps
+    (-eps1 for the ascent on L_harm) and compute() builds the term's mean over its batch, with its graph. A term whose
+    batch is None or whose weight is 0 is left out."""
+    plan = [("harm_nll", -weights.harm, harmful, lambda: nll(model, harmful, kernels)),
+            ("helpful_nll", weights.helpful, helpful, lambda: nll(model, helpful, kernels)),
+            ("utility_kl", weights.utility, normal,
+             lambda: kl_to_original(model, normal, kernels, adapters_off, original))]
+    return [(name, coefficient, compute) for name, coefficient, batch, compute in plan
+            if batch is not None and coefficient]
+
+
 def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None,
                     weights: LossWeights, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager],
                     shares: dict[str, float] | None = None, original=None
@@ -112,25 +126,45 @@ def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal:
 
     Returns the total (a scalar to backpropagate) and each term's mean over this batch, for the log. With no term at
     all (a batch of harmful-only records in a run that only matches helpful responses, say) the total is None.
+    The three graphs are alive together until the total's backward; train.py takes the same gradient with one graph
+    at a time (`unlearning_backward`).
     """
     shares = shares or {}
-    total = torch.zeros((), device=model.lm_head.weight.device)
-    terms: dict[str, float] = {}
-    if harmful is not None and weights.harm:
-        harm_nll = nll(model, harmful, kernels)
-        total = total - weights.harm * (harm_nll * shares.get("harm_nll", 1.0))  # ascent: raising it lowers the total
-        terms["harm_nll"] = harm_nll.item()
-    if helpful is not None and weights.helpful:
-        helpful_nll = nll(model, helpful, kernels)
-        total = total + weights.helpful * (helpful_nll * shares.get("helpful_nll", 1.0))
-        terms["helpful_nll"] = helpful_nll.item()
-    if normal is not None and weights.utility:
-        kl = kl_to_original(model, normal, kernels, adapters_off, original)
-        total = total + weights.utility * (kl * shares.get("utility_kl", 1.0))
-        terms["utility_kl"] = kl.item()
-    if not terms:
-        return None, terms
-    return total, terms
+    total, means = None, {}
+    for name, coefficient, compute in loss_terms(model, harmful, helpful, normal, weights, kernels, adapters_off,
+                                                 original):
+        mean = compute()
+        term = coefficient * (mean * shares.get(name, 1.0))
+        total = term if total is None else total + term
+        means[name] = mean.detach()
+    return total, read_means(means)
+
+
+def unlearning_backward(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None,
+                        weights: LossWeights, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager],
+                        shares: dict[str, float] | None = None, original=None) -> dict[str, float]:
+    """Add the gradient of `unlearning_loss`'s total to every trainable parameter's .grad, one term at a time.
+
+    d L_total = -eps1 d L_harm + eps2 d L_helpful + eps3 d L_utility: a sum of gradients, so each term runs forward
+    and backward before the next one starts, and only one term's activations are ever kept (a third of the memory of
+    one backward through the total). Returns each term's mean over this batch, as `unlearning_loss` does.
+    """
+    shares = shares or {}
+    means = {}
+    for name, coefficient, compute in loss_terms(model, harmful, helpful, normal, weights, kernels, adapters_off,
+                                                 original):
+        mean = compute()
+        (coefficient * (mean * shares.get(name, 1.0))).backward()
+        means[name] = mean.detach()
+    return read_means(means)
+
+
+def read_means(means: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The terms' values as floats, read from the device in one transfer (one synchronisation, not one per term)."""
+    if not means:
+        return {}
+    values = torch.stack([m.float() for m in means.values()]).tolist()
+    return dict(zip(means, values))
 
 
 def total_loss(terms: dict[str, float], weights: LossWeights) -> float:
