@@ -57,7 +57,7 @@ from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_
 from evals.suites import (NORMAL_READERS, READERS, AttackSample, Suite, SuiteError, SuiteOptions, SuiteReader,
                           load_normal, load_suites, parse_suite_spec)
 from ref import kernels as kernel_registry
-from ref.config import DTYPES, read_json
+from ref.config import DTYPES, default_dtype, read_json
 from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, non_negative_int,
                          positive_int)
 from ref.data import load_processor
@@ -136,15 +136,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the base's decoder linears: dense (none) or 4 bit. auto (default): what the adapters'\n"
                          "train.py runs used (args.json next to each adapter), so an adapter meets the base it was\n"
                          "trained on; none when no adapter records it")
-    io.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                    help="weights / compute dtype (default float32)")
+    io.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                    help="weights / compute dtype, of the model and the judge models (default: bfloat16 on a GPU,\n"
+                         "float32 on a CPU and for the toy)")
     io.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu); under torchrun, cuda is each rank's\n"
                          "GPU (its LOCAL_RANK)")
     io.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: 1 for the toy model, whose tiny matrices run fastest on one\n"
                          "thread and slow down badly when cores are shared; torch's default otherwise)")
-    io.add_argument("--kernels", default="reference", help=f"kernel preset: {sorted(kernel_registry.PRESETS)}")
+    io.add_argument("--kernels", default=None, help=f"kernel preset: {sorted(kernel_registry.PRESETS)} (default: "
+                    "reference for the toy, fast for any other model)")
     io.add_argument("--prompt-format", default="llava-hf", choices=["llava-hf", "vicuna_v1"],
                     help="chat format the prompts are written in (default: llava-hf)")
 
@@ -267,6 +269,8 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
         args.normal = "toy" if is_toy else "none"
     if args.threads is None and is_toy:
         args.threads = toy.THREADS
+    args.dtype = args.dtype or ("float32" if is_toy else default_dtype(args.device))
+    args.kernels = args.kernels or ("reference" if is_toy else "fast")
     if args.no_adapters:
         args.adapter = []
     elif args.adapter is None:
@@ -404,11 +408,12 @@ class JudgeModelGenerate:
     judge's own template) after the BOS token, as LLaMA's tokenizer encodes a string: HarmBench's pipeline (vLLM on
     the prompt string) and llama-recipes' LlamaGuard example (tokenizer([prompt])) both send BOS."""
 
-    def __init__(self, judge_dir: str, device: str, dtype: str, quantize: str, batch_size: int):
+    def __init__(self, judge_dir: str, device: str, dtype: str, quantize: str, batch_size: int,
+                 kernels: kernel_registry.Kernels | None = None):
         self.judge_dir = judge_dir
         self.processor = load_processor(judge_dir)
         self.model = load_model(judge_dir, dtype=DTYPES[dtype], device=device, show_progress=True,
-                                quantize=None if quantize == "none" else quantize)
+                                quantize=None if quantize == "none" else quantize, kernels=kernels)
         self.batch_size = batch_size
 
     def __call__(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -481,7 +486,8 @@ class Judges:
             if folder is not None and (self.generate is None or self.generate.judge_dir != folder):
                 self.release()
                 self.generate = JudgeModelGenerate(folder, self.args.device, self.args.dtype,
-                                                   self.args.judge_quantize, self.args.batch_size)
+                                                   self.args.judge_quantize, self.args.batch_size,
+                                                   kernel_registry.resolve(self.args.kernels))
             yield name, judge_registry.judge(name, JUDGES, generate=self.generate if folder else None)
         self.release()
 
@@ -986,6 +992,8 @@ def rejudge(args: argparse.Namespace, started: float) -> dict:
         raise EvalError(f"--rejudge {out}: the run did not finish generating; resume it with its own options first")
     args.judge = list(dict.fromkeys(args.judge or run_record.get("judges") or ["gcg"]))
     args.refusal_judge = args.refusal_judge or run_record["refusal_judge"]
+    args.dtype = args.dtype or default_dtype(args.device)  # the judge models' (the evaluated one is not loaded)
+    args.kernels = args.kernels or "fast"
     judge_registry.check_names(args.judge + [args.refusal_judge], JUDGES)
     judges = Judges(args, args.judge)  # judge model folders checked before anything is judged
     return judge_run(out, run_record, judges, judge_registry.judge(args.refusal_judge, JUDGES), started)

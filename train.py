@@ -40,20 +40,20 @@ from pathlib import Path
 import torch
 
 from ref import kernels as kernel_registry
-from ref.config import DTYPES, check_device, read_json
+from ref.config import DTYPES, check_device, default_dtype, read_json
 from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
 from ref.data import Processor, PromptTooLongError, build_prompt, collate_for_training, load_processor
 from ref.distributed import (Distributed, close_process_group, full_state_dict, full_tensor,
                              shard_decoder_layers)
-from ref.losses import TERMS, Batch, LossWeights, batch_flops, total_loss, unlearning_loss
+from ref.losses import TERMS, Batch, LossWeights, batch_flops, total_loss, unlearning_backward
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
 from ref.files import new_folder, write_atomically
 from ref.provenance import provenance
 from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, MODEL_DIR,
                       SUMMARY_FILE, RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state,
-                      read_run_args, save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
+                      read_run_args, rng_state, save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
 from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, split_records
 from ref.weights import copy_side_files, load_model, save_model
 from toy import defaults as toy
@@ -100,6 +100,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     with open(out / LOG_FILE if world.is_main else os.devnull, "a") as log, stop.on_signals():
         while state.step < args.max_steps and not state.stopped_by:
             started = time.perf_counter()
+            start_step_memory(device)
             lr = set_learning_rate(optimizer, state.step, args)
             optimizer.zero_grad(set_to_none=True)
             micro_batches = [maker.step_batches(harm, normal, state.step, position).to(device)
@@ -108,12 +109,11 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
             sums, counts = {}, StepCounts()
             for batches in micro_batches:
                 # L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility, each term the mean over all its
-                # response tokens in the step: this batch's mean counts with its share of them     (ref/losses.py)
-                loss, means = unlearning_loss(model, batches.harmful, batches.helpful, batches.normal, weights,
-                                              kernels, lambda: adapters_disabled(model),
-                                              step_shares(batches, step_tokens, world), original)
-                if loss is not None:  # None: no record of this batch has a response for any term
-                    loss.backward()
+                # response tokens in the step: this batch's mean counts with its share of them. The gradient is
+                # accumulated one term at a time, so only one term's graph is alive          (ref/losses.py)
+                means = unlearning_backward(model, batches.harmful, batches.helpful, batches.normal, weights,
+                                            kernels, lambda: adapters_disabled(model),
+                                            step_shares(batches, step_tokens, world), original)
                 add_token_sums(sums, means, batches)
                 counts.add(model, batches)
             world.average_gradients(trainable)  # what DDP does; the shares' factor of ranks undoes its mean
@@ -159,7 +159,9 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
 # Options whose default depends on the model. The toy's were chosen on its validation suites (README, toy/defaults.py);
 # any other model gets Yao et al.'s (llm_unlearn, unlearn_harm.py: weights 0.5 1 1 on the harmful, mismatch and
 # normal terms, batch 2, 1000 steps, stop once the harmful loss passes 100) with QLoRA's learning rate for a 7B decoder.
-REAL_MODEL_DEFAULTS = {"lr": 2e-4, "eps": [0.5, 1.0, 1.0], "batch_size": 2, "max_steps": 1000, "stop_harm_nll": 100.0}
+# The kernels: `fast` (ref/kernels/registry.py; benchmarks/bench_step_vs_peft.py measures it against transformers + peft).
+REAL_MODEL_DEFAULTS = {"lr": 2e-4, "eps": [0.5, 1.0, 1.0], "batch_size": 2, "max_steps": 1000, "stop_harm_nll": 100.0,
+                       "kernels": "fast"}
 # Options a resumed run may change: they decide how far it goes and what it writes, not what one step computes.
 RESUMABLE = ("max_steps", "save_every", "save_adapter_every", "log_every")
 PATH_OPTIONS = ("model", "vision_dir", "data")  # compared as the files they name: ./data.jsonl is data.jsonl
@@ -212,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model and adapters")
     model.add_argument("--quantize", default="nf4", choices=["nf4", "fp4", "none"], help="decoder linears' base")
-    model.add_argument("--dtype", default="float32", choices=TRAIN_DTYPES, help="compute dtype")
+    model.add_argument("--dtype", default=None, choices=TRAIN_DTYPES,
+                       help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU and for the toy)")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank")
@@ -229,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="under torchrun: ddp (every rank holds the model; adapter gradients all-reduced) or fsdp\n"
                             "(decoder layers sharded across ranks; a dense base only). Default: ddp for a 4-bit\n"
                             "base, fsdp for a dense one (--quantize none)")
-    model.add_argument("--kernels", default="reference", help=f"kernel preset: {sorted(kernel_registry.PRESETS)}")
+    model.add_argument("--kernels", default=None, help=f"kernel preset: {sorted(kernel_registry.PRESETS)} "
+                       + model_default("kernels"))
+    model.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms only (torch.use_deterministic_algorithms; on a GPU, slower),\n"
+                            "so that a resumed run repeats the uninterrupted one bit for bit there too")
     model.add_argument("--kernel", action="append", default=[], metavar="OP=IMPL",
                        help="override one op's implementation (repeatable), e.g. --kernel attention=sdpa")
 
@@ -324,6 +331,7 @@ def open_run(args: argparse.Namespace, world: Distributed = Distributed()) -> tu
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+        args.dtype = args.dtype or ("float32" if toy.is_toy_model(args.model) else default_dtype(args.device))
         args.parallel = args.parallel or ("fsdp" if args.quantize == "none" else "ddp")
     if args.full_parameter and (args.quantize != "none" or args.save_adapter_every):
         raise TrainError("--full-parameter trains dense weights: it needs --quantize none, and keeps no adapters "
@@ -413,6 +421,10 @@ def set_up_torch(args: argparse.Namespace) -> kernel_registry.Kernels:
     threads = args.threads or (toy.THREADS if toy.is_toy_model(args.model) else None)
     if threads:
         torch.set_num_threads(threads)
+    if args.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this before its first call (nothing ran yet)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     return kernel_registry.resolve(args.kernels, kernel_overrides(args.kernel))
@@ -701,7 +713,8 @@ class LoopState:
         grad_norm, adapter_norm = norms
         record = {"step": self.step, **terms, "grad_norm": grad_norm, "adapter_norm": adapter_norm, "lr": lr,
                   "tokens": counts.tokens, "image_tokens": counts.image_tokens, "flops": counts.flops,
-                  "seconds": seconds, "peak_memory_mb": peak_memory_mb(device)}
+                  "seconds": seconds, **memory_use(device)}
+        self.totals["peak_memory_mb"] = max(self.totals.get("peak_memory_mb", 0.0), record["peak_memory_mb"])
         if not terms:
             record["skipped"] = "no loss term: no record of this step's batches has a response for a weighted term"
         self.step += 1
@@ -718,7 +731,7 @@ def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if args.resume:
-        saved = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, world.rank)
+        saved = load_checkpoint(out / CHECKPOINT_DIR, model, optimizer, world.rank, model.lm_head.weight.device)
         if saved.get("ranks", 1) != world.world_size:  # --batch-size is per rank: other ranks, another step batch
             raise TrainError(f"--resume {out}: the run trained on {saved.get('ranks', 1)} rank(s) and this is "
                              f"{world.world_size}; resume it with torchrun --nproc-per-node {saved.get('ranks', 1)} "
@@ -744,7 +757,8 @@ def start_or_resume(args, out: Path, model, optimizer, streams: Streams, kernels
 def save_training_state(out: Path, model, optimizer, meta: dict, world: Distributed) -> None:
     """The checkpoint, written by rank 0 with every rank's RNG state (the adapters and AdamW's moments are the same on
     every rank: their gradients were averaged)."""
-    rng_states = world.all_gather_objects(torch.get_rng_state()) if world.enabled else None
+    own = rng_state(model.lm_head.weight.device)
+    rng_states = world.all_gather_objects(own) if world.enabled else [own]
     tensors = training_tensors(model, optimizer)  # every rank: sharded tensors are gathered
     if world.is_main:
         save_checkpoint(out / CHECKPOINT_DIR, tensors, {**meta, "ranks": world.world_size}, rng_states)
@@ -843,17 +857,18 @@ def step_terms(sums: dict[str, float], step_tokens: dict[str, float], weights: L
 
 
 def adapter_norm(model) -> float:
-    """||theta||_2 over every trainable tensor (the adapters; sharded ones summed over their shards)."""
-    return math.sqrt(sum(float(full_tensor(p.detach().float().pow(2).sum())) for p in model.parameters()
-                         if p.requires_grad))
+    """||theta||_2 over every trainable tensor (the adapters; sharded ones summed over their shards). The squares are
+    summed on the device and read once: one synchronisation per step, not one per tensor (448 on a 7B decoder)."""
+    squares = [full_tensor(p.detach().float().pow(2).sum()) for p in model.parameters() if p.requires_grad]
+    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
 
 
 def guarded_update(model, optimizer, trainable: list[torch.Tensor], terms: dict, args, last_good: dict,
                    state: LoopState) -> tuple[tuple[float, float], str | None]:
     """Clip the gradient, then AdamW on the adapters; returns (gradient norm before clipping, adapter norm) and why
     the run must stop, if it must. A non-finite loss or gradient, or a gradient norm over --divergence-factor times the
-    largest of the steps before, skips the update; non-finite adapter weights, or an adapter norm over --divergence-factor times the
-    untrained adapters', are put back to the last good ones. Either ends the run with the last good adapter."""
+    largest of the steps before, skips the update; non-finite adapter weights, or an adapter norm over
+    --divergence-factor times the untrained adapters', are put back to the last good ones. Either ends the run with the last good adapter."""
     if not terms:
         return (0.0, adapter_norm(model)), None  # nothing to learn from this step's batches: no update (logged)
     grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0
@@ -928,10 +943,19 @@ class StopRequest:
                 signal.signal(s, handler)
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def start_step_memory(device: torch.device) -> None:
+    """On a GPU, make the allocator's peak start again, so that each step logs its own peak (not the run's so far)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_use(device: torch.device) -> dict[str, float]:
+    """MiB. On a GPU: the peak allocated since `start_step_memory`, and what the caching allocator holds reserved
+    (what other processes cannot have). On a CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "reserved_memory_mb": torch.cuda.memory_reserved(device) / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
 
 
 def progress_info(record: dict) -> str:
@@ -985,7 +1009,8 @@ def write_summary(args, out: Path, state: LoopState, device: torch.device, kerne
     totals = state.totals
     summary = {"mode": args.mode, "steps": state.step, "stopped_by": state.stopped_by or "max_steps",
                "tokens": totals["tokens"], "image_tokens": totals["image_tokens"], "estimated_flops": totals["flops"],
-               "wall_seconds": totals["seconds"], "peak_memory_mb": peak_memory_mb(device),
+               "wall_seconds": totals["seconds"],
+               "peak_memory_mb": max(totals.get("peak_memory_mb", 0.0), memory_use(device)["peak_memory_mb"]),
                **({"model": str(out / MODEL_DIR)} if args.full_parameter else {"adapter": str(out / ADAPTER_DIR)}),
                "kernels": kernels.choice, "ranks": world.world_size,
                **({"categories": coverage} if coverage else {}),

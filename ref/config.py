@@ -31,6 +31,13 @@ class ConfigError(ValueError):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def default_dtype(device: str) -> str:
+    """The compute dtype of a model other than the toy when none is asked for: bfloat16 on a GPU (LLaVA-1.5's own;
+    float32 would double the memory and leave the tensor cores idle), float32 on a CPU (without bfloat16 matrix units
+    its bfloat16 matmuls are no faster, and the toy's tables are float32)."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def check_device(device: str) -> None:
     """A --device that this torch cannot use, refused with what to do, before anything is read or loaded."""
     try:

@@ -188,18 +188,26 @@ def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, keep: b
     return tensors
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random states: torch's CPU generator, and the CUDA generator of the device it trains on (not
+    merely the current one: a run on cuda:1 draws its dropout masks from cuda:1's)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict,
-                    rank_rng_states: list[torch.Tensor] | None = None) -> None:
+                    rank_rng_states: list[dict[str, torch.Tensor]]) -> None:
     """`training_tensors` and the RNG states as tensors, everything else (step, data position) as JSON metadata of
-    the same safetensors file: one file, renamed into place, so a checkpoint is never half old and half new. Under
-    several ranks, `rank_rng_states` holds each rank's torch RNG state (their dropout masks differ)."""
+    the same safetensors file: one file, renamed into place, so a checkpoint is never half old and half new.
+    `rank_rng_states` holds each rank's `rng_state` (one entry in a single process; ranks' dropout masks differ)."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [key.removeprefix("param/") for key in tensors if key.startswith("param/")]
-    tensors = {**tensors, "rng/torch": torch.get_rng_state()}
-    for rank, rng in enumerate(rank_rng_states or []):
-        tensors[f"rng/torch/rank{rank}"] = rng
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    tensors = {**tensors, **{f"rng/{kind}": value for kind, value in rank_rng_states[0].items()}}
+    if len(rank_rng_states) > 1:  # clones: safetensors refuses two names for one storage (rank 0's are above too)
+        for rank, states in enumerate(rank_rng_states):
+            tensors.update({f"rng/{kind}/rank{rank}": value.clone() for kind, value in states.items()})
     meta = {**state, "python_rng": _jsonable_random_state(), "param_names": names}
     write_atomically(folder / CHECKPOINT_FILE,
                      lambda p: save_file(tensors, str(p), metadata={"state": json.dumps(meta)}))
@@ -215,10 +223,12 @@ def read_checkpoint_state(folder: Path) -> dict:
         raise RunError(f"{path}: not a readable training checkpoint ({err})") from err
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+                    device: torch.device = torch.device("cpu")) -> dict:
     """Put a checkpoint's adapter, optimizer and RNG states back; return its metadata (step, data positions, ...).
     Everything is checked before the first tensor is copied: a damaged checkpoint changes nothing. `rank` takes that
-    rank's RNG state where the run had several (and rank 0's when it resumes on more ranks than it had)."""
+    rank's RNG states where the run had several (and rank 0's when it resumes on more ranks than it had); `device`
+    is the one this process trains on, whose CUDA generator gets the saved CUDA state."""
     path = folder / CHECKPOINT_FILE
     try:
         with safe_open(str(path), "pt") as f:
@@ -236,8 +246,9 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     with torch.no_grad():
         for param, saved in adapter:
             param.copy_(shaped_like(param, saved.to(param.device)))
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    cuda_state = tensors.get(f"rng/cuda/rank{rank}", tensors.get("rng/cuda"))
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
     random.setstate(rng)
     return meta
 
