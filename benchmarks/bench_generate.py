@@ -12,7 +12,9 @@ LM head cost what they cost in the real model). The prompts are chat-format text
 left-padded; both sides read the same ids from a file.
 
 Each (side, batch) runs in a FRESH subprocess with `torch.set_num_threads(--threads)`: load the checkpoint (ours:
-`ref.weights.load_model`; transformers: `from_pretrained(folder, torch_dtype=float32)`), one warm-up generation, then
+`ref.weights.load_model` with the `fast` kernels, eval.py's default on a real model; transformers:
+`from_pretrained(folder, dtype=float32)`; with --quantize nf4 both put the decoder's linears in NF4 with double
+quantization through bitsandbytes), one warm-up generation, then
 `--repeats` timed generations (the median is reported). Greedy, KV cache, EOS disabled on both sides so every row
 generates exactly `--new-tokens` tokens; transformers is told to suppress the image token, as ours never emits it.
 tok/s = batch x new tokens / wall seconds of one generate() call. Peak MiB = the subprocess's VmHWM after the timed
@@ -82,7 +84,7 @@ def write_checkpoint(folder: Path, hidden: int, layers: int, vocab: int) -> int:
     heads = max(1, hidden // 64)
     write_tiny_checkpoint(folder, seed=0, extra_words=extra, text_hidden_size=hidden,
                           text_intermediate_size=int(hidden * 2.6875), text_layers=layers, text_heads=heads,
-                          text_kv_heads=heads)
+                          text_kv_heads=heads, max_position_embeddings=4096)  # LLaVA-1.5's context
     return json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
 
 
@@ -108,15 +110,17 @@ def write_inputs(folder: Path, batch: int, with_image: bool, path: Path) -> None
 
 
 def run_child(side: str, folder: Path, inputs_path: Path, new_tokens: int, repeats: int, threads: int,
-              out_path: Path) -> dict:
+              out_path: Path, quantize: str = "none") -> dict:
     """In a fresh process: load, warm up, time `repeats` greedy generations; save the ids; return the numbers."""
     torch.set_num_threads(threads)
     inputs = torch.load(inputs_path)
     ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values")
     if side == "ours":
+        from ref.kernels import resolve
         from ref.weights import load_model
 
-        model = load_model(folder, dtype=torch.float32)
+        model = load_model(folder, dtype=torch.float32, kernels=resolve("fast"),  # eval.py's default on a real model
+                           quantize=None if quantize == "none" else quantize)
 
         def generate() -> torch.Tensor:
             return model.generate(ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=new_tokens,
@@ -125,7 +129,13 @@ def run_child(side: str, folder: Path, inputs_path: Path, new_tokens: int, repea
     elif side == "transformers":
         import transformers
 
-        model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        quant = {}
+        if quantize != "none":  # the decoder's linears in 4 bits, as ours (transformers also quantizes the tower's)
+            quant["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32)
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,
+                                                                           **quant).eval()
         image_token = model.config.image_token_index
 
         def generate() -> torch.Tensor:
@@ -153,7 +163,7 @@ def run_child(side: str, folder: Path, inputs_path: Path, new_tokens: int, repea
 def measure(side: str, folder: Path, inputs_path: Path, args, out_path: Path) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--dir", str(folder), "--inputs", str(inputs_path),
            "--out", str(out_path), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--quantize", args.quantize]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
@@ -181,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image", action="store_true", help="also run every batch with one image per prompt")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations after the warm-up (median)")
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4"],
+                        help="decoder linears on both sides: dense float32 (default) or NF4 with double quantization")
     parser.add_argument("--dir", type=Path, default=None, help="checkpoint folder (default: a fresh temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder afterwards")
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
@@ -189,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.side:
         print(json.dumps(run_child(args.side, args.dir, args.inputs, args.new_tokens, args.repeats, args.threads,
-                                   args.out)))
+                                   args.out, args.quantize)))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
     folder = args.dir or work / "model"
@@ -199,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             vocab = write_checkpoint(folder, args.hidden, args.layers, args.vocab)
         else:
             vocab = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
-        print(f"checkpoint {folder}: hidden {args.hidden}, {args.layers} layers, vocab {vocab}, float32 "
+        print(f"checkpoint {folder}: hidden {args.hidden}, {args.layers} layers, vocab {vocab}, float32, decoder "
+              f"linears {'dense' if args.quantize == 'none' else args.quantize} "
               f"({time.perf_counter() - start:.0f}s); {args.new_tokens} new tokens per row, greedy, EOS off, "
               f"{args.threads} thread(s), 1 warm-up + median of {args.repeats}")
         rows, shown = [], set()
