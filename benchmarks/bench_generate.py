@@ -68,8 +68,9 @@ def vm_hwm() -> int:
     raise KeyError("VmHWM")
 
 
-def write_checkpoint(folder: Path, hidden: int, layers: int, vocab: int) -> int:
-    """The benchmark's checkpoint in `folder`; returns its vocabulary size (the config's, a multiple of 64)."""
+def write_checkpoint(folder: Path, hidden: int, layers: int, vocab: int, intermediate: int | None = None) -> int:
+    """The benchmark's checkpoint in `folder`; returns its vocabulary size (the config's, a multiple of 64).
+    intermediate: the MLP width (default int(2.6875 x hidden), LLaVA-7B's ratio)."""
     from weights_tools.make_tiny import build_tokenizer, write_tiny_checkpoint
 
     # Each synthetic word " w<i>" adds about one token (its shorter prefixes are words too); the config's vocabulary
@@ -83,7 +84,8 @@ def write_checkpoint(folder: Path, hidden: int, layers: int, vocab: int) -> int:
         extra = tuple(f"\u0120w{i}" for i in range(n_words))
     heads = max(1, hidden // 64)
     write_tiny_checkpoint(folder, seed=0, extra_words=extra, text_hidden_size=hidden,
-                          text_intermediate_size=int(hidden * 2.6875), text_layers=layers, text_heads=heads,
+                          text_intermediate_size=intermediate or int(hidden * 2.6875), text_layers=layers,
+                          text_heads=heads,
                           text_kv_heads=heads, max_position_embeddings=4096)  # LLaVA-1.5's context
     return json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
 
@@ -208,7 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         start = time.perf_counter()
         if not (folder / "config.json").exists():
-            vocab = write_checkpoint(folder, args.hidden, args.layers, args.vocab)
+            # bitsandbytes' CPU 4-bit inference (transformers' side) repacks weights in blocks of 64 input features
+            # and fails on an MLP of 1376 = 2.6875 x 512: round the MLP up to a multiple of 64 under --quantize
+            mlp = int(args.hidden * 2.6875)
+            vocab = write_checkpoint(folder, args.hidden, args.layers, args.vocab,
+                                     mlp if args.quantize == "none" else -(-mlp // 64) * 64)
         else:
             vocab = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
         print(f"checkpoint {folder}: hidden {args.hidden}, {args.layers} layers, vocab {vocab}, float32, decoder "

@@ -8,7 +8,7 @@ Not a test.
 The step is the method's: L = -0.5 L_harm + 1.0 L_helpful + 1.0 KL(p_orig || p_cur) on three batches (harmful,
 helpful, normal) of 2 records each, every record a BOS, `--prompt-tokens` prompt tokens and `--response-tokens`
 response tokens (labels on the response only), then backward. The base: every decoder linear in NF4 with double
-quantization (bitsandbytes, blocksize 64), float32 compute; LoRA r=8, alpha 16, no dropout, on q, k, v, o, gate, up,
+quantization (bitsandbytes, blocksize 64), float32 compute (--dtype bfloat16: bfloat16 weights and compute); LoRA r=8, alpha 16, no dropout, on q, k, v, o, gate, up,
 down of every decoder layer; the KL's original is the same model with its adapters off, under no_grad.
 
 The checkpoint is `weights_tools.make_tiny`'s llava-hf folder (transformers reads it with `from_pretrained`) with
@@ -84,15 +84,14 @@ def make_batches(vocab: int, prompt_tokens: int, response_tokens: int, seed: int
     return batches
 
 
-def transformers_step(folder: Path, batches) -> callable:
+def transformers_step(folder: Path, batches, dtype: torch.dtype) -> callable:
     """The step as a user of transformers + peft writes it."""
     import peft
     import transformers
 
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, quantization_config=quant,
-                                                                       dtype=torch.float32)
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder, quantization_config=quant, dtype=dtype)
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                              target_modules=rf".*language_model.*\.({'|'.join(TARGETS)})")
     model = peft.get_peft_model(model, config)
@@ -115,7 +114,7 @@ def transformers_step(folder: Path, batches) -> callable:
     return step
 
 
-def our_step(folder: Path, batches, preset: str) -> callable:
+def our_step(folder: Path, batches, preset: str, dtype: torch.dtype) -> callable:
     """The step as train.py takes it, with kernel preset `preset`."""
     from ref.kernels import resolve
     from ref.lora import LoraConfig, adapters_disabled, add_lora
@@ -123,7 +122,7 @@ def our_step(folder: Path, batches, preset: str) -> callable:
     from ref.weights import load_model
 
     kernels = resolve(preset)
-    model = load_model(folder, dtype=torch.float32, kernels=kernels, quantize="nf4")
+    model = load_model(folder, dtype=dtype, kernels=kernels, quantize="nf4")
     add_lora(model, LoraConfig(r=8, alpha=16.0, dropout=0.0, targets=TARGETS))
     model.train()
     ours = [Batch(ids, torch.ones_like(ids), labels) for ids, labels in batches]
@@ -135,13 +134,38 @@ def our_step(folder: Path, batches, preset: str) -> callable:
     return step
 
 
+def peak_saved_bytes(step) -> int:
+    """The most bytes autograd holds for backward at any moment of one step: storages are counted when saved and
+    released when backward unpacks them (the step's activations, without temporaries or allocator slack)."""
+    alive, peak = {}, 0
+
+    def pack(tensor):
+        nonlocal peak
+        key = tensor.untyped_storage()._cdata
+        alive[key] = tensor.untyped_storage().nbytes()
+        peak = max(peak, sum(alive.values()))
+        return key, tensor
+
+    def unpack(packed):
+        key, tensor = packed
+        alive.pop(key, None)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        step()
+    return peak
+
+
 def run_side(side: str, args) -> dict:
     """In this (fresh) process: build, warm up, measure one step's memory, time `repeats` steps."""
     torch.set_num_threads(args.threads)
     vocab = json.loads((Path(args.dir) / "config.json").read_text())["text_config"]["vocab_size"]
     batches = make_batches(vocab, args.prompt_tokens, args.response_tokens)
-    step = transformers_step(Path(args.dir), batches) if side == "transformers" else our_step(Path(args.dir), batches,
-                                                                                             side)
+    dtype = getattr(torch, args.dtype)
+    if side == "transformers":
+        step = transformers_step(Path(args.dir), batches, dtype)
+    else:
+        step = our_step(Path(args.dir), batches, side, dtype)
     step()  # warm-up: first-call allocations, lazy initialisation
     trim_and_reset_peak_rss()
     before = status_bytes("VmRSS")
@@ -152,13 +176,16 @@ def run_side(side: str, args) -> dict:
         start = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - start)
-    return {"side": side, "seconds": statistics.median(seconds), "peak_mib": peak / MiB}
+    result = {"side": side, "seconds": statistics.median(seconds), "peak_mib": peak / MiB}
+    if args.account:
+        result["saved_mib"] = peak_saved_bytes(step) / MiB
+    return result
 
 
 def measure(side: str, folder: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--dir", str(folder), "--prompt-tokens", str(args.prompt_tokens),
            "--response-tokens", str(args.response_tokens), "--threads", str(args.threads),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--dtype", args.dtype, *(["--account"] if args.account else [])]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
@@ -175,8 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--response-tokens", type=int, nargs="+", default=[512, 2048], help="per record")
     parser.add_argument("--sides", nargs="+", default=["transformers", *OUR_PRESETS])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype on both sides (weights, NF4 compute, adapters stay float32)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--account", action="store_true",
+                        help="also count the activations autograd keeps at the step's peak (saved-tensor hooks)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -199,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
                                                          f"{r['peak_mib']:.0f} MiB"), file=sys.stderr)
             rows.append((n, results))
     print(f"\none unlearning step, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, batch 2 per term, "
-          f"prompt {args.prompt_tokens}, NF4 + LoRA r=8, {args.threads} threads; peak = the step's resident-set "
-          f"growth\n")
+          f"prompt {args.prompt_tokens}, NF4 + LoRA r=8, {args.dtype}, {args.threads} threads; peak = the step's "
+          f"resident-set growth\n")
     print("| response tokens | " + " | ".join(args.sides) + " |")
     print("|---" * (len(args.sides) + 1) + "|")
     for n, results in rows:
@@ -215,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cell(r: dict) -> str:
-    return r.get("error", "failed") if "error" in r else f"{r['seconds']:.2f} s, {r['peak_mib']:.0f} MiB"
+    if "error" in r:
+        return r["error"]
+    saved = f" ({r['saved_mib']:.0f} saved)" if "saved_mib" in r else ""
+    return f"{r['seconds']:.2f} s, {r['peak_mib']:.0f} MiB{saved}"
 
 
 if __name__ == "__main__":

@@ -9,18 +9,24 @@ Every number comes from the models' shapes and our own modules, nothing from a r
 - weight bytes: the meta model's parameters and buffers. For NF4, `ref.quant.quantize_model` puts `Linear4bit` shells
   in place of the decoder's linears, and their buffers have the exact shapes bitsandbytes fills (packed codes, 8-bit
   absmax codes, fp32 nested absmax, code tables), so the packed size is the real one;
-- activations: one `ref.llama.DecoderLayer` at full width runs on the meta device under
-  `torch.autograd.graph.saved_tensors_hooks`; every distinct storage autograd keeps for backward is counted once
-  (parameters, buffers, and the rotary and mask tensors that all layers share are left out of the per-layer count and
-  counted once per graph). That is scaled by the number of layers and by the three loss graphs;
+- activations: one `ref.llama.DecoderLayer` at full width, built with the preset's kernels (--kernels), runs on the
+  meta device under `torch.autograd.graph.saved_tensors_hooks`; every distinct storage autograd keeps for backward is
+  counted once (parameters, buffers, and the rotary and mask tensors that all layers share are left out of the
+  per-layer count and counted once per graph). That is scaled by the number of layers. On meta, PyTorch's sdpa takes
+  its math path (it keeps the (B, H, T, T) probabilities); on a GPU a right-padded training batch runs FlashAttention
+  (`causal`, ref/kernels/attention.py). So for the `sdpa` op the math path's saved set is replaced by the one autograd
+  keeps for aten's FlashAttention op, also measured on meta;
 - the loss: what the `chunked` kernels (ref/kernels/cross_entropy.py, kl.py) keep and allocate, read off their code.
 
 Assumptions (printed with the tables):
 - --batch is per GPU (data parallel: each rank runs its own batch), and each of the three terms (harmful, helpful,
-  KL) has such a batch of --tokens tokens; their graphs are alive together until one backward, as
-  ref.losses.unlearning_loss does today. Every position but the last is counted as a response token (an upper bound).
-- Kernels: the `chunked` preset (README's command): chunked loss kernels, reference attention (it keeps the
-  (B, H, T, T) probabilities, so activations grow with T^2) and the reference LoRA op. Adapters are float32.
+  KL) has such a batch of --tokens tokens. train.py takes each term's backward before the next term's forward
+  (ref.losses.unlearning_backward), so one term's graph is alive at a time. Every position but the last is counted
+  as a response token (an upper bound).
+- Kernels: --kernels fast (train.py's default on a real model: sdpa attention, the fused LoRA op, fused SwiGLU,
+  chunked losses) or chunked (reference attention, which keeps the (B, H, T, T) probabilities, so activations grow
+  with T^2, and the reference LoRA op). The reference preset's losses materialise the whole logits and are not
+  planned here. Adapters are float32.
 - (a) DDP + LoRA: every rank holds the whole base; DDP's gradient buckets are one more copy of the gradients.
   (b) FSDP + LoRA: the decoder layers (base and adapters) are sharded per layer; embeddings, lm_head, final norm,
   vision tower and projector are replicated on every rank. (c) FSDP full-parameter training of the decoder layers:
@@ -29,6 +35,8 @@ Assumptions (printed with the tables):
   cannot be trained. An FSDP rank also holds one layer's unsharded parameters (and for (c) its unsharded gradients)
   while it computes; N = 1 is one GPU, with no DDP buckets.
 - NF4: the decoder's linears in 4 bits (blocksize 64, double quantization), everything else in bfloat16.
+- Working set: the larger of the loss kernel's temporaries and backward's (one layer's saved bytes, plus one
+  decoder linear's weight dequantized to the compute dtype, which both LoRA ops and bitsandbytes make in backward).
 - Not counted: the CUDA context and the caching allocator's fragmentation (leave about 1 GiB for them).
 """
 
@@ -46,6 +54,7 @@ sys.path.insert(0, ROOT)  # run from anywhere
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from ref.config import LlavaConfig, TextConfig  # noqa: E402
 from ref.kernels import resolve  # noqa: E402
@@ -63,7 +72,7 @@ STRATEGIES = {"ddp-lora": "(a) DDP + LoRA", "fsdp-lora": "(b) FSDP + LoRA", "fsd
 ADAM_BYTES = 8  # AdamW: two float32 moments per trainable parameter
 LORA_BYTES = 4  # LoraConfig's default adapter dtype is float32
 MASTER_BYTES = 4  # (c) keeps float32 master weights and gradients whatever the compute dtype
-KERNELS = "chunked"
+PLANNED_KERNELS = ("fast", "chunked")  # the presets for a GPU; `reference` materialises the whole logits
 
 MODELS = {
     "LLaVA-1.5-7B": LlavaConfig(),  # the dataclass defaults are LLaVA-1.5-7B (Vicuna-7B, CLIP ViT-L/336)
@@ -92,7 +101,7 @@ def part_of(name: str) -> str:
 def meta_model(config: LlavaConfig, base: str = "float32", lora_r: int | None = None) -> Llava:
     """Llava as train.py builds it (dense tensors in the compute dtype, 4-bit decoder linears, LoRA), on meta."""
     with torch.device("meta"):
-        model = Llava(config, resolve(KERNELS))
+        model = Llava(config)  # the weights do not depend on the kernels
     model.to(compute_dtype(base))
     if base == "nf4":
         quantize_model(model, QuantConfig())  # empty Linear4bit shells whose buffers have the packed shapes
@@ -175,12 +184,13 @@ def shared_inputs(text: TextConfig, batch: int, tokens: int, dtype: torch.dtype)
     return cos, sin, causal_mask(attention_mask, tokens, dtype)
 
 
-def meta_layer(text: TextConfig, base: str, lora_r: int | None) -> DecoderLayer:
+def meta_layer(text: TextConfig, base: str, lora_r: int | None, kernels: str) -> DecoderLayer:
     """One decoder layer under the names quantize_model and add_lora look for; without LoRA every weight trains."""
     holder = nn.Module()
+    holder.kernels = resolve(kernels)  # add_lora gives the adapters the model's kernels, as it does on a Llava
     holder.language_model = nn.Module()
     with torch.device("meta"):
-        holder.language_model.layers = nn.ModuleList([DecoderLayer(text, 0, resolve(KERNELS))])
+        holder.language_model.layers = nn.ModuleList([DecoderLayer(text, 0, holder.kernels)])
     holder.to(compute_dtype(base))
     if base == "nf4":
         quantize_model(holder, QuantConfig())
@@ -190,29 +200,49 @@ def meta_layer(text: TextConfig, base: str, lora_r: int | None) -> DecoderLayer:
 
 
 @functools.lru_cache(maxsize=None)
-def layer_saved_bytes(text: TextConfig, base: str, lora_r: int | None, batch: int, tokens: int) -> int:
+def layer_saved_bytes(text: TextConfig, base: str, lora_r: int | None, batch: int, tokens: int,
+                      kernels: str = "fast") -> int:
     """Bytes one decoder layer keeps for backward, for a (batch, tokens) input that requires grad (a middle layer;
-    the first layer, whose input does not, keeps a little less). lora_r None: full-parameter training."""
-    layer = meta_layer(text, base, lora_r)
+    the first layer, whose input does not, keeps a little less), on a right-padded training batch (the decoder's
+    `causal` promise). lora_r None: full-parameter training."""
+    layer = meta_layer(text, base, lora_r, kernels)
     dtype = compute_dtype(base)
     x = torch.empty(batch, tokens, text.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     cos, sin, mask = shared_inputs(text, batch, tokens, dtype)
     frozen = tuple(layer.parameters()) + tuple(layer.buffers()) + (cos, sin, mask)  # counted elsewhere
-    return saved_tensor_bytes(layer, x, cos, sin, mask, None, exclude=frozen)
+    saved = saved_tensor_bytes(layer, x, cos, sin, mask, None, True, exclude=frozen)
+    if resolve(kernels).choice["attention"] == "sdpa":
+        saved += flash_attention_correction(text, batch, tokens, dtype)
+    return saved
 
 
-def per_token_terms(text: TextConfig, base: str, lora_r: int | None, tokens: int) -> tuple[float, float]:
-    """(a, b) with layer bytes = batch * (a * T + b * T^2): b is the attention probabilities of the reference kernel.
+def flash_attention_correction(text: TextConfig, batch: int, tokens: int, dtype: torch.dtype) -> int:
+    """FlashAttention's saved bytes minus those of sdpa's math path (what the meta device runs), both measured on
+    meta through autograd at the layer's shapes. q, k and v are saved by both and cancel; what differs is the math
+    path's (B, H, T, T) probabilities against FlashAttention's output and float32 log-sum-exp per query."""
+    shape = (batch, text.num_attention_heads, tokens, text.head_dim)  # k, v after repeat_kv: H heads
+    q, k, v = (torch.empty(shape, dtype=dtype, device="meta", requires_grad=True) for _ in range(3))
+    scale = text.head_dim**-0.5
+    math_path = saved_tensor_bytes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
+    flash = saved_tensor_bytes(lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False,
+                                                                                          scale=scale))
+    return flash - math_path
+
+
+def per_token_terms(text: TextConfig, base: str, lora_r: int | None, tokens: int,
+                    kernels: str = "fast") -> tuple[float, float]:
+    """(a, b) with layer bytes = batch * (a * T + b * T^2): b is the attention probabilities of the reference kernel
+    (0 for FlashAttention).
 
     Every saved tensor has B*T or B*H*T*T elements, so two lengths determine both coefficients."""
-    one, two = (layer_saved_bytes(text, base, lora_r, 1, t) for t in (tokens, 2 * tokens))
+    one, two = (layer_saved_bytes(text, base, lora_r, 1, t, kernels) for t in (tokens, 2 * tokens))
     b = (two - 2 * one) / (2 * tokens**2)
     return (one - b * tokens**2) / tokens, b
 
 
 def final_norm_saved_bytes(text: TextConfig, base: str, batch: int, tokens: int) -> int:
     with torch.device("meta"):
-        norm = RMSNorm(text.hidden_size, text.rms_norm_eps, resolve(KERNELS)).to(compute_dtype(base))
+        norm = RMSNorm(text.hidden_size, text.rms_norm_eps, resolve()).to(compute_dtype(base))
     norm.requires_grad_(False)
     x = torch.empty(batch, tokens, text.hidden_size, dtype=compute_dtype(base), device="meta", requires_grad=True)
     return saved_tensor_bytes(norm, x, exclude=tuple(norm.parameters()))
@@ -223,14 +253,14 @@ def nbytes(tensor: torch.Tensor) -> int:
 
 
 def graph_bytes(text: TextConfig, base: str, lora_r: int | None, batch: int, tokens: int,
-                checkpointing: bool) -> int:
+                checkpointing: bool, kernels: str = "fast") -> int:
     """What one loss term's graph keeps until backward: every layer's saved tensors (or, checkpointed, only each
     layer's input), the tensors all layers share, the final norm, and the loss's own keep."""
     dtype = compute_dtype(base)
     if checkpointing:  # a checkpointed layer keeps its input (B, T, D) and recomputes the rest in backward
         layers = text.num_hidden_layers * batch * tokens * text.hidden_size * dtype.itemsize
     else:
-        layers = text.num_hidden_layers * layer_saved_bytes(text, base, lora_r, batch, tokens)
+        layers = text.num_hidden_layers * layer_saved_bytes(text, base, lora_r, batch, tokens, kernels)
     shared = sum(nbytes(t) for t in shared_inputs(text, batch, tokens, dtype))
     responses = batch * (tokens - 1)
     gather = 2 * responses * 8  # hidden[:, :-1][keep] keeps two int64 index vectors for its backward
@@ -249,11 +279,14 @@ def loss_working_bytes(text: TextConfig, base: str, batch: int, tokens: int) -> 
 
 
 def backward_working_bytes(text: TextConfig, base: str, lora_r: int | None, batch: int, tokens: int,
-                           checkpointing: bool) -> int:
+                           checkpointing: bool, kernels: str = "fast") -> int:
     """Backward's temporaries, estimated as one layer's saved bytes (the gradients of a layer's intermediates have
-    their shapes); a checkpointed step also holds one layer's recomputed activations."""
-    layer = layer_saved_bytes(text, base, lora_r, batch, tokens)
-    return layer * (2 if checkpointing else 1)
+    their shapes) plus the largest decoder linear's weight dequantized to the compute dtype (a 4-bit base: both LoRA
+    ops and bitsandbytes make it for d loss / d x); a checkpointed step also holds one layer's recomputed
+    activations."""
+    layer = layer_saved_bytes(text, base, lora_r, batch, tokens, kernels)
+    dequantized = text.hidden_size * text.intermediate_size * compute_dtype(base).itemsize if base == "nf4" else 0
+    return layer * (2 if checkpointing else 1) + dequantized
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,7 +322,7 @@ def static_bytes(w: Weights, strategy: str, gpus: int) -> dict[str, float]:
 
 
 def step_plan(config: LlavaConfig, strategy: str, base: str, gpus: int, batch: int, tokens: int, lora_r: int,
-              checkpointing: bool) -> dict[str, float] | None:
+              checkpointing: bool, kernels: str = "fast") -> dict[str, float] | None:
     """Per-GPU bytes by component and their total; None where the combination does not exist: NF4 full training,
     and FSDP over an NF4 base (train.py shards dense weights only; a 4-bit base runs under DDP)."""
     if strategy.startswith("fsdp") and base == "nf4":
@@ -297,11 +330,12 @@ def step_plan(config: LlavaConfig, strategy: str, base: str, gpus: int, batch: i
     text = config.text
     adapter_r = None if strategy == "fsdp-full" else lora_r
     plan = static_bytes(weights(config, base, lora_r), strategy, gpus)
-    plan["activations (saved)"] = 3 * graph_bytes(text, base, adapter_r, batch, tokens, checkpointing)  # 3 terms
+    # one term's graph at a time: train.py backpropagates each term before the next one's forward
+    plan["activations (saved)"] = graph_bytes(text, base, adapter_r, batch, tokens, checkpointing, kernels)
     # The loss kernels run in forward, backward after: their temporaries are never alive together.
     plan["working set (peak temporaries)"] = max(loss_working_bytes(text, base, batch, tokens),
                                                  backward_working_bytes(text, base, adapter_r, batch, tokens,
-                                                                        checkpointing))
+                                                                        checkpointing, kernels))
     plan = {name: plan[name] for name in COMPONENTS}
     plan["total"] = sum(plan.values())
     return plan
@@ -336,22 +370,24 @@ def parameter_table(name: str, config: LlavaConfig, lora_r: int) -> list[str]:
     return lines
 
 
-def activation_table(name: str, config: LlavaConfig, batch: int, tokens: int, lora_r: int) -> list[str]:
+def activation_table(name: str, config: LlavaConfig, batch: int, tokens: int, lora_r: int, kernels: str) -> list[str]:
     text = config.text
-    lines = [f"### {name}: saved activations of one decoder layer (measured on meta, batch {batch}, {tokens} tokens)",
+    lines = [f"### {name}: saved activations of one decoder layer (kernels {kernels}; measured on meta, batch {batch}, "
+             f"{tokens} tokens)",
              "", "| variant | MiB per layer | bytes per token = a + b * T | per graph, all layers (GiB) |",
              "|---|---|---|---|"]
     variants = [(f"LoRA r={lora_r}, NF4 base, bf16", "nf4", lora_r), (f"LoRA r={lora_r}, dense bf16 base", "bfloat16",
                 lora_r), (f"LoRA r={lora_r}, dense fp32 base", "float32", lora_r),
                 ("full training, bf16", "bfloat16", None), ("full training, fp32", "float32", None)]
     for label, base, r in variants:
-        layer = layer_saved_bytes(text, base, r, batch, tokens)
-        a, b = per_token_terms(text, base, r, tokens)
+        layer = layer_saved_bytes(text, base, r, batch, tokens, kernels)
+        a, b = per_token_terms(text, base, r, tokens, kernels)
         lines.append(f"| {label} | {layer / 2**20:.1f} | {a:,.0f} + {b:,.0f} * T | "
                      f"{gib(text.num_hidden_layers * layer)} |")
     note = ("The 4-bit and the dense base keep the same: a frozen nn.Linear and bitsandbytes' MatMul4Bit save nothing "
-            "but their weight. The b * T part is the reference attention's (B, H, T, T) probabilities (float32, plus "
-            "their bfloat16 cast); LoRA keeps a float32 copy of each adapted linear's input.")
+            "but their weight. A b * T part is the reference attention's (B, H, T, T) probabilities (float32, plus "
+            "their bfloat16 cast; kernels chunked), none with FlashAttention (fast). The reference LoRA op keeps a "
+            "float32 copy of each adapted linear's input; the fused one keeps the input itself, shared by q, k, v.")
     return lines + ["", note, ""]
 
 
@@ -365,7 +401,8 @@ def strategy_table(name: str, config: LlavaConfig, args) -> list[str]:
         for base in BASES:
             cells = []
             for n in GPUS:
-                plans = [step_plan(config, strategy, base, n, args.batch, args.tokens, args.lora_r, c) for c in modes]
+                plans = [step_plan(config, strategy, base, n, args.batch, args.tokens, args.lora_r, c, args.kernels)
+                         for c in modes]
                 cells.append("n/a" if plans[0] is None else " / ".join(gib(p["total"]) for p in plans))
             lines.append(f"| {label} | {base} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -374,34 +411,36 @@ def strategy_table(name: str, config: LlavaConfig, args) -> list[str]:
 def breakdown(args) -> tuple[list[str], dict]:
     """README's 7B command: NF4 + LoRA, bfloat16, one GPU; each component with and without checkpointing."""
     config = MODELS["LLaVA-1.5-7B"]
-    plans = {c: step_plan(config, "ddp-lora", "nf4", 1, args.batch, args.tokens, args.lora_r, c) for c in (False, True)}
-    lines = [f"### README's 7B command on one GPU: NF4 + LoRA r={args.lora_r}, bfloat16, batch {args.batch}, "
-             f"{args.tokens} tokens per term", "", "| component | without checkpointing (GiB) | with (GiB) |",
+    plans = {c: step_plan(config, "ddp-lora", "nf4", 1, args.batch, args.tokens, args.lora_r, c, args.kernels)
+             for c in (False, True)}
+    lines = [f"### README's 7B command on one GPU: NF4 + LoRA r={args.lora_r}, bfloat16, kernels {args.kernels}, "
+             f"batch {args.batch}, {args.tokens} tokens per term", "",
+             "| component | without checkpointing (GiB) | with (GiB) |",
              "|---|---|---|"]
     for component in (*COMPONENTS, "total"):
         lines.append(f"| {component} | {gib(plans[False][component])} | {gib(plans[True][component])} |")
     verdicts = {c: plans[c]["total"] + GIB <= CARD_24GB for c in plans}
-    _, b = per_token_terms(config.text, "nf4", args.lora_r, args.tokens)
-    attention = 3 * config.text.num_hidden_layers * args.batch * b * args.tokens**2  # the T^2 part, 3 graphs
+    _, b = per_token_terms(config.text, "nf4", args.lora_r, args.tokens, args.kernels)
+    attention = max(0.0, config.text.num_hidden_layers * args.batch * b * args.tokens**2)  # the T^2 part of a graph
     lines += ["", "Fits a 24 GB card (24 GiB, 1 GiB left for the CUDA context and fragmentation): "
               f"without checkpointing {'yes' if verdicts[False] else 'no'} ({gib(plans[False]['total'])} GiB), "
               f"with checkpointing {'yes' if verdicts[True] else 'no'} ({gib(plans[True]['total'])} GiB; "
               "train.py --activation-checkpointing). Of the saved activations without checkpointing, "
-              f"{gib(attention)} GiB are the reference attention's probabilities.", ""]
+              f"{gib(attention)} GiB are attention probabilities (B, H, T, T).", ""]
     return lines, {"without_checkpointing": plans[False], "with_checkpointing": plans[True],
                    "fits_24GB": {"without_checkpointing": verdicts[False], "with_checkpointing": verdicts[True]}}
 
 
 def as_json(args) -> dict:
-    out = {"batch": args.batch, "tokens": args.tokens, "lora_r": args.lora_r, "kernels": KERNELS, "models": {}}
+    out = {"batch": args.batch, "tokens": args.tokens, "lora_r": args.lora_r, "kernels": args.kernels, "models": {}}
     for name, config in MODELS.items():
         tables = {}
         for strategy in STRATEGIES:
             for base in BASES:
                 for c in checkpoint_modes(args.checkpointing):
                     key = f"{strategy}/{base}/{'checkpointing' if c else 'no-checkpointing'}"
-                    tables[key] = {n: step_plan(config, strategy, base, n, args.batch, args.tokens, args.lora_r, c)
-                                   for n in GPUS}
+                    tables[key] = {n: step_plan(config, strategy, base, n, args.batch, args.tokens, args.lora_r, c,
+                                                args.kernels) for n in GPUS}
         out["models"][name] = {"parameters": config.parameter_counts(),
                                "parameters_meta": meta_parameter_counts(config),
                                "weights": {b: asdict(weights(config, b, args.lora_r)) for b in BASES},
@@ -412,15 +451,15 @@ def as_json(args) -> dict:
 
 def markdown(args) -> str:
     lines = ["## Memory per GPU for one textual-unlearning step", "",
-             "Assumptions: see this script's docstring. --batch is per GPU; the three loss terms' graphs are alive "
-             "together until one backward; kernels `chunked` (reference attention: activations grow with T^2). "
+             "Assumptions: see this script's docstring. --batch is per GPU; one loss term's graph is alive at a time "
+             f"(train.py backpropagates each term before the next); kernels `{args.kernels}`. "
              "(b) and (c) shard the decoder layers only: embeddings, lm_head, vision tower and projector are "
              "replicated on every rank. (c) trains float32 master weights with float32 gradients and AdamW moments "
              "and keeps a frozen reference copy of the layers for the KL term. CUDA context and fragmentation are "
              "not counted.", ""]
     for name, config in MODELS.items():
         lines += parameter_table(name, config, args.lora_r)
-        lines += activation_table(name, config, args.batch, args.tokens, args.lora_r)
+        lines += activation_table(name, config, args.batch, args.tokens, args.lora_r, args.kernels)
         lines += strategy_table(name, config, args)
     lines += breakdown(args)[0]
     return "\n".join(lines)
@@ -438,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=positive_int, default=2, help="records per loss term per GPU (default 2)")
     parser.add_argument("--tokens", type=positive_int, default=512, help="tokens per record (default 512)")
     parser.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--kernels", choices=PLANNED_KERNELS, default="fast",
+                        help="kernel preset (default fast, train.py's on a real model)")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
                         help="activation checkpointing in the strategy tables (default both: 'without / with')")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")

@@ -10,8 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
 from ref.config import TextConfig
+from ref.kernels import resolve
+from ref.llama import DecoderLayer, causal_mask, rope_angles
+from ref.lora import LoraConfig, add_lora
+from ref.quant import QuantConfig, quantize_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
 
@@ -123,24 +129,85 @@ def hand_count_lora_fp32(t: TextConfig, r: int, batch: int, tokens: int) -> int:
 
 
 def test_saved_bytes_of_a_tiny_layer_equal_the_hand_count():
-    assert plan.layer_saved_bytes(TINY, "bfloat16", 4, 2, 8) == hand_count_lora_bf16(TINY, 4, 2, 8)
-    assert plan.layer_saved_bytes(TINY, "nf4", 4, 2, 8) == hand_count_lora_bf16(TINY, 4, 2, 8)  # 4-bit saves alike
-    assert plan.layer_saved_bytes(TINY, "bfloat16", None, 2, 8) == hand_count_full_bf16(TINY, 2, 8)
-    assert plan.layer_saved_bytes(TINY, "float32", 4, 2, 8) == hand_count_lora_fp32(TINY, 4, 2, 8)
+    """The `chunked` preset: reference attention and the reference LoRA op."""
+    def saved(base, r):
+        return plan.layer_saved_bytes(TINY, base, r, 2, 8, "chunked")
+    assert saved("bfloat16", 4) == hand_count_lora_bf16(TINY, 4, 2, 8)
+    assert saved("nf4", 4) == hand_count_lora_bf16(TINY, 4, 2, 8)  # 4-bit saves alike
+    assert saved("bfloat16", None) == hand_count_full_bf16(TINY, 2, 8)
+    assert saved("float32", 4) == hand_count_lora_fp32(TINY, 4, 2, 8)
+
+
+def hand_count_fast_bf16(t: TextConfig, r: int, batch: int, tokens: int) -> int:
+    """The `fast` preset's bf16 layer over a 4-bit base, on a GPU: FlashAttention keeps q, k, v, its output and a
+    float32 log-sum-exp per query (plus a philox seed and offset, 16 + 8 bytes); the fused LoRA op keeps its input
+    itself (q, k, v share one: the normed x) and x A^T; fused SwiGLU keeps gate and up."""
+    n, d, m = batch * tokens, t.hidden_size, t.intermediate_size
+    norms = 2 * (n * d * 4 + n * 4)  # each RMSNorm: its float32 copy of x and the rsqrt (n, 1)
+    lora_inputs = n * d * 2 + n * d * 2 + n * d * 2 + n * m * 2  # q/k/v's normed x, o's, gate/up's normed h, down's
+    lora_downs = 7 * n * r * 4  # x A^T (n, r), float32
+    attention = 3 * n * d * 2 + n * d * 2 + batch * t.num_attention_heads * tokens * 4 + 24  # q, k, v; out; lse
+    swiglu = 2 * n * m * 2  # gate, up
+    return norms + lora_inputs + lora_downs + attention + swiglu
+
+
+def test_fast_saved_bytes_of_a_tiny_layer_equal_the_hand_count():
+    assert plan.layer_saved_bytes(TINY, "nf4", 4, 2, 8, "fast") == hand_count_fast_bf16(TINY, 4, 2, 8)
 
 
 def test_saved_bytes_scale_with_batch_and_tokens():
-    one = plan.layer_saved_bytes(TINY, "nf4", 4, 1, 16)
-    assert one > 0 and plan.layer_saved_bytes(TINY, "nf4", 4, 3, 16) == 3 * one
-    a, b = plan.per_token_terms(TINY, "nf4", 4, 8)  # fitted at 8 and 16 tokens ...
+    one = plan.layer_saved_bytes(TINY, "nf4", 4, 1, 16, "chunked")
+    assert one > 0 and plan.layer_saved_bytes(TINY, "nf4", 4, 3, 16, "chunked") == 3 * one
+    a, b = plan.per_token_terms(TINY, "nf4", 4, 8, "chunked")  # fitted at 8 and 16 tokens ...
     assert b == TINY.num_attention_heads * (4 + 2)  # the (H, T, T) probabilities: float32 and their bf16 cast
-    assert plan.layer_saved_bytes(TINY, "nf4", 4, 1, 24) == a * 24 + b * 24**2  # ... predicts 24 exactly
+    assert plan.layer_saved_bytes(TINY, "nf4", 4, 1, 24, "chunked") == a * 24 + b * 24**2  # ... predicts 24 exactly
+    _, b_fast = plan.per_token_terms(TINY, "nf4", 4, 8, "fast")
+    assert abs(b_fast) < 1  # FlashAttention keeps nothing of size T x T (the fit absorbs the 24-byte philox state)
 
 
 def test_checkpointed_graph_keeps_only_layer_inputs():
     off = plan.graph_bytes(TINY, "bfloat16", 4, 2, 8, checkpointing=False)
     on = plan.graph_bytes(TINY, "bfloat16", 4, 2, 8, checkpointing=True)
     assert off - on == TINY.num_hidden_layers * (plan.layer_saved_bytes(TINY, "bfloat16", 4, 2, 8) - 2 * 8 * 16 * 2)
+
+
+# --- the count on meta against the tensors a real layer keeps on the CPU ------------------------------------------
+
+
+def cpu_layer_saved_bytes(text: TextConfig, base: str, r: int, batch: int, tokens: int, kernels: str) -> int:
+    """The same layer with real weights and inputs, run on the CPU, its saved storages counted the same way."""
+    holder = nn.Module()
+    holder.kernels = resolve(kernels)
+    holder.language_model = nn.Module()
+    holder.language_model.layers = nn.ModuleList([DecoderLayer(text, 0, holder.kernels)])
+    dtype = plan.compute_dtype(base)
+    holder.to(dtype)
+    if base == "nf4":
+        quantize_model(holder, QuantConfig())
+    add_lora(holder, LoraConfig(r=r))
+    layer = holder.language_model.layers[0]
+    x = torch.randn(batch, tokens, text.hidden_size, dtype=dtype, requires_grad=True)
+    positions = torch.arange(tokens)[None].expand(batch, tokens)
+    cos, sin = rope_angles(positions, text.head_dim, text.rope_theta, dtype)
+    mask = causal_mask(torch.ones(batch, tokens, dtype=torch.long), tokens, dtype)
+    frozen = tuple(layer.parameters()) + tuple(layer.buffers()) + (cos, sin, mask)
+    return plan.saved_tensor_bytes(layer, x, cos, sin, mask, None, True, exclude=frozen)
+
+
+@pytest.mark.parametrize("base", ["float32", "bfloat16", "nf4"])
+def test_meta_count_equals_the_bytes_a_cpu_layer_saves_chunked(base):
+    assert plan.layer_saved_bytes(TINY, base, 4, 2, 8, "chunked") == cpu_layer_saved_bytes(TINY, base, 4, 2, 8,
+                                                                                            "chunked")
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "nf4"])
+def test_meta_count_equals_the_bytes_a_cpu_layer_saves_fast(base):
+    """The CPU runs its own FlashAttention for sdpa: it keeps what CUDA's does but the philox seed and offset (24
+    bytes). And its output comes in a layout whose (B, T, H * hd) reshape for o_proj is a view, where the meta
+    device's is a copy: the plan counts that one (B, T, D) tensor more per layer than the CPU keeps, an upper bound."""
+    planned = plan.layer_saved_bytes(TINY, base, 4, 2, 8, "fast")
+    o_proj_input = 2 * 8 * TINY.hidden_size * 2  # (B, T, D) in bfloat16
+    assert planned == cpu_layer_saved_bytes(TINY, base, 4, 2, 8, "fast") + 24 + o_proj_input
 
 
 # --- the program ------------------------------------------------------------------------------------------------------
