@@ -60,7 +60,7 @@ from ref import kernels as kernel_registry
 from ref.config import DTYPES, default_dtype, read_json
 from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, non_negative_int,
                          positive_int)
-from ref.data import load_processor
+from ref.data import PROMPT_FORMATS, load_processor
 from ref.distributed import Distributed
 from ref.adapters import is_adapter_folder, load_adapter
 from ref.lora import remove_adapters
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "thread and slow down badly when cores are shared; torch's default otherwise)")
     io.add_argument("--kernels", default=None, help=f"kernel preset: {sorted(kernel_registry.PRESETS)} (default: "
                     "reference for the toy, fast for any other model)")
-    io.add_argument("--prompt-format", default="llava-hf", choices=["llava-hf", "vicuna_v1"],
+    io.add_argument("--prompt-format", default="llava-hf", choices=sorted(PROMPT_FORMATS),
                     help="chat format the prompts are written in (default: llava-hf)")
 
     data = p.add_argument_group("suites and data")

@@ -43,7 +43,8 @@ from ref import kernels as kernel_registry
 from ref.config import DTYPES, check_device, default_dtype, read_json
 from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
-from ref.data import Processor, PromptTooLongError, build_prompt, collate_for_training, load_processor
+from ref.data import (PROMPT_FORMATS, Processor, PromptTooLongError, build_prompt, collate_for_training,
+                      load_processor)
 from ref.distributed import (Distributed, close_process_group, full_state_dict, full_tensor,
                              shard_decoder_layers)
 from ref.losses import TERMS, Batch, LossWeights, batch_flops, total_loss, unlearning_backward
@@ -190,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the run in --out from its last checkpoint, with the options it was started with;\n"
                          f"only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change (a larger\n"
                          "--max-steps extends a finished run: a linear or cosine schedule then decays to the new end)")
-    io.add_argument("--prompt-format", default="llava-hf", choices=["llava-hf", "vicuna_v1"],
-                    help="chat template: llava-hf's \"USER: ... ASSISTANT:\" or the original release's vicuna_v1")
+    io.add_argument("--prompt-format", default="llava-hf", choices=sorted(PROMPT_FORMATS),
+                    help="chat template: llava-hf's \"USER: ... ASSISTANT:\", the original release's vicuna_v1,\n"
+                         "or chatml (SmolLM2-Instruct's)")
 
     method = p.add_argument_group("method")
     method.add_argument("--mode", default="textual", choices=["textual", "multimodal", "sft"],

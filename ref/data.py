@@ -5,8 +5,9 @@ What lives here, in the order a sample travels:
 1. `TextTokenizer` / `load_tokenizer`: a thin wrapper over `tokenizers.Tokenizer` reading a model folder's
    `tokenizer.json`; it knows the BOS, EOS, pad and `<image>` ids. `check_token_ids` refuses one whose ids run past
    the model's embedding rows.
-2. `PROMPT_FORMATS` / `build_prompt`: the llava-hf format `"USER: <image>\\n{prompt} ASSISTANT:"` and the original
-   `vicuna_v1` conversation LLaVA-1.5 was trained with (system line first, assistant turns closed by `</s>`).
+2. `PROMPT_FORMATS` / `build_prompt`: the llava-hf format `"USER: <image>\\n{prompt} ASSISTANT:"`, the original
+   `vicuna_v1` conversation LLaVA-1.5 was trained with (system line first, assistant turns closed by `</s>`), and
+   `chatml`, SmolLM2-Instruct's (`<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`).
 3. `expand_image_tokens`: each `<image>` id becomes `image_seq_length` copies (llava-hf convention: the model
    replaces them, in order, by the projected patch features of the images).
 4. `build_training_example`, `collate_for_training`, `collate_for_generation`: input ids with labels that are
@@ -75,14 +76,20 @@ class PromptTooLongError(DataError):
 
 class TextTokenizer:
     """`tokenizers.Tokenizer` plus the ids LLaVA needs. We never let the tokenizer's post-processor add special
-    tokens: BOS is added explicitly (`add_bos=True`), so the same code works whatever tokenizer.json says."""
+    tokens: BOS is added explicitly (`add_bos=True`), so the same code works whatever tokenizer.json says.
+
+    `bos_token` / `eos_token` name the model's BOS and EOS (LLaMA's `<s>` and `</s>`; SmolLM2's `<|im_start|>` and
+    `<|im_end|>`), and `adds_bos` says whether a prompt starts with BOS (LLaMA: yes; a ChatML model: no, its prompt
+    starts with `<|im_start|>system`): tokenizer_config.json's `bos_token`, `eos_token` and `add_bos_token`."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, image_token_id: int | None = None,
-                 pad_token_id: int | None = None, source: str = "tokenizer", images: bool = True):
+                 pad_token_id: int | None = None, source: str = "tokenizer", images: bool = True,
+                 bos_token: str = "<s>", eos_token: str = "</s>", adds_bos: bool = True):
         self.backend = tokenizer
         self.source = source
-        self.bos_id = self._required_id("<s>")
-        self.eos_id = self._required_id("</s>")
+        self.bos_id = self._required_id(bos_token)
+        self.eos_id = self._required_id(eos_token)
+        self.adds_bos = adds_bos
         # A text-only model's tokenizer (images=False) keeps its vocabulary as it is: no `<image>` token.
         self.image_token_id = self._image_token_id(image_token_id) if images else None
         self.pad_id = self._pad_id(pad_token_id)
@@ -90,7 +97,8 @@ class TextTokenizer:
     def _required_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
         if token_id is None:
-            raise TokenizerError(f"{self.source}: the vocabulary has no {token!r} token (not a LLaMA tokenizer?)")
+            raise TokenizerError(f"{self.source}: the vocabulary has no {token!r} token (LLaMA's BOS and EOS are <s> and "
+                                 "</s>; another model names its own in tokenizer_config.json's bos_token, eos_token)")
         return token_id
 
     def _image_token_id(self, expected: int | None) -> int:
@@ -122,8 +130,9 @@ class TextTokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """The text's ids; with add_bos, BOS first where the model's prompts start with it (`adds_bos`)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if add_bos else ids
+        return [self.bos_id] + ids if add_bos and self.adds_bos else ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -143,7 +152,32 @@ def load_tokenizer(model_dir: str | Path, image_token_id: int | None = None,
     except Exception as err:  # tokenizers raises a bare Exception for malformed files
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from err
     return TextTokenizer(backend, image_token_id=image_token_id, pad_token_id=pad_token_id, source=str(path),
-                         images=images)
+                         images=images, **special_tokens(Path(model_dir) / "tokenizer_config.json"))
+
+
+def special_tokens(path: Path) -> dict:
+    """BOS, EOS and whether prompts start with BOS, from transformers' tokenizer_config.json when the folder has one
+    (a token is a string or an {"content": ...} object there); LLaMA's `<s>`, `</s>` and yes otherwise."""
+    found = {"bos_token": "<s>", "eos_token": "</s>", "adds_bos": True}
+    if not path.is_file():
+        return found
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{path}: not readable JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise TokenizerError(f"{path}: {key} must be a string, got {token!r}")
+        found[key] = token or found[key]
+    adds_bos = config.get("add_bos_token", True)
+    if not isinstance(adds_bos, bool):
+        raise TokenizerError(f"{path}: add_bos_token must be true or false, got {adds_bos!r}")
+    found["adds_bos"] = adds_bos
+    return found
 
 
 def check_token_ids(tokenizer: TextTokenizer, vocab_rows: int, where: str) -> None:
@@ -169,24 +203,32 @@ def check_token_ids(tokenizer: TextTokenizer, vocab_rows: int, where: str) -> No
 class PromptFormat:
     """How one conversation turn is written. A full prompt is
     `system + user_prefix + image_marker * n_images + question + assistant_prefix`; a finished assistant reply is
-    `" " + reply + turn_end`, and the next user turn follows directly."""
+    `reply_prefix + reply + turn_end`, and the next user turn follows directly."""
 
     name: str
     system: str
     user_prefix: str = "USER: "
     assistant_prefix: str = " ASSISTANT:"
+    reply_prefix: str = " "
     turn_end: str = "</s>"
     image_marker: str = IMAGE_TOKEN + "\n"
 
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# SmolLM2-Instruct's chat template puts this system turn first when the conversation has none.
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 PROMPT_FORMATS = {
     # llava-hf's model card and chat template: no system prompt.
     "llava-hf": PromptFormat(name="llava-hf", system=""),
     # LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>"): what LLaVA-1.5 was trained with.
     "vicuna_v1": PromptFormat(name="vicuna_v1", system=VICUNA_SYSTEM + " "),
+    # ChatML as SmolLM2-Instruct's chat template writes it (with add_generation_prompt): each turn is
+    # "<|im_start|>{role}\n{content}<|im_end|>\n"; no BOS (tokenizer_config.json: add_bos_token false).
+    "chatml": PromptFormat(name="chatml", system=f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n",
+                           user_prefix="<|im_start|>user\n", assistant_prefix="<|im_end|>\n<|im_start|>assistant\n",
+                           reply_prefix="", turn_end="<|im_end|>\n"),
 }
 
 
@@ -206,7 +248,8 @@ def build_prompt(question: str, num_images: int = 0, prompt_format: str | Prompt
     text = fmt.system
     images = fmt.image_marker * num_images
     for past_question, past_answer in history:
-        text += fmt.user_prefix + images + past_question + fmt.assistant_prefix + " " + past_answer + fmt.turn_end
+        text += (fmt.user_prefix + images + past_question + fmt.assistant_prefix + fmt.reply_prefix + past_answer
+                 + fmt.turn_end)
         images = ""
     return text + fmt.user_prefix + images + question + fmt.assistant_prefix
 

@@ -283,8 +283,8 @@ def test_vicuna_v1_prompt_format_and_history():
 
 
 def test_unknown_prompt_format_is_an_error():
-    with pytest.raises(DataError, match="unknown prompt format 'chatml'"):
-        build_prompt("hi", prompt_format="chatml")
+    with pytest.raises(DataError, match="unknown prompt format 'alpaca'"):
+        build_prompt("hi", prompt_format="alpaca")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
