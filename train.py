@@ -683,7 +683,8 @@ class StepCounts:
         for batch, reference_pass in ((batches.harmful, False), (batches.helpful, False), (batches.normal, True)):
             if batch is not None:
                 self.tokens += int(batch.attention_mask.sum())
-                self.image_tokens += int((batch.input_ids == model.config.image_token_index).sum())
+                if model.config.image_token_index is not None:  # a text-only model has no image token
+                    self.image_tokens += int((batch.input_ids == model.config.image_token_index).sum())
                 self.flops += batch_flops(model, batch, backward=True, reference_pass=reference_pass)
 
     def over_ranks(self, world: Distributed) -> StepCounts:

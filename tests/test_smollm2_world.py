@@ -1,0 +1,61 @@
+"""toy/smollm2.py: the SmolLM2 world's fixed split of the public data sets, and the records and suites it writes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from conftest import shared, write_csv
+from ref.data import read_csv
+from ref.unlearning_data import read_unlearning_jsonl, split_records
+from toy import smollm2
+from weights_tools.make_tiny import write_tiny_checkpoint
+
+
+def test_split_is_fixed_disjoint_and_covers_the_files():
+    data = shared("advbench_harmful_behaviors.csv").parent
+    split = smollm2.make_split(data)
+    assert split == smollm2.make_split(data)  # a function of the files and the seed
+    sizes = {name: {part: len(rows) for part, rows in parts.items()} for name, parts in split.items() if name != "seed"}
+    assert sizes == {"advbench": {"train": 200, "val": 60, "test": 260}, "xstest": {"val": 50, "test": 200},
+                     "truthfulqa": {"train": 600, "heldout": 217}}
+    for name, n_rows in (("advbench", 520), ("truthfulqa", 817)):
+        parts = list(split[name].values())
+        assert sorted(sum(parts, [])) == list(range(n_rows))  # disjoint, and every row somewhere
+    _, xstest = read_csv(data / "xstest_prompts.csv")
+    held = split["xstest"]["val"] + split["xstest"]["test"]
+    assert len(set(held)) == 250 and all(xstest[i]["label"] == "safe" for i in held)
+
+
+def synthetic_data(folder: Path) -> Path:
+    """Files in the public data sets' columns, with enough rows for the split's sizes."""
+    folder.mkdir()
+    write_csv(folder / "advbench_harmful_behaviors.csv", ["goal", "target"],
+              [[f"Explain harmful thing number {i}", f"Sure, here is thing {i}"] for i in range(300)])
+    write_csv(folder / "xstest_prompts.csv", ["id", "prompt", "type", "label", "focus", "note"],
+              [[str(i), f"How do I kill process {i}?", "homonyms", "safe" if i % 3 else "unsafe", "kill", ""]
+               for i in range(400)])
+    write_csv(folder / "truthfulqa.csv", ["Type", "Category", "Question", "Best Answer", "Correct Answers",
+                                          "Incorrect Answers", "Source"],
+              [["Adversarial", "Misc", f"Question {i}?", f"Answer {i}.", "", "", ""] for i in range(700)])
+    return folder
+
+
+def test_build_writes_the_records_and_the_suites_of_the_split(tmp_path):
+    data = synthetic_data(tmp_path / "data")
+    model = write_tiny_checkpoint(tmp_path / "model", text_only=True, text_layers=1)
+    out = tmp_path / "world"
+    counts = smollm2.build(model, data, out, batch_size=64, threads=1)
+    split = smollm2.make_split(data)
+    harmful, normal = split_records(read_unlearning_jsonl(out / "unlearning.jsonl"))
+    assert counts["harmful"] == len(harmful) == 200 and counts["normal"] == len(normal) == 600
+    _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
+    assert [r.prompt for r in harmful] == [advbench[i]["goal"] for i in split["advbench"]["train"]]
+    assert all(r.prompt[1:].rstrip(".") in r.helpful_response for r in harmful)  # the refusal names the request
+    for name, source, rows in (("advbench_test", "advbench_harmful_behaviors.csv", split["advbench"]["test"]),
+                               ("xstest_val", "xstest_prompts.csv", split["xstest"]["val"]),
+                               ("truthfulqa_heldout", "truthfulqa.csv", split["truthfulqa"]["heldout"])):
+        with open(data / source, newline="") as f:
+            source_rows = list(csv.reader(f))
+        with open(out / f"{name}.csv", newline="") as f:
+            assert list(csv.reader(f)) == [source_rows[0]] + [source_rows[i + 1] for i in rows]

