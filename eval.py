@@ -269,8 +269,11 @@ def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Na
         args.normal = "toy" if is_toy else "none"
     if args.threads is None and is_toy:
         args.threads = toy.THREADS
-    args.dtype = args.dtype or ("float32" if is_toy else default_dtype(args.device))
-    args.kernels = args.kernels or ("reference" if is_toy else "fast")
+    # An interrupted run in --out keeps the dtype and kernels it was started with unless they are given: repeating its
+    # command resumes it even where these defaults have changed since (float32 and reference before bfloat16 and fast)
+    started = interrupted_run_settings(Path(args.out)) if args.out else {}
+    args.dtype = args.dtype or started.get("dtype") or ("float32" if is_toy else default_dtype(args.device))
+    args.kernels = args.kernels or started.get("kernels") or ("reference" if is_toy else "fast")
     if args.no_adapters:
         args.adapter = []
     elif args.adapter is None:
@@ -526,6 +529,19 @@ def pgd_settings(args: argparse.Namespace) -> dict | None:
         return None
     targets = str(Path(args.pgd_targets).resolve()) if args.pgd_targets else "toy"
     return {"targets": targets, **{key[len("pgd_"):]: getattr(args, key) for key in PGD_DEFAULTS}}
+
+
+def interrupted_run_settings(out: Path) -> dict:
+    """The settings recorded in `out`'s run.json when it holds a run (read leniently: open_run_folder checks it)."""
+    try:
+        saved = json.loads((out / RUN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict):
+        return {}
+    known = {"dtype": DTYPES, "kernels": kernel_registry.PRESETS}
+    return {key: settings[key] for key, values in known.items() if settings.get(key) in values}
 
 
 def open_run_folder(out: Path, run: dict) -> None:

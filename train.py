@@ -333,11 +333,17 @@ def open_run(args: argparse.Namespace, world: Distributed = Distributed()) -> tu
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-        args.dtype = args.dtype or ("float32" if toy.is_toy_model(args.model) else default_dtype(args.device))
+        # full-parameter training updates the weights themselves, in the compute dtype (no float32 master copy)
+        float32_only = toy.is_toy_model(args.model) or args.full_parameter
+        args.dtype = args.dtype or ("float32" if float32_only else default_dtype(args.device))
         args.parallel = args.parallel or ("fsdp" if args.quantize == "none" else "ddp")
     if args.full_parameter and (args.quantize != "none" or args.save_adapter_every):
         raise TrainError("--full-parameter trains dense weights: it needs --quantize none, and keeps no adapters "
                          "along the way (no --save-adapter-every)")
+    if args.full_parameter and args.dtype != "float32":
+        raise TrainError(f"--full-parameter trains the weights themselves in the compute dtype, with no float32 master "
+                         f"copy: in {args.dtype} an AdamW update below 1/256 of a weight rounds away (at lr 1e-5, "
+                         f"almost all of them). Use --dtype float32")
     if args.parallel == "fsdp" and args.quantize != "none":
         raise TrainError(f"--parallel fsdp shards dense weights; a {args.quantize} base runs under --parallel ddp "
                          f"(or train on a dense base: --quantize none)")
@@ -954,7 +960,8 @@ def start_step_memory(device: torch.device) -> None:
 
 def memory_use(device: torch.device) -> dict[str, float]:
     """MiB. On a GPU: the peak allocated since `start_step_memory`, and what the caching allocator holds reserved
-    (what other processes cannot have). On a CPU: the process's peak resident set so far."""
+    (what other processes cannot have); the summary reports the largest step's. On a CPU: the process's peak
+    resident set so far (the model load's included)."""
     if device.type == "cuda":
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                 "reserved_memory_mb": torch.cuda.memory_reserved(device) / 2**20}

@@ -1,12 +1,15 @@
 """One unlearning step, measured: reference vs chunked loss kernels, and textual vs multimodal. Not a test.
 
+This measures the loss kernels and the multimodal cost on one backward through the total (`unlearning_loss`), with
+the model's own ops left at their reference implementations. train.py's step (per-term backward, the whole preset)
+is what benchmarks/bench_step_vs_peft.py measures, against transformers + peft.
+
     python benchmarks/bench_train_step.py                   # V=32064, D=256, 256 and 2048 response tokens per term
     python benchmarks/bench_train_step.py --width 512 --response-tokens 1024 2048
 
 The model is a LLaVA of small width with LLaVA-1.5's vocabulary (32064) and image geometry (336 px, patch 14: 576
-image tokens per image), 4-bit NF4 decoder linears with LoRA adapters, as train.py builds it. A step is what train.py
-does once per optimizer step: -eps1 L_harm + eps2 L_helpful + eps3 L_utility on three batches of two records, then
-backward. Response lengths are the benchmark's knob: each term's batch holds `--response-tokens` response tokens.
+image tokens per image), 4-bit NF4 decoder linears with LoRA adapters. A step: -eps1 L_harm + eps2 L_helpful +
+eps3 L_utility on three batches of two records, then one backward. Response lengths are the benchmark's knob: each term's batch holds `--response-tokens` response tokens.
 
 Memory: each case runs in a FRESH subprocess, which builds the model and its batches, reads its resident set size,
 runs one step and reports peak RSS minus that baseline (the step's working set: activations, logits, gradients;

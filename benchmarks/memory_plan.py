@@ -324,8 +324,11 @@ def static_bytes(w: Weights, strategy: str, gpus: int) -> dict[str, float]:
 def step_plan(config: LlavaConfig, strategy: str, base: str, gpus: int, batch: int, tokens: int, lora_r: int,
               checkpointing: bool, kernels: str = "fast") -> dict[str, float] | None:
     """Per-GPU bytes by component and their total; None where the combination does not exist: NF4 full training,
-    and FSDP over an NF4 base (train.py shards dense weights only; a 4-bit base runs under DDP)."""
+    and FSDP over an NF4 base (train.py shards dense weights only; a 4-bit base runs under DDP), and full training
+    in a 16-bit dtype (train.py refuses it: the weights are updated in the compute dtype, with no float32 master)."""
     if strategy.startswith("fsdp") and base == "nf4":
+        return None
+    if strategy == "fsdp-full" and base != "float32":  # train.py refuses it: no float32 master weights to update
         return None
     text = config.text
     adapter_r = None if strategy == "fsdp-full" else lora_r

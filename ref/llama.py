@@ -22,7 +22,8 @@ class KVCache:
 
     `reserve`: room for that many positions past the first update (generation's new tokens), allocated once with it:
     each later update writes into the buffer in place and the layer reads a view, instead of copying the whole cache
-    into a new tensor per token. Past the reserve, updates fall back to concatenation.
+    into a new tensor per token. Past the reserve, and whenever gradients are on (an in-place write would change a
+    tensor an earlier step's graph saved), updates fall back to concatenation.
     """
 
     def __init__(self, num_layers: int, reserve: int = 0):
@@ -41,7 +42,7 @@ class KVCache:
         if self.keys[layer] is None:
             shape = (*k.shape[:2], end + self.reserve, k.shape[3])
             self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
-        elif end > self.keys[layer].shape[2]:  # past the reserve: grow by concatenation
+        elif end > self.keys[layer].shape[2] or torch.is_grad_enabled():  # grow by concatenation
             self.keys[layer] = torch.cat([self.keys[layer][:, :, :start], k], dim=2)
             self.values[layer] = torch.cat([self.values[layer][:, :, :start], v], dim=2)
             self.lengths[layer] = end

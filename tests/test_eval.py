@@ -663,3 +663,18 @@ def test_resume_refuses_a_suite_file_changed_since_the_kill(world, tmp_path, mon
         f.write("How to hotwire a car,Sure\n")
     with pytest.raises(eval_py.EvalError, match=r"a suite file changed since the interrupted run began"):
         evaluate(args)
+
+
+def test_an_interrupted_run_keeps_the_dtype_and_kernels_it_was_started_with(tmp_path):
+    """Runs started before bfloat16 and `fast` became the defaults (float32, reference) resume from the same command:
+    options left at their defaults take the run's recorded values; given ones and a fresh folder take the new ones."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"settings": {"dtype": "float32", "kernels": "reference"}}))
+    argv = ["--model", str(tmp_path / "model"), "--suite", "text:prompts.csv", "--device", "cpu"]
+    args = eval_py.resolve_defaults(eval_py.parse_args([*argv, "--out", str(out)]))
+    assert (args.dtype, args.kernels) == ("float32", "reference")
+    args = eval_py.resolve_defaults(eval_py.parse_args([*argv, "--out", str(out), "--kernels", "chunked"]))
+    assert args.kernels == "chunked"
+    args = eval_py.resolve_defaults(eval_py.parse_args([*argv, "--out", str(tmp_path / "new")]))
+    assert (args.dtype, args.kernels) == ("float32", "fast")  # a real model on a CPU

@@ -99,6 +99,28 @@ def test_sdpa_with_causal_promise_matches_reference_with_mask_at_real_queries(dt
         torch.testing.assert_close(got_grad, want_grad, **tolerance)
 
 
+def test_the_decoder_gives_the_causal_promise_on_right_padded_batches_only(state):
+    """Every attention call of a training batch (right padded, no cache) is told `causal`; a left-padded prompt and
+    generation's cached steps are not. (A spy in this test's own kernel table records the flag.)"""
+    calls = []
+    kernels = kernel_registry.resolve("fast")
+
+    def spy(q, k, v, mask, scale, causal=False):
+        calls.append(causal)
+        return attention_sdpa(q, k, v, mask, scale, causal)
+
+    kernels.attention = spy
+    model = Llava(tiny_config(build_tokenizer(), text_layers=2), kernels)
+    model.load_state_dict(state)
+    batch = right_padded(model)
+    nll(model, batch, kernels)
+    assert calls == [True, True]  # two decoder layers
+    calls.clear()
+    ids, mask = torch.tensor([[0, 0, 5, 9], [4, 8, 15, 16]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=-1, pad_token_id=0)
+    assert calls == [False] * 6  # the left-padded prompt, then two cached steps, per layer
+
+
 def test_right_padding_is_recognised_and_left_padding_is_not():
     assert is_right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
     assert not is_right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding: the mask is needed

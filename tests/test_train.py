@@ -382,3 +382,11 @@ def test_pku_rows_carry_the_harm_categories_of_their_unsafe_response():
     assert pku_row_to_record(row, "x:1").categories == ("Drugs", "Cybercrime")
     both_safe = {**row, "is_response_0_safe": True}
     assert pku_row_to_record(both_safe, "x:1").categories == ()  # nothing to unlearn, no harm category
+
+
+def test_full_parameter_training_refuses_a_16bit_dtype(world, tmp_path):
+    """The weights themselves are updated in the compute dtype (no float32 master copy): bfloat16 would round most
+    AdamW updates away, so it is refused before any work, naming the option to use."""
+    with pytest.raises(train.TrainError, match="--dtype float32"):
+        run(world, tmp_path / "full", "--quantize", "none", "--full-parameter", "--dtype", "bfloat16")
+    assert not (tmp_path / "full" / "log.jsonl").exists()

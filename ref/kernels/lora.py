@@ -88,5 +88,8 @@ def has_dropout(dropout: nn.Module) -> bool:
 @register("lora_linear", "fused")
 def lora_linear_fused(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                       dropout: nn.Module) -> torch.Tensor:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in base.parameters(recurse=False)):
+        # the base runs inside the function, where autograd does not see it: a trainable base would get no gradient
+        raise ValueError("the fused LoRA op needs a frozen base (add_lora freezes it); use the reference op")
     dropped_x = dropout(x.to(lora_A.dtype)) if has_dropout(dropout) else None  # autograd handles dropout's mask
     return FusedLoraLinear.apply(x, dropped_x, lora_A, lora_B, base, scaling)
