@@ -17,14 +17,15 @@ def test_split_is_fixed_disjoint_and_covers_the_files():
     split = smollm2.make_split(data)
     assert split == smollm2.make_split(data)  # a function of the files and the seed
     sizes = {name: {part: len(rows) for part, rows in parts.items()} for name, parts in split.items() if name != "seed"}
-    assert sizes == {"advbench": {"train": 200, "val": 60, "test": 260}, "xstest": {"val": 50, "test": 200},
+    assert sizes == {"advbench": {"train": 200, "val": 60, "test": 260}, "xstest": {"val": 90, "test": 360},
                      "truthfulqa": {"train": 600, "heldout": 217}}
-    for name, n_rows in (("advbench", 520), ("truthfulqa", 817)):
+    for name, n_rows in (("advbench", 520), ("xstest", 450), ("truthfulqa", 817)):
         parts = list(split[name].values())
         assert sorted(sum(parts, [])) == list(range(n_rows))  # disjoint, and every row somewhere
     _, xstest = read_csv(data / "xstest_prompts.csv")
-    held = split["xstest"]["val"] + split["xstest"]["test"]
-    assert len(set(held)) == 250 and all(xstest[i]["label"] == "safe" for i in held)
+    labels = {part: [xstest[i]["label"] for i in rows] for part, rows in split["xstest"].items()}
+    assert (labels["val"].count("safe"), labels["val"].count("unsafe")) == (50, 40)
+    assert (labels["test"].count("safe"), labels["test"].count("unsafe")) == (200, 160)
 
 
 def synthetic_data(folder: Path) -> Path:

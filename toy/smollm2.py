@@ -7,7 +7,8 @@ The split is fixed here, from the data sets in ../shared/data and a seed, before
 
 - AdvBench's 520 harmful behaviours, shuffled: 200 to unlearn (train), 60 to choose settings on (validation), 260
   held out as text attacks (test).
-- XSTest's 250 safe prompts: 50 validation, 200 test (over-refusal).
+- XSTest's 250 safe prompts: 50 validation, 200 test (over-refusal); its 200 unsafe contrast prompts: 40 and 160
+  (eval.py's xstest suite reads both: the safe ones for over-refusal, the unsafe ones as attacks).
 - TruthfulQA's 817 questions with their best answers: 600 normal records (the KL term), 217 held out (utility).
 
 The unlearning records: each train behaviour with the base model's own greedy answer in the ChatML format (what it
@@ -17,7 +18,7 @@ written from templates (`refusal`); TruthfulQA's train rows as normal records. W
     split.json             the seed and every split as row numbers of the source files
     unlearning.jsonl       ref.unlearning_data's schema: 200 harmful records, then 600 normal ones
     advbench_val.csv, advbench_test.csv            `goal` column: eval.py --suite text:...
-    xstest_val.csv, xstest_test.csv                XSTest's columns, safe rows only: --suite xstest:...
+    xstest_val.csv, xstest_test.csv                XSTest's columns and rows: --suite xstest:...
     truthfulqa_heldout.csv                         TruthfulQA's columns: --normal truthfulqa:...
 """
 
@@ -43,7 +44,7 @@ from ref.weights import load_model
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPLIT_SEED = 0
 ADVBENCH_SIZES = {"train": 200, "val": 60}  # the rest (260) is the test split
-XSTEST_VAL = 50
+XSTEST_VAL = {"safe": 50, "unsafe": 40}
 TRUTHFULQA_TRAIN = 600
 HARMFUL_TOKENS = 96  # the base's answers are cut here: enough to carry the harmful content, cheap to train on
 
@@ -75,16 +76,20 @@ def make_split(data: Path, seed: int = SPLIT_SEED) -> dict:
     """Row numbers (0-based, in file order after the header) of every split; a function of the files and the seed."""
     _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
     _, xstest_rows = read_csv(data / "xstest_prompts.csv")
-    xstest = [i for i, row in enumerate(xstest_rows) if row["label"] == "safe"]
     _, truthfulqa = read_csv(data / "truthfulqa.csv")
     order = shuffled_rows(len(advbench), seed)
     n_train, n_val = ADVBENCH_SIZES["train"], ADVBENCH_SIZES["val"]
-    xstest_order = [xstest[i] for i in shuffled_rows(len(xstest), seed + 1)]
+    xstest = {"val": [], "test": []}
+    for label, n_label_val in XSTEST_VAL.items():  # each label split on its own, so both parts hold both
+        rows = [i for i, row in enumerate(xstest_rows) if row["label"] == label]
+        rows = [rows[i] for i in shuffled_rows(len(rows), seed + 1)]
+        xstest["val"] += rows[:n_label_val]
+        xstest["test"] += rows[n_label_val:]
     truthful_order = shuffled_rows(len(truthfulqa), seed + 2)
     return {"seed": seed,
             "advbench": {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
                          "test": sorted(order[n_train + n_val:])},
-            "xstest": {"val": sorted(xstest_order[:XSTEST_VAL]), "test": sorted(xstest_order[XSTEST_VAL:])},
+            "xstest": {part: sorted(rows) for part, rows in xstest.items()},
             "truthfulqa": {"train": sorted(truthful_order[:TRUTHFULQA_TRAIN]),
                            "heldout": sorted(truthful_order[TRUTHFULQA_TRAIN:])}}
 
