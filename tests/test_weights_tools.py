@@ -111,6 +111,15 @@ def test_inspect_counts_match_an_independent_count(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["parameters"]["decoder"] == counts["decoder"]
 
 
+def test_inspect_describes_a_text_only_checkpoint(tmp_path):
+    """A LlamaForCausalLM folder (the LLM judges, SmolLM2) has no vision tower: said so, not a crash."""
+    folder = make_tiny.write_tiny_checkpoint(tmp_path / "text", text_only=True, text_layers=1)
+    summary = inspect.describe(folder)
+    assert summary["config"]["vision"].startswith("none")
+    assert summary["parameters"]["vision_tower"] == summary["parameters"]["projector"] == 0
+    assert "vision: none" in inspect.format_summary(summary)
+
+
 def test_inspect_reports_errors_with_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         inspect.main([str(tmp_path)])

@@ -45,9 +45,7 @@ def describe(path: str | Path, vision_dir: str | Path | None = None) -> dict:
         "dtypes": dict(sorted(Counter(info.dtype for info in stored.values()).items())),
         "config": {
             "source_format": config.source_format,
-            "vision": f"CLIP {config.vision.num_hidden_layers} layers, hidden {config.vision.hidden_size}, "
-                      f"{config.vision.num_attention_heads} heads, image {config.vision.image_size}, "
-                      f"patch {config.vision.patch_size}",
+            "vision": vision_line(config.vision),
             "text": f"LLaMA {config.text.num_hidden_layers} layers, hidden {config.text.hidden_size}, "
                     f"{config.text.num_attention_heads} heads ({config.text.num_key_value_heads} KV), "
                     f"MLP {config.text.intermediate_size}, vocab {config.text.vocab_size}",
@@ -59,6 +57,13 @@ def describe(path: str | Path, vision_dir: str | Path | None = None) -> dict:
             "tie_word_embeddings": config.text.tie_word_embeddings,
         },
     }
+
+
+def vision_line(vision) -> str:
+    if vision is None:
+        return "none (a text-only LLaMA)"
+    return (f"CLIP {vision.num_hidden_layers} layers, hidden {vision.hidden_size}, {vision.num_attention_heads} heads, "
+            f"image {vision.image_size}, patch {vision.patch_size}")
 
 
 def format_summary(summary: dict) -> str:
