@@ -33,8 +33,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def default_dtype(device: str) -> str:
     """The compute dtype of a model other than the toy when none is asked for: bfloat16 on a GPU (LLaVA-1.5's own;
-    float32 would double the memory and leave the tensor cores idle), float32 on a CPU (without bfloat16 matrix units
-    its bfloat16 matmuls are no faster, and the toy's tables are float32)."""
+    float32 would double the memory and leave the tensor cores idle), float32 on a CPU (where bfloat16 pays only on
+    CPUs with bfloat16 instructions, and the loss kernels compute their logits in float32 anyway: README,
+    "Performance, side by side"; --dtype bfloat16 asks for it)."""
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
