@@ -135,3 +135,20 @@ def write_tiny_judge(folder: Path, answer: str) -> Path:
     from weights_tools.make_tiny import write_tiny_checkpoint
     return write_tiny_checkpoint(folder, text_only=True, extra_words=judge_words(), model_edit=answers_always(answer),
                                  max_position_embeddings=2048)
+
+
+def evaluate(argv: list[str]) -> dict:
+    """eval.py's run on these options, its errors raised (main turns them into one line and exit status 2)."""
+    import eval as eval_py  # the program, imported only by the tests that run it
+
+    return eval_py.run(eval_py.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster than two, and much faster when other processes share the cores. A module
+    asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

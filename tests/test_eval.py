@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as eval_py
-from conftest import judge_words, write_csv, write_jsonl, write_random_adapter, write_tiny_judge
+from conftest import evaluate, judge_words, write_csv, write_jsonl, write_random_adapter, write_tiny_judge
 from evals.generation import Sampling, generate_responses, tokenize_samples
 from evals.judges import judge as phrase_judge
 from evals.suites import AttackSample, SuiteError, load_harmful_prompts, load_suites, parse_suite_spec
@@ -28,18 +28,7 @@ from toy import defaults as toy
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 
-def evaluate(argv: list[str]) -> dict:
-    """eval.py's run on these options, its errors raised (main turns them into one line and exit status 2)."""
-    return eval_py.run(eval_py.parse_args(argv))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two, and much faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest (conftest.py)
 
 
 @pytest.fixture(scope="module")

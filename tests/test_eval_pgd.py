@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import eval as eval_py
-from conftest import write_jsonl, write_random_adapter
+from conftest import evaluate, write_jsonl, write_random_adapter
 from evals import pgd
 from evals.suites import SuiteError, SuiteOptions, load_suites
 from ref.data import load_processor
@@ -25,16 +25,7 @@ SUITES = ["pgd_eps2_transfer", "pgd_eps2_whitebox", "pgd_unconstrained_transfer"
 BUDGET = {"eps2": 2, "unconstrained": 255}
 
 
-def evaluate(argv: list[str]) -> dict:
-    return eval_py.run(eval_py.parse_args(argv))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest (conftest.py)
 
 
 @pytest.fixture(scope="module")
