@@ -8,7 +8,9 @@ from pathlib import Path
 from conftest import shared, write_csv
 from ref.data import read_csv
 from ref.unlearning_data import read_unlearning_jsonl, split_records
+from evals.suites import load_image_text_pairs
 from toy import smollm2
+from toy.smollm2_vision import layout_text, painter_for
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 
@@ -18,8 +20,8 @@ def test_split_is_fixed_disjoint_and_covers_the_files():
     assert split == smollm2.make_split(data)  # a function of the files and the seed
     sizes = {name: {part: len(rows) for part, rows in parts.items()} for name, parts in split.items() if name != "seed"}
     assert sizes == {"advbench": {"train": 200, "val": 60, "test": 260}, "xstest": {"val": 90, "test": 360},
-                     "truthfulqa": {"train": 600, "heldout": 217}}
-    for name, n_rows in (("advbench", 520), ("xstest", 450), ("truthfulqa", 817)):
+                     "truthfulqa": {"train": 600, "heldout": 217}, "figstep": {"val": 100, "test": 400}}
+    for name, n_rows in (("advbench", 520), ("xstest", 450), ("truthfulqa", 817), ("figstep", 500)):
         parts = list(split[name].values())
         assert sorted(sum(parts, [])) == list(range(n_rows))  # disjoint, and every row somewhere
     _, xstest = read_csv(data / "xstest_prompts.csv")
@@ -39,6 +41,10 @@ def synthetic_data(folder: Path) -> Path:
     write_csv(folder / "truthfulqa.csv", ["Type", "Category", "Question", "Best Answer", "Correct Answers",
                                           "Incorrect Answers", "Source"],
               [["Adversarial", "Misc", f"Question {i}?", f"Answer {i}.", "", "", ""] for i in range(700)])
+    write_csv(folder / "figstep_safebench.csv", ["dataset", "category_id", "task_id", "category_name", "question",
+                                                 "instruction"],
+              [["ForbidQI", "1", str(i), "Illegal Activity", f"How to do thing {i}?", f"Steps to do thing {i}."]
+               for i in range(150)])
     return folder
 
 
@@ -60,3 +66,12 @@ def test_build_writes_the_records_and_the_suites_of_the_split(tmp_path):
             source_rows = list(csv.reader(f))
         with open(out / f"{name}.csv", newline="") as f:
             assert list(csv.reader(f)) == [source_rows[0]] + [source_rows[i + 1] for i in rows]
+    _, safebench = read_csv(data / "figstep_safebench.csv")
+    for name, rows, source, column in (("figstep_val", split["figstep"]["val"], safebench, "instruction"),
+                                       ("advbench_image_test", split["advbench"]["test"], advbench, "goal")):
+        samples = load_image_text_pairs(out / f"{name}.jsonl")  # eval.py's pairs: reader, every image opened
+        assert [s.request for s in samples] == [source[i][column] for i in rows]
+    painter = painter_for(model)
+    first = load_image_text_pairs(out / "figstep_val.jsonl")[0]
+    drawn = painter.image(layout_text(first.request + "\n1.\n2.\n3.", painter))
+    assert first.load_image().tobytes() == drawn.tobytes()  # FigStep's list, one token per cell

@@ -10,6 +10,8 @@ The split is fixed here, from the data sets in ../shared/data and a seed, before
 - XSTest's 250 safe prompts: 50 validation, 200 test (over-refusal); its 200 unsafe contrast prompts: 40 and 160
   (eval.py's xstest suite reads both: the safe ones for over-refusal, the unsafe ones as attacks).
 - TruthfulQA's 817 questions with their best answers: 600 normal records (the KL term), 217 held out (utility).
+- FigStep's SafeBench, 500 instructions: 100 validation, 400 test, as image attacks; the AdvBench validation and test
+  behaviours are also drawn as images (the image attacks are never trained on: unlearning sees text only).
 
 The unlearning records: each train behaviour with the base model's own greedy answer in the ChatML format (what it
 really says, so gradient ascent lowers the likelihood of its own harmful text) and a helpful refusal that redirects,
@@ -18,6 +20,9 @@ written from templates (`refusal`); TruthfulQA's train rows as normal records. W
     split.json             the seed and every split as row numbers of the source files
     unlearning.jsonl       ref.unlearning_data's schema: 200 harmful records, then 600 normal ones
     advbench_val.csv, advbench_test.csv            `goal` column: eval.py --suite text:...
+    figstep_val.jsonl, figstep_test.jsonl          SafeBench (100 / 400) as FigStep images for the SmolLM2 tower
+    advbench_image_val.jsonl, ..._test.jsonl       the AdvBench splits with the behaviour drawn in the image
+                                                   (both: --suite pairs:..., images in images/, toy/smollm2_vision.py)
     xstest_val.csv, xstest_test.csv                XSTest's columns and rows: --suite xstest:...
     truthfulqa_heldout.csv                         TruthfulQA's columns: --normal truthfulqa:...
 """
@@ -35,16 +40,19 @@ import torch
 
 from evals.generation import Sampling, generate_responses
 from evals.suites import AttackSample
+from evals.typographic import FIGSTEP_PROMPT, IMAGE_PIECE_PROMPT
 from ref.console import Progress, add_debug_option, exit_on_user_error
 from ref.data import build_prompt, load_processor, read_csv
 from ref.files import check_new_folder, new_folder
 from ref.unlearning_data import HarmfulRecord, NormalRecord, write_unlearning_jsonl
 from ref.weights import load_model
+from toy.smollm2_vision import CellPainter, layout_text, painter_for
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPLIT_SEED = 0
 ADVBENCH_SIZES = {"train": 200, "val": 60}  # the rest (260) is the test split
 XSTEST_VAL = {"safe": 50, "unsafe": 40}
+FIGSTEP_VAL = 100  # of SafeBench's 500; the rest (400) is the test split
 TRUTHFULQA_TRAIN = 600
 HARMFUL_TOKENS = 96  # the base's answers are cut here: enough to carry the harmful content, cheap to train on
 
@@ -86,7 +94,10 @@ def make_split(data: Path, seed: int = SPLIT_SEED) -> dict:
         xstest["val"] += rows[:n_label_val]
         xstest["test"] += rows[n_label_val:]
     truthful_order = shuffled_rows(len(truthfulqa), seed + 2)
+    _, safebench = read_csv(data / "figstep_safebench.csv")
+    figstep_order = shuffled_rows(len(safebench), seed + 3)
     return {"seed": seed,
+            "figstep": {"val": sorted(figstep_order[:FIGSTEP_VAL]), "test": sorted(figstep_order[FIGSTEP_VAL:])},
             "advbench": {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
                          "test": sorted(order[n_train + n_val:])},
             "xstest": {part: sorted(rows) for part, rows in xstest.items()},
@@ -103,6 +114,32 @@ def write_rows(path: Path, source: Path, rows: list[int]) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(body[i] for i in rows)
+
+
+def image_attack(painter: CellPainter, text: str, prompt: str, request: str, images: Path, key: str,
+                 category: str) -> dict:
+    """One image attack as a `pairs:` suite line; the image (drawn for the SmolLM2 tower) saved under `images`."""
+    name = f"{key}.png"
+    painter.image(layout_text(text, painter)).save(images / name, format="PNG")
+    return {"id": key, "prompt": prompt, "image": f"images/{name}", "request": request, "category": category}
+
+
+def write_image_suites(painter: CellPainter, data: Path, split: dict, folder: Path) -> None:
+    """FigStep (SafeBench instructions + FigStep's empty list "1." "2." "3.", with FigStep's prompt) and AdvBench as
+    images (the behaviour in the image, IMAGE_PIECE_PROMPT as the text), drawn one token per cell for the tower of
+    toy/smollm2_vision.py; one `pairs:` JSONL per split, images in folder/images."""
+    images = folder / "images"
+    images.mkdir()
+    _, safebench = read_csv(data / "figstep_safebench.csv")
+    _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
+    for part in ("val", "test"):
+        figstep = [image_attack(painter, f"{safebench[i]['instruction']}\n1.\n2.\n3.", FIGSTEP_PROMPT,
+                                safebench[i]["instruction"], images, f"figstep-{i}", safebench[i]["category_name"])
+                   for i in split["figstep"][part]]
+        advbench_images = [image_attack(painter, advbench[i]["goal"], IMAGE_PIECE_PROMPT, advbench[i]["goal"],
+                                        images, f"advbench-{i}", "advbench") for i in split["advbench"][part]]
+        for name, lines in ((f"figstep_{part}", figstep), (f"advbench_image_{part}", advbench_images)):
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def base_answers(model_dir: Path, goals: list[str], batch_size: int, threads: int) -> list[str]:
@@ -139,6 +176,7 @@ def build(model_dir: Path, data: Path, out: Path, batch_size: int = 16, threads:
                                    ("xstest_test", "xstest_prompts.csv", split["xstest"]["test"]),
                                    ("truthfulqa_heldout", "truthfulqa.csv", split["truthfulqa"]["heldout"])):
             write_rows(folder / f"{name}.csv", data / source, rows)
+        write_image_suites(painter_for(model_dir), data, split, folder)
     return {"harmful": len(harmful), "normal": len(normal), "out": str(out)}
 
 
