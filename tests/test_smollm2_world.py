@@ -67,8 +67,11 @@ def test_build_writes_the_records_and_the_suites_of_the_split(tmp_path):
         with open(out / f"{name}.csv", newline="") as f:
             assert list(csv.reader(f)) == [source_rows[0]] + [source_rows[i + 1] for i in rows]
     _, safebench = read_csv(data / "figstep_safebench.csv")
+    _, xstest = read_csv(data / "xstest_prompts.csv")
+    safe_test = [i for i in split["xstest"]["test"] if xstest[i]["label"] == "safe"]
     for name, rows, source, column in (("figstep_val", split["figstep"]["val"], safebench, "instruction"),
-                                       ("advbench_image_test", split["advbench"]["test"], advbench, "goal")):
+                                       ("advbench_image_test", split["advbench"]["test"], advbench, "goal"),
+                                       ("xstest_safe_image_test", safe_test, xstest, "prompt")):
         samples = load_image_text_pairs(out / f"{name}.jsonl")  # eval.py's pairs: reader, every image opened
         assert [s.request for s in samples] == [source[i][column] for i in rows]
     painter = painter_for(model)

@@ -22,7 +22,10 @@ written from templates (`refusal`); TruthfulQA's train rows as normal records. W
     advbench_val.csv, advbench_test.csv            `goal` column: eval.py --suite text:...
     figstep_val.jsonl, figstep_test.jsonl          SafeBench (100 / 400) as FigStep images for the SmolLM2 tower
     advbench_image_val.jsonl, ..._test.jsonl       the AdvBench splits with the behaviour drawn in the image
-                                                   (both: --suite pairs:..., images in images/, toy/smollm2_vision.py)
+    xstest_safe_image_val.jsonl, ..._test.jsonl    XSTest's safe prompts drawn the same way: the image control
+                                                   (all: --suite pairs:..., images in images/, toy/smollm2_vision.py;
+                                                   a pairs suite counts "not refused", which for the control is
+                                                   100% minus its refusal rate)
     xstest_val.csv, xstest_test.csv                XSTest's columns and rows: --suite xstest:...
     truthfulqa_heldout.csv                         TruthfulQA's columns: --normal truthfulqa:...
 """
@@ -127,18 +130,24 @@ def image_attack(painter: CellPainter, text: str, prompt: str, request: str, ima
 def write_image_suites(painter: CellPainter, data: Path, split: dict, folder: Path) -> None:
     """FigStep (SafeBench instructions + FigStep's empty list "1." "2." "3.", with FigStep's prompt) and AdvBench as
     images (the behaviour in the image, IMAGE_PIECE_PROMPT as the text), drawn one token per cell for the tower of
-    toy/smollm2_vision.py; one `pairs:` JSONL per split, images in folder/images."""
+    toy/smollm2_vision.py; and, as their control, XSTest's safe prompts drawn the same way (a model that refuses
+    these refuses images, not harm). One `pairs:` JSONL per split, images in folder/images."""
     images = folder / "images"
     images.mkdir()
     _, safebench = read_csv(data / "figstep_safebench.csv")
     _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
+    _, xstest = read_csv(data / "xstest_prompts.csv")
     for part in ("val", "test"):
         figstep = [image_attack(painter, f"{safebench[i]['instruction']}\n1.\n2.\n3.", FIGSTEP_PROMPT,
                                 safebench[i]["instruction"], images, f"figstep-{i}", safebench[i]["category_name"])
                    for i in split["figstep"][part]]
         advbench_images = [image_attack(painter, advbench[i]["goal"], IMAGE_PIECE_PROMPT, advbench[i]["goal"],
                                         images, f"advbench-{i}", "advbench") for i in split["advbench"][part]]
-        for name, lines in ((f"figstep_{part}", figstep), (f"advbench_image_{part}", advbench_images)):
+        safe_images = [image_attack(painter, xstest[i]["prompt"], IMAGE_PIECE_PROMPT, xstest[i]["prompt"], images,
+                                    f"xstest-{i}", xstest[i]["type"])
+                       for i in split["xstest"][part] if xstest[i]["label"] == "safe"]
+        for name, lines in ((f"figstep_{part}", figstep), (f"advbench_image_{part}", advbench_images),
+                            (f"xstest_safe_image_{part}", safe_images)):
             (folder / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
