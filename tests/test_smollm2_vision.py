@@ -4,13 +4,17 @@ that joins it to a decoder. On tiny checkpoints (the real SmolLM2 folder is not 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from ref.config import LlavaConfig, TextConfig
 from ref.data import build_prompt, load_processor, preprocess_image
 from ref.unlearning_data import HarmfulRecord, NormalRecord, write_unlearning_jsonl
+from ref.llava import Llava
+from ref.provenance import sha256_file
 from ref.weights import load_model, load_state_dict
 from toy import smollm2_vision as vision
 from toy.build import alignment_loss
@@ -168,3 +172,22 @@ def test_the_tower_fits_the_reading_objective(text_model, painter):
     unit = torch.nn.functional.normalize
     nearest = (unit(features, dim=-1) @ unit(embeddings, dim=-1).T).argmax(-1)
     assert (nearest == targets[targets >= 0]).float().mean() > 0.3  # chance: 1 in the vocabulary's 448
+
+
+def test_the_committed_tower_is_whole_and_fits_this_code():
+    """assets/smollm2_vision: the files its manifest names, with their sha256, and tensors that a tower and projector
+    of this code's config for SmolLM2 (width 576) take, name for name and shape for shape."""
+    folder = vision.VISION_ASSET
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {vision.VISION_FILE, vision.CONFIG_FILE}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(folder / name) == digest, name
+    config = json.loads((folder / vision.CONFIG_FILE).read_text())
+    assert config["vision_config"] == dataclasses.asdict(vision.vision_config()) and config["cell"] == vision.CELL
+    smollm2 = LlavaConfig(vision=vision.vision_config(), text=TextConfig(vocab_size=49152, hidden_size=576),
+                          image_token_index=49152, vision_feature_layer=-1)
+    with torch.device("meta"):
+        expected = vision.vision_state(Llava(smollm2))
+    state = vision.load_vision(folder)
+    assert {name: tuple(t.shape) for name, t in state.items()} == {n: tuple(t.shape) for n, t in expected.items()}
+    assert all(torch.isfinite(t).all() for t in state.values())
