@@ -68,13 +68,13 @@ def judge_rows(kind: str, rows: Sequence[dict], attack_verdicts_by_judge: dict[s
 
 
 def attack_verdicts(judge_, rows: Sequence[dict]) -> list[Verdict]:
-    """One judge's verdicts on saved attack rows: an LLM judge reads request, response and context; any other judge
-    only the response."""
+    """One judge's verdicts on saved attack rows: an LLM judge reads request, response and context; the answer judge
+    response and request; a phrase judge only the response."""
     responses = [row["response"] for row in rows]
     if isinstance(judge_, LLMJudge):
         return judge_.verdicts(judge_.inputs(responses, [row["request"] for row in rows],
                                              [row.get("context") for row in rows]))
-    return [Verdict(flag) for flag in judge_.attack_successes(responses)]
+    return [Verdict(flag) for flag in judge_.attack_successes(responses, [row["request"] for row in rows])]
 
 
 def saved_verdicts(rows: Sequence[dict], name: str) -> list[Verdict]:
