@@ -132,6 +132,19 @@ def test_join_refuses_a_tower_built_for_another_layout(tmp_path, text_model):
         vision.join(text_model, tmp_path / "vision", tmp_path / "llava")
 
 
+def test_join_names_a_missing_or_broken_tower_file(tmp_path, text_model):
+    with pytest.raises(FileNotFoundError, match="no vision.safetensors, config.json, manifest.json"):
+        vision.join(text_model, tmp_path / "nowhere", tmp_path / "llava")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in (vision.CONFIG_FILE, "manifest.json"):
+        (broken / name).write_bytes((vision.VISION_ASSET / name).read_bytes())
+    (broken / vision.VISION_FILE).write_bytes((vision.VISION_ASSET / vision.VISION_FILE).read_bytes()[:1000])
+    with pytest.raises(ValueError, match="vision.safetensors: not a readable safetensors file"):
+        vision.join(text_model, broken, tmp_path / "llava")
+    assert not (tmp_path / "llava").exists()  # nothing half-written
+
+
 def test_reading_loss_equals_a_float64_cross_entropy_over_the_candidates():
     torch.manual_seed(0)
     features, embeddings = torch.randn(2, 3, 5), torch.randn(10, 5)

@@ -377,18 +377,29 @@ def save_vision(model: Llava, out: Path, manifest: dict) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def check_vision_folder(folder: Path) -> None:
+    missing = [name for name in (VISION_FILE, CONFIG_FILE, "manifest.json") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: no {', '.join(missing)}: not a folder python -m toy.smollm2_vision build "
+                                f"wrote")
+
+
 def load_vision(folder: str | Path) -> dict[str, torch.Tensor]:
     """The tower + projector tensors of a folder this module wrote, float32, llava-hf names."""
     path = Path(folder) / VISION_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no {VISION_FILE} (write one with python -m toy.smollm2_vision)")
-    return {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+    check_vision_folder(Path(folder))
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    return {name: tensor.float() for name, tensor in state.items()}
 
 
 def join(model_dir: str | Path, vision_dir: str | Path, out: str | Path) -> Path:
     """A LLaVA folder (llava-hf layout): SmolLM2 from `model_dir` + the tower and projector in `vision_dir`."""
     model_dir, vision_dir, out = Path(model_dir), Path(vision_dir), Path(out)
     check_new_folder(out)
+    check_vision_folder(vision_dir)
     stored = json.loads((vision_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     if stored.get("vision_config") != dataclasses.asdict(vision_config()) or stored.get("cell") != CELL:
         raise ValueError(f"{vision_dir / CONFIG_FILE}: written for another tower or image layout than this code's "
