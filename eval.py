@@ -57,51 +57,27 @@ from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_
 from evals.suites import (NORMAL_READERS, READERS, AttackSample, Suite, SuiteError, SuiteOptions, SuiteReader,
                           load_normal, load_suites, parse_suite_spec)
 from ref import kernels as kernel_registry
-from ref.config import DTYPES, default_dtype, read_json
-from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, non_negative_int,
+from harness.devices import default_dtype
+from ref.config import DTYPES, read_json
+from harness.console import (HelpFormatter, LoadProgressLine, Progress, add_debug_option, exit_on_user_error, non_negative_int,
                          positive_int)
 from ref.data import PROMPT_FORMATS, load_processor
 from ref.distributed import Distributed
 from ref.adapters import is_adapter_folder, load_adapter
 from ref.lora import remove_adapters
-from ref.runs import (adapter_display_name, adapter_step, is_run_folder, read_run_args, read_train_summary,
+from harness.models import load_base
+from harness.readers import read_jsonl
+from harness.runs import (adapter_display_name, adapter_step, is_run_folder, read_run_args, read_train_summary,
                       run_adapters, run_folder_of, write_atomically)
 from ref.weights import is_quantized_checkpoint, load_model, open_checkpoint
-from toy import defaults as toy
-from toy import judges as toy_judges
-from toy import world as toy_world
+from worlds.embedded import DEFAULT_WORLD, EmbeddedWorld, require_world_model, world_of
 
 ROOT = Path(__file__).resolve().parent
-TOY_PGD = "toy"  # pgd:toy, the toy's held-out benign image tasks as the clean images of a PGD attack
-TOY_PGD_IMAGES = 8  # how many of them pgd:toy attacks without --max-samples (300 steps: ~20 s an image on one core)
-
-
-def read_pgd_suites(name: str | None, path: str, options: SuiteOptions, spec: str) -> list[Suite]:
-    """pgd:JSONL as evals.suites reads it; pgd:toy: the toy's held-out benign image tasks, --max-samples of them (else
-    TOY_PGD_IMAGES) spread evenly over the suite, so that a few images are of several kinds of task."""
-    if path != TOY_PGD:
-        return READERS["pgd"].read(name, path, options, spec)
-    tasks = toy.toy_suites(["benign_image"])[0].samples
-    n = min(len(tasks), options.max_samples or TOY_PGD_IMAGES)
-    samples = [replace(tasks[k * len(tasks) // n], suite=name or "pgd") for k in range(n)]
-    return [Suite(name or "pgd", "pgd", samples, spec, files=())]
-
-
-def toy_pgd_targets() -> list[str]:
-    """The toy's default target corpus: its harmful compliance (HARMFUL_RESPONSE) for every harmful topic."""
-    return [toy_world.fill(toy_world.HARMFUL_RESPONSE, topic) for topic in toy_world.HARMFUL_TOPICS]
-
-
 # eval.py knows every suite kind, normal-data kind and judge of evals/, and the toy's (its bare default).
-SUITE_READERS = {**READERS, **BENCHMARK_READERS, "toy": toy.SUITE_READER,
-                 "pgd": SuiteReader(READERS["pgd"].description + ";\n           'pgd:toy': the toy's held-out "
-                                    f"benign image tasks (--max-samples of them, default {TOY_PGD_IMAGES},\n"
-                                    "           spread over the kinds of task), its harmful answers the default "
-                                    "--pgd-targets",
-                                    read_pgd_suites, needs_path=False)}
-NORMAL_DATA_READERS = {**NORMAL_READERS, "toy": toy.NORMAL_READER}
-JUDGES = {**judge_registry.JUDGES, **toy_judges.JUDGES}
-PHRASE_JUDGES = sorted({*judge_registry.PHRASE_JUDGES, *toy_judges.PHRASE_JUDGES})  # for --refusal-judge
+SUITE_READERS = {**READERS, **BENCHMARK_READERS, **DEFAULT_WORLD.suite_readers}  # the toy's pgd reader reads pgd:JSONL too
+NORMAL_DATA_READERS = {**NORMAL_READERS, **DEFAULT_WORLD.normal_readers}
+JUDGES = {**judge_registry.JUDGES, **DEFAULT_WORLD.judges}
+PHRASE_JUDGES = sorted({*judge_registry.PHRASE_JUDGES, *DEFAULT_WORLD.phrase_judges})  # for --refusal-judge
 
 
 class EvalError(ValueError):
@@ -121,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=f"suite kinds (--suite [NAME=]KIND:PATH):\n{suite_kinds}\n\nnormal data kinds (--normal KIND:PATH):\n"
                f"{normal_kinds}\n\njudges: {', '.join(sorted(JUDGES))}")
     io = p.add_argument_group("models")
-    io.add_argument("--model", default=str(toy.TOY_MODEL),
+    io.add_argument("--model", default=str(DEFAULT_WORLD.model),
                     help="LLaVA model folder (config.json, safetensors, tokenizer.json); default: the toy, "
                          "assets/toy_llava")
     io.add_argument("--vision-dir", default=None, help="CLIP folder, for an original-format LLaVA checkpoint")
@@ -247,28 +223,30 @@ def threat_list(text: str) -> list[str]:
     return threats
 
 
-def is_toy_spec(spec: str) -> bool:
-    """A suite of the toy world: toy[:NAME] or pgd:toy."""
+def is_world_spec(spec: str, world: EmbeddedWorld) -> bool:
+    """A suite of the embedded world: one of its suite kinds (toy[:NAME]) or its pgd clean images (pgd:toy)."""
     _, kind, path = parse_suite_spec(spec, SUITE_READERS)
-    return kind == "toy" or (kind == "pgd" and path == TOY_PGD)
+    return path == world.pgd_suite if kind == "pgd" else kind in world.suite_readers
 
 
 def resolve_defaults(args: argparse.Namespace, root: Path = ROOT) -> argparse.Namespace:
     """The embedded default: with the toy model, its suites, its judges, its normal data, the run adapters."""
-    toy.require_toy_model(args.model)
-    is_toy = toy.is_toy_model(args.model)
+    require_world_model(args.model)
+    world = world_of(args.model)
     if args.suite is None:
-        if not is_toy:
+        if world is None:
             raise EvalError("give at least one --suite KIND:PATH for a model other than the toy (see --help)")
-        args.suite = ["toy"]
+        args.suite = list(world.eval_suites)
     # A toy model (or a toy rebuilt elsewhere, evaluated on the toy suites) is judged by the toy's own judges.
-    is_toy = is_toy or all(is_toy_spec(spec) for spec in args.suite)
-    args.judge = list(dict.fromkeys(args.judge or (["toy", "toy_harm"] if is_toy else ["gcg"])))  # each once
-    args.refusal_judge = args.refusal_judge or ("toy" if is_toy else "xstest")
+    if world is None and all(is_world_spec(spec, DEFAULT_WORLD) for spec in args.suite):
+        world = DEFAULT_WORLD
+    is_toy = world is not None
+    args.judge = list(dict.fromkeys(args.judge or (list(world.eval_judges) if is_toy else ["gcg"])))  # each once
+    args.refusal_judge = args.refusal_judge or (world.refusal_judge if is_toy else "xstest")
     if args.normal is None:
-        args.normal = "toy" if is_toy else "none"
+        args.normal = world.normal if is_toy else "none"
     if args.threads is None and is_toy:
-        args.threads = toy.THREADS
+        args.threads = world.threads
     # An interrupted run in --out keeps the dtype and kernels it was started with unless they are given: repeating its
     # command resumes it even where these defaults have changed since (float32 and reference before bfloat16 and fast)
     started = interrupted_run_settings(Path(args.out)) if args.out else {}
@@ -305,11 +283,11 @@ def resolve_pgd(args: argparse.Namespace, suites: list[Suite]) -> tuple[list[Sui
         except pgd.PGDError as err:
             raise EvalError(f"--pgd-targets: {err}") from err
     else:
-        not_toy = [s for s in clean if parse_suite_spec(s.source, SUITE_READERS)[2] != TOY_PGD]
+        not_toy = [s for s in clean if parse_suite_spec(s.source, SUITE_READERS)[2] != DEFAULT_WORLD.pgd_suite]
         if not_toy:
             raise EvalError(f"--pgd-targets FILE is needed for pgd suite {not_toy[0].name!r} ({not_toy[0].source}): "
                             f"the answers the attack makes likely (.txt, one a line, or .csv)")
-        targets = toy_pgd_targets()
+        targets = DEFAULT_WORLD.pgd_targets()
     # eps 0 is the clean images, a control: no step could move them, so none is taken
     configs = [pgd.PGDConfig(eps=e / pgd.LEVELS, steps=args.pgd_steps if e else 0, restarts=args.pgd_restarts,
                              step_size=args.pgd_step_size / pgd.LEVELS, seed=args.pgd_seed,
@@ -383,13 +361,6 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
 # 2. Models
 
 
-def load_base(args, kernels, show_progress: bool = True):
-    """The base model, loaded once for every row of the table (dense, or 4-bit decoder linears)."""
-    quantize = None if args.quantize == "none" else args.quantize
-    return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, vision_dir=args.vision_dir,
-                      kernels=kernels, quantize=quantize, show_progress=show_progress)
-
-
 def check_adapters(model, adapters: list[tuple[str, Path]], run_args: dict[str, dict],
                    model_dir: str) -> dict[str, dict | None]:
     """Load each adapter onto the base and remove it again: an adapter for another model fails now, not mid-run.
@@ -415,7 +386,7 @@ class JudgeModelGenerate:
                  kernels: kernel_registry.Kernels | None = None):
         self.judge_dir = judge_dir
         self.processor = load_processor(judge_dir)
-        self.model = load_model(judge_dir, dtype=DTYPES[dtype], device=device, show_progress=True,
+        self.model = load_model(judge_dir, dtype=DTYPES[dtype], device=device, progress=LoadProgressLine(),
                                 quantize=None if quantize == "none" else quantize, kernels=kernels)
         self.batch_size = batch_size
 
@@ -602,23 +573,9 @@ def start_or_resume(out: Path, run: dict, suites) -> tuple[set[tuple[str, str]],
 
 
 def read_jsonl_lines(path: Path) -> list[dict]:
-    """The complete lines of a file this program appends to: a kill can leave the last one cut short (dropped); a bad
-    line before it means the file was edited (an error naming it)."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except (json.JSONDecodeError, RecursionError) as err:
-            if number == len(lines):
-                continue  # the last line, cut short by a kill: its sample is generated again
-            raise EvalError(f"{path}:{number}: not valid JSON ({type(err).__name__}); this file is only appended "
-                            f"to, so it was edited: choose another --out") from err
-    return rows
+    """The complete lines of a file this program appends to (harness.readers' rule: a last line cut short by a kill is
+    dropped, and generated again; a bad line before it is an error naming it)."""
+    return [row for _, row in read_jsonl(path, EvalError, appended=True)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -944,7 +901,8 @@ def run(args: argparse.Namespace, world: Distributed | None = None) -> dict | No
         done, finished = start_or_resume(out, new_run_record(args, adapters, suites, normal), suites)
     done, finished = world.broadcast_object((done, finished))
 
-    model = load_base(args, kernels, show_progress=world.is_main)
+    model = load_base(args.model, args.dtype, args.device, args.vision_dir, kernels, args.quantize,
+                      show_progress=world.is_main)
     summaries = check_adapters(model, adapters, run_args, args.model)
     if world.is_main:
         ranks = f", {world.world_size} ranks" if world.enabled else ""

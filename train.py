@@ -5,7 +5,7 @@ all you need?"): QLoRA on the decoder, text-only data, three losses.
     python train.py --model DIR --data FILE --out DIR        # a real LLaVA-1.5 folder and an unlearning JSONL
 
 `train()` is the algorithm in one screen; each numbered part below is a section of this file:
-  1. options -> a run folder holding the exact arguments and the resolved kernel table (ref/runs.py)
+  1. options -> a run folder holding the exact arguments and the resolved kernel table (harness/runs.py)
   2. the model: 4-bit NF4 decoder linears + LoRA adapters; vision tower and projector frozen (and, in textual mode,
      never run)
   3. the data: harmful records (prompt, harmful response, helpful response) and normal records (prompt, response),
@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 
 from ref import kernels as kernel_registry
-from ref.config import DTYPES, check_device, default_dtype, read_json
-from ref.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
+from harness.devices import check_device, default_dtype
+from ref.config import DTYPES, read_json
+from harness.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
 from ref.data import (PROMPT_FORMATS, Processor, PromptTooLongError, build_prompt, collate_for_training,
                       load_processor)
@@ -50,14 +51,16 @@ from ref.distributed import (Distributed, close_process_group, full_state_dict, 
 from ref.losses import TERMS, Batch, LossWeights, batch_flops, total_loss, unlearning_backward
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
-from ref.files import new_folder, write_atomically
-from ref.provenance import provenance
-from ref.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, MODEL_DIR,
+from harness.files import new_folder, write_atomically
+from harness.models import load_base
+from harness.provenance import provenance
+from harness.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, MODEL_DIR,
                       SUMMARY_FILE, RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state,
                       read_run_args, rng_state, save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
-from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, split_records
-from ref.weights import copy_side_files, load_model, save_model
-from toy import defaults as toy
+from harness.unlearning_data import read_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord, NormalRecord, split_records
+from ref.weights import copy_side_files, save_model
+from worlds.embedded import DEFAULT_WORLD, require_world_model, world_of
 
 ROOT = Path(__file__).resolve().parent
 TRAIN_DTYPES = ["bfloat16", "float32"]
@@ -157,7 +160,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
 # 1. Options and the run folder
 
 
-# Options whose default depends on the model. The toy's were chosen on its validation suites (README, toy/defaults.py);
+# Options whose default depends on the model. The toy's were chosen on its validation suites (README, worlds/toy/defaults.py);
 # any other model gets Yao et al.'s (llm_unlearn, unlearn_harm.py: weights 0.5 1 1 on the harmful, mismatch and
 # normal terms, batch 2, 1000 steps, stop once the harmful loss passes 100) with QLoRA's learning rate for a 7B decoder.
 # The kernels: `fast` (ref/kernels/registry.py; benchmarks/bench_step_vs_peft.py measures it against transformers + peft).
@@ -170,7 +173,7 @@ NOT_RECORDED = ("resume", "debug")  # how this invocation runs, not what the run
 
 
 def model_default(name: str) -> str:
-    toy_value, real_value = toy.TRAIN_DEFAULTS[name], REAL_MODEL_DEFAULTS[name]
+    toy_value, real_value = DEFAULT_WORLD.train_defaults[name], REAL_MODEL_DEFAULTS[name]
     show = " ".join(map(str, toy_value)) if isinstance(toy_value, list) else toy_value
     real = " ".join(map(str, real_value)) if isinstance(real_value, list) else real_value
     return f"(default: {show} on the toy, {real} on any other model)"
@@ -179,11 +182,11 @@ def model_default(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--model", default=str(toy.TOY_MODEL),
+    io.add_argument("--model", default=str(DEFAULT_WORLD.model),
                     help="LLaVA model folder (llava-hf layout; default: the toy)")
     io.add_argument("--vision-dir", default=None, help="CLIP folder, for an original-format LLaVA checkpoint")
     toy_data = "\n".join(textwrap.fill(f"{name}: {what}", 100, initial_indent="  ", subsequent_indent="    ")
-                         for name, what in toy.DATA.items())
+                         for name, what in DEFAULT_WORLD.data.items())
     io.add_argument("--data", default="toy", help="unlearning JSONL (see ref/unlearning_data.py), or the embedded toy "
                                                    f"world's training records:\n{toy_data}")
     io.add_argument("--out", default=None, help="run folder (default: runs/<mode>)")
@@ -329,12 +332,12 @@ def open_run(args: argparse.Namespace, world: Distributed = Distributed()) -> tu
         if (out / ARGS_FILE).is_file() and world.is_main:
             print(f"{out}: a run stopped before its first checkpoint; starting it again in place", file=sys.stderr)
             clear_unfinished_run(out)
-        defaults = toy.TRAIN_DEFAULTS if toy.is_toy_model(args.model) else REAL_MODEL_DEFAULTS
+        defaults = world.train_defaults if (world := world_of(args.model)) else REAL_MODEL_DEFAULTS
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
         # full-parameter training updates the weights themselves, in the compute dtype (no float32 master copy)
-        float32_only = toy.is_toy_model(args.model) or args.full_parameter
+        float32_only = (world is not None and world.float32_only) or args.full_parameter
         args.dtype = args.dtype or ("float32" if float32_only else default_dtype(args.device))
         args.parallel = args.parallel or ("fsdp" if args.quantize == "none" else "ddp")
     if args.full_parameter and (args.quantize != "none" or args.save_adapter_every):
@@ -348,7 +351,7 @@ def open_run(args: argparse.Namespace, world: Distributed = Distributed()) -> tu
         raise TrainError(f"--parallel fsdp shards dense weights; a {args.quantize} base runs under --parallel ddp "
                          f"(or train on a dense base: --quantize none)")
     check_device(args.device)
-    toy.require_toy_model(args.model)
+    require_world_model(args.model)
     return args, out
 
 
@@ -426,7 +429,7 @@ def finished_run(args: argparse.Namespace, out: Path, world: Distributed = Distr
 
 def set_up_torch(args: argparse.Namespace) -> kernel_registry.Kernels:
     """Threads and seeds, then the kernel table every op of the model and the losses is called through."""
-    threads = args.threads or (toy.THREADS if toy.is_toy_model(args.model) else None)
+    threads = args.threads or (world.threads if (world := world_of(args.model)) else None)
     if threads:
         torch.set_num_threads(threads)
     if args.deterministic:
@@ -448,10 +451,10 @@ def build_model(args: argparse.Namespace, kernels: kernel_registry.Kernels, worl
     original the KL term compares with. Under torchrun with --parallel fsdp the decoder layers are sharded across
     the ranks; under ddp every rank holds the whole model and the gradients are averaged after each step.
     Returns (model, the LoRA settings or None, the frozen original or None)."""
-    model = load_base(args, kernels, world)
+    model = load_base_on_rank(args, kernels, world)
     lora, original = None, None
     if args.full_parameter:
-        original = load_base(args, kernels, world).eval().requires_grad_(False)
+        original = load_base_on_rank(args, kernels, world).eval().requires_grad_(False)
         model.requires_grad_(False)
         model.language_model.layers.requires_grad_(True)  # embeddings, lm_head, final norm, tower, projector frozen
     else:
@@ -467,10 +470,9 @@ def build_model(args: argparse.Namespace, kernels: kernel_registry.Kernels, worl
     return model, lora, original
 
 
-def load_base(args: argparse.Namespace, kernels: kernel_registry.Kernels, world: Distributed):
-    quantize = None if args.quantize == "none" else args.quantize
-    return load_model(args.model, dtype=DTYPES[args.dtype], device=world.device(args.device),
-                      vision_dir=args.vision_dir, kernels=kernels, quantize=quantize, show_progress=world.is_main)
+def load_base_on_rank(args: argparse.Namespace, kernels: kernel_registry.Kernels, world: Distributed):
+    return load_base(args.model, args.dtype, world.device(args.device), args.vision_dir, kernels, args.quantize,
+                     show_progress=world.is_main)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -479,8 +481,8 @@ def load_base(args: argparse.Namespace, kernels: kernel_registry.Kernels, world:
 
 def read_records(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord], dict | None]:
     """The harmful and normal records this mode trains on, and (when categories were chosen) which were kept."""
-    if args.data in toy.DATA:
-        records = toy.unlearning_records(args.data, with_images=args.mode == "multimodal")
+    if args.data in DEFAULT_WORLD.data:
+        records = DEFAULT_WORLD.unlearning_records(args.data, with_images=args.mode == "multimodal")
     else:
         records = read_unlearning_jsonl(args.data)
     harmful, normal = split_records(records)
@@ -780,7 +782,7 @@ def options_of(args: argparse.Namespace) -> dict:
 
 def run_provenance(args: argparse.Namespace, world: Distributed = Distributed()) -> dict:
     """Date, commit, versions, device (and ranks), and the sha256 of the data file and the model's config."""
-    data = None if args.data in toy.DATA else args.data  # the toy's records are code: the commit names them
+    data = None if args.data in DEFAULT_WORLD.data else args.data  # the toy's records are code: the commit names them
     device = args.device if not world.enabled else f"{args.device} x {world.world_size} ranks"
     return provenance({"data": data, "model_config": Path(args.model) / "config.json"}, device=device)
 
@@ -981,7 +983,7 @@ def announce(args, harmful, normal, model, trainable, kernels, state: LoopState,
         print(f"  each step: {args.batch_size} records x {world.world_size} ranks x {args.grad_accum} accumulated "
               f"batches of each kind = {args.batch_size * world.world_size * args.grad_accum}", file=sys.stderr)
     if not args.resume:
-        toy_model = toy.is_toy_model(args.model)
+        toy_model = world_of(args.model) is not None
         taken = [f"--{name.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                  for name in REAL_MODEL_DEFAULTS if name not in args.given for v in [getattr(args, name)]]
         if taken:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere
 import train  # noqa: E402
 from benchmarks.bench_generate import write_checkpoint  # noqa: E402
 from benchmarks.bench_step_vs_peft import make_batches  # noqa: E402
-from ref.config import default_dtype  # noqa: E402
+from harness.devices import default_dtype  # noqa: E402
 from ref.kernels import resolve  # noqa: E402
 from ref.lora import LoraConfig, adapters_disabled, add_lora  # noqa: E402
 from ref.losses import Batch, LossWeights, kl_to_original, unlearning_backward, unlearning_loss  # noqa: E402

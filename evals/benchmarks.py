@@ -26,8 +26,9 @@ from pathlib import Path
 
 from evals.suites import (AttackSample, Suite, SuiteError, SuiteOptions, SuiteReader, attack_suite, check_max_samples,
                           nonempty)
+from harness import readers
 from ref import data
-from ref.unlearning_data import read_vlguard
+from harness.unlearning_data import read_vlguard
 
 
 def checked_image(path: Path, where: str) -> Path:
@@ -41,7 +42,7 @@ def checked_image(path: Path, where: str) -> Path:
 
 
 def _require(path: Path, columns: list[str], needed: list[str]) -> None:
-    data.require_columns(path, columns, needed, SuiteError)
+    readers.require_columns(path, columns, needed, SuiteError)
 
 
 def _flag(value: str, where: str, column: str) -> bool:
@@ -66,7 +67,7 @@ def load_jailbreakv(path: str | Path, max_samples: int | None = None, mini: bool
     queries."""
     path = Path(path)
     check_max_samples(max_samples)
-    columns, rows = data.read_csv_lines(path, SuiteError)
+    columns, rows = readers.read_csv_lines(path, SuiteError)
     if "question" in columns and "jailbreak_query" not in columns:  # RedTeam_2K.csv: the text-only harmful queries
         if mini:
             raise SuiteError(f"{path}: RedTeam-2K's text queries have no mini subset; give JailBreakV_28K.csv")
@@ -135,7 +136,7 @@ def load_mmsafetybench(path: str | Path, max_samples: int | None = None,
     suites: dict[str, list[AttackSample]] = {f"{prefix}_{variant}": [] for variant in MMSAFETYBENCH_VARIANTS}
     for file in files:
         scenario = file.stem
-        questions = data.read_json_file(file, dict, "MM-SafetyBench questions keyed by id", SuiteError)
+        questions = readers.read_json_file(file, dict, "MM-SafetyBench questions keyed by id", SuiteError)
         for qid, entry in questions.items():
             where = f"{file}: question {qid!r}"
             missing = [k for k in MMSAFETYBENCH_KEYS
@@ -190,7 +191,7 @@ def load_harmbench_multimodal(path: str | Path, max_samples: int | None = None,
     HarmBench's pipeline does; `SemanticCategory` is the category."""
     path = Path(path)
     check_max_samples(max_samples)
-    columns, rows = data.read_csv_lines(path, SuiteError)
+    columns, rows = readers.read_csv_lines(path, SuiteError)
     _require(path, columns, HARMBENCH_MM_COLUMNS)
     folder = harmbench_image_folder(path)
     samples = []
@@ -225,7 +226,7 @@ def load_pku_prompts(path: str | Path, max_samples: int | None = None, suite: st
     path = Path(path)
     check_max_samples(max_samples)
     samples, seen = [], set()
-    for number, row in data.read_jsonl(path, SuiteError):
+    for number, row in readers.read_jsonl(path, SuiteError):
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise SuiteError(f"{path}:{number}: needs a non-empty string field \"prompt\"; keys found: {sorted(row)}")

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from evals.suites import AttackSample
-from ref.console import Progress
+from harness.console import Progress
 from ref.data import Processor, PromptTooLongError, build_prompt
 from ref.distributed import Distributed
 

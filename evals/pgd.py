@@ -58,9 +58,10 @@ import torch
 from PIL import Image
 
 from evals.suites import AttackSample, Suite
+from harness import readers
 from ref import data
 from ref.data import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, Processor, build_prompt, collate_for_training
-from ref.files import write_atomically
+from harness.files import write_atomically
 from ref.kernels import Kernels
 from ref.losses import Batch, response_hidden
 
@@ -203,7 +204,7 @@ def read_targets(path: str | Path) -> list[str]:
             with path.open(newline="", encoding="utf-8-sig") as f:
                 targets = [row[0] for row in csv.reader(f, strict=True) if row]
         else:
-            targets = data.jsonl_lines(path.read_text(encoding="utf-8-sig"))
+            targets = readers.jsonl_lines(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise PGDError(f"{path}: cannot read the target corpus: {err}") from err
     targets = [t.strip() for t in targets if t.strip()]
@@ -377,7 +378,7 @@ def pgd_attack(model, processor: Processor, clean_pixels: torch.Tensor, prompt: 
     """Sign-gradient PGD on clean_pixels (N, 3, S, S) in [0, 1] on the 1/255 grid (from `image_pixels` or
     `load_png`), against whatever `model` is now (adapters on: the white-box attack of the model itself; a transfer
     attack optimises on the base and shows the result to the adapters: the caller's choice). `prompt`: one text
-    prompt for every image, or one per image. `progress`: a ref.console.Progress counting steps, if any."""
+    prompt for every image, or one per image. `progress`: a harness.console.Progress counting steps, if any."""
     device = model.lm_head.weight.device
     kernels = kernels or model.kernels
     prompts = [prompt] * len(clean_pixels) if isinstance(prompt, str) else list(prompt)

@@ -6,7 +6,7 @@
 
 Panels, each against the optimizer step: total loss, harmful NLL (the term gradient ascent raises), helpful NLL, KL
 to the original model on normal data, learning rate, gradient norm (as clip_grad_norm_ measures it, before clipping).
-A run's log.jsonl (ref/runs.py) has one JSON record per step. Event lines (a resume) are not steps and are left out;
+A run's log.jsonl (harness/runs.py) has one JSON record per step. Event lines (a resume) are not steps and are left out;
 a skipped step (no loss term in its batches) has only lr and grad_norm, and a baseline may not log every term (sft has
 no harm_nll), so each panel plots, per run, the steps that carry its quantity. Non-finite values (a NaN a diverged run
 logged) cannot be placed on an axis and are left out too.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ref.console import HelpFormatter, add_debug_option, exit_on_user_error
-from ref.files import write_atomically
-from ref.runs import LOG_FILE, read_log
+from harness.console import HelpFormatter, add_debug_option, exit_on_user_error
+from harness.files import write_atomically
+from harness.runs import LOG_FILE, read_log
 
 # (log key, panel title), in reading order: the losses first, then what the optimizer did with them.
 PANELS = (

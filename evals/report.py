@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ref.files import write_atomically
-from ref.provenance import provenance, sha256_file
+from harness.files import write_atomically
+from harness.provenance import provenance, sha256_file
 
 
 def _percent(numerator: int, denominator: int, ci: list[float] | None = None) -> str:

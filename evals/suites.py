@@ -30,8 +30,10 @@ from PIL import Image
 
 from evals.typographic import (FIGSTEP_FONT, FIGSTEP_FONT_SIZE, FIGSTEP_PROMPT, IMAGE_PIECE_PROMPT, TypographicImage,
                                figstep_image, fit_text_image, load_font)
+from harness import readers
 from ref import data
-from ref.unlearning_data import UnlearningDataError, truthfulqa_to_records
+from harness.unlearning_data import truthfulqa_to_records
+from ref.unlearning_data import UnlearningDataError
 
 
 class SuiteError(ValueError):
@@ -92,15 +94,15 @@ def nonempty(samples: list, path: Path, what: str) -> list:
 
 
 def read_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    return data.read_csv(path, SuiteError)
+    return readers.read_csv(path, SuiteError)
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    return data.read_jsonl(path, SuiteError)
+    return readers.read_jsonl(path, SuiteError)
 
 
 def _require_columns(path: Path, columns: list[str], needed: list[str]) -> None:
-    data.require_columns(path, columns, needed, SuiteError)
+    readers.require_columns(path, columns, needed, SuiteError)
 
 
 def _checked_image(jsonl: Path, number: int, image: str) -> Path:
@@ -182,7 +184,7 @@ def _samples_from_rows(path: Path, suite: str, numbered_rows: list[tuple[int, di
 
 
 def _harmful_from_csv(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
-    columns, rows = data.read_csv_lines(path, SuiteError)
+    columns, rows = readers.read_csv_lines(path, SuiteError)
     return _samples_from_rows(path, suite, rows, columns, prompt_column, blank_is_error=False)
 
 
@@ -194,7 +196,7 @@ def _harmful_from_jsonl(path: Path, suite: str, prompt_column: str | None) -> li
 
 def _harmful_from_json(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
     """A JSON list of objects (one per prompt) or of strings."""
-    items = data.read_json_file(path, list, "prompts (objects or strings)", SuiteError)
+    items = readers.read_json_file(path, list, "prompts (objects or strings)", SuiteError)
     if all(isinstance(item, str) for item in items):
         return [AttackSample(f"{suite}-{i}", suite, p, source={"prompt": p}) for i, p in enumerate(items) if p.strip()]
     bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
@@ -207,7 +209,7 @@ def _harmful_from_json(path: Path, suite: str, prompt_column: str | None) -> lis
 
 def _harmful_from_txt(path: Path, suite: str, prompt_column: str | None) -> list[AttackSample]:
     try:  # lines end at "\n" only: a U+2028 or \x0c inside a prompt is part of it, as in a JSONL
-        lines = data.jsonl_lines(path.read_text(encoding="utf-8-sig"))
+        lines = readers.jsonl_lines(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as err:
         raise SuiteError(f"{path}: cannot read: {err}") from err
     prompts = [line.strip() for line in lines if line.strip()]

@@ -37,7 +37,7 @@ Outputs in DIR, written anew from every finished run each time the sweep ends:
                      utility NLL and KL, train tokens / FLOPs / seconds, the ASR after each saved step) and each
                      config's mean, min and max over its seeds
     sweep.md         one row per config (and the base model): each cell the mean over the finished seeds and, with
-                     several, [min, max], as toy/table.py writes them
+                     several, [min, max], as worlds/toy/table.py writes them
     sweep_asr.png    grouped bars: each attack suite's ASR, benign accuracy and over-refusal, a bar per config (the
                      mean) with a whisker from the smallest to the largest seed
     sweep_steps.png  when the runs saved step adapters: ASR against training step, a line per config (the mean over
@@ -70,9 +70,9 @@ from PIL import Image, ImageDraw
 from evals.plot import (BACKGROUND, GRID, INK, Y_MARGIN, Axis, data_range, draw_legend, draw_panel, font_for,
                         legend_layout, line_height, nice_ticks, put_text, run_colours, text_size)
 from ref.config import read_json
-from ref.console import HelpFormatter, add_debug_option, exit_on_user_error, positive_int
-from ref.files import write_atomically
-from ref.runs import ADAPTER_DIR, ARGS_FILE, SUMMARY_FILE, adapter_step
+from harness.console import HelpFormatter, add_debug_option, exit_on_user_error, positive_int
+from harness.files import write_atomically
+from harness.runs import ADAPTER_DIR, ARGS_FILE, SUMMARY_FILE, adapter_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_KEYS = ("train", "eval", "seeds", "configs")
@@ -440,7 +440,7 @@ def spread(values: list) -> dict | None:
 
 
 def cell(summary: dict | None, column: str) -> str:
-    """mean, and [min, max] with several seeds: "25.0% [0.0, 50.0]" for a rate, as toy/table.py writes it (evals
+    """mean, and [min, max] with several seeds: "25.0% [0.0, 50.0]" for a rate, as worlds/toy/table.py writes it (evals
     imports no toy module, so its function is not reused here)."""
     if summary is None:
         return "-"

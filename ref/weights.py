@@ -56,7 +56,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ref.config import DTYPES, LlavaConfig, load_config, nonfinite_problem, read_json
-from ref.console import Progress
 from ref.kernels import Kernels
 from ref.llava import Llava
 from ref.lora import LoraLinear
@@ -384,25 +383,26 @@ def check_finite(tensor: torch.Tensor, info: TensorInfo, stored: torch.Tensor | 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                vision_dir: str | Path | None = None, kernels: Kernels | None = None,
-               quantize: str | QuantConfig | None = None, show_progress: bool = False) -> Llava:
+               quantize: str | QuantConfig | None = None, progress: LoadProgress | None = None) -> Llava:
     """Load a LLaVA checkpoint folder into `ref.llava.Llava`, in eval mode, every parameter requires_grad=False.
 
     path: a folder with config.json and safetensors (any layout in the module docstring); vision_dir: the CLIP folder
     for an original-format checkpoint. dtype: float32, bfloat16 or float16 (every dense tensor is cast to it).
     quantize: None (dense), "nf4", "fp4" or a `ref.quant.QuantConfig`: the decoder's linears become 4-bit as they
     stream in. A folder written by `save_quantized` is read as stored, quantize given or not (it then only sets the
-    compute dtype). show_progress: a progress line on stderr (tensors and bytes read, rate, time left).
+    compute dtype). progress: told of each tensor as it is read (a program's progress line), if given.
     """
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"loading dtype must be one of {LOAD_DTYPES}, got {dtype}")
     if is_quantized_checkpoint(path):
-        return _load_prequantized(Path(path), dtype, device, quantize, kernels, show_progress)
+        return _load_prequantized(Path(path), dtype, device, quantize, kernels, progress or LoadProgress())
     checkpoint = open_checkpoint(path, vision_dir, kernels)  # every check that needs no tensor data, first
     with torch.device("meta"):
         model = Llava(checkpoint.config, kernels)
     if quantize is not None:
         quantize_model(model, as_quant_config(quantize))  # empty 4-bit shells in place of the decoder's linears
-    progress = LoadProgress(checkpoint.folder, len(checkpoint.entries), show_progress)
+    progress = progress or LoadProgress()
+    progress.start(checkpoint.folder, len(checkpoint.entries))
     with TensorReader() as reader:
         stream_tensors(model, checkpoint.entries, reader, dtype, device, progress)
     progress.close()
@@ -410,20 +410,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
 
 class LoadProgress:
-    """Tensors and bytes read so far, as one progress line on stderr (or nothing, when not shown)."""
+    """What the loaders report to as tensors stream in: nothing here. A program that shows progress passes its own
+    (harness.console.LoadProgressLine: tensors and bytes read as one line on stderr)."""
 
-    def __init__(self, folder: Path, n_tensors: int, show: bool):
-        self.line = Progress(f"loading {folder}", n_tensors, "tensors", min_seconds=2.0) if show else None
-        self.bytes = 0
+    def start(self, folder: Path, n_tensors: int) -> None:
+        pass
 
     def update(self, tensor: torch.Tensor) -> None:
-        self.bytes += tensor.numel() * tensor.element_size()
-        if self.line is not None:
-            self.line.update(1, f"{self.bytes / 2**20:,.0f} MiB read")
+        pass
 
     def close(self) -> None:
-        if self.line is not None:
-            self.line.close()
+        pass
 
 
 def stream_tensors(model: nn.Module, entries: dict[str, TensorInfo], reader: TensorReader, dtype: torch.dtype,
@@ -493,7 +490,7 @@ def _split_quant_keys(infos: dict[str, TensorInfo]) -> tuple[dict[str, TensorInf
     return dense, quant
 
 
-def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kernels, show_progress: bool) -> Llava:
+def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kernels, progress: LoadProgress) -> Llava:
     config = load_config(folder)
     infos = read_headers(folder)
     dense_infos, quant_infos = _split_quant_keys(infos)
@@ -530,7 +527,7 @@ def _load_prequantized(folder: Path, dtype: torch.dtype, device, quantize, kerne
         model.set_submodule(owner, Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
                                               state["quant_type"], state["blocksize"], "nested_blocksize" in state,
                                               compute_dtype, DTYPES[state["dtype"]], device="meta"))
-    progress = LoadProgress(folder, len(entries) + len(quantized_names), show_progress)
+    progress.start(folder, len(entries) + len(quantized_names))
     with TensorReader() as reader:
         stream_tensors(model, entries, reader, dtype, device, progress)
         for name, key in sorted(quantized_names.items()):  # one 4-bit linear at a time

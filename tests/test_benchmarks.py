@@ -16,8 +16,8 @@ from conftest import write_csv, write_jsonl
 from evals.benchmarks import (load_harmbench_multimodal, load_jailbreakv, load_mmsafetybench, load_pku_prompts,
                               BENCHMARK_READERS)
 from evals.suites import SuiteError, SuiteOptions, load_harmful_prompts, load_suites
-from ref.unlearning_data import (HarmfulRecord, NormalRecord, UnlearningDataError, main as unlearning_main,
-                                 read_unlearning_jsonl, vlguard_to_records)
+from harness.unlearning_data import main as unlearning_main, read_unlearning_jsonl, vlguard_to_records
+from ref.unlearning_data import HarmfulRecord, NormalRecord, UnlearningDataError
 
 
 def image(path: Path, colour=(200, 30, 30)) -> Path:

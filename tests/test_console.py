@@ -4,12 +4,12 @@ import io
 
 import pytest
 
-from ref.console import Progress, exit_on_user_error, format_seconds
+from harness.console import Progress, exit_on_user_error, format_seconds
 
 
 def test_progress_prints_done_rate_and_time_left(monkeypatch):
     clock = iter([0.0, 2.0, 4.0, 4.5])  # start, then one reading per update
-    monkeypatch.setattr("ref.console.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("harness.console.time.perf_counter", lambda: next(clock))
     stream = io.StringIO()
     progress = Progress("step", 10, "steps", every=2, done=2, stream=stream)
     progress.update(1, "loss 1.0")  # 3/10 after 2 s from 2/10: 0.5 steps/s, 14 s left; not printed (every 2)
@@ -21,7 +21,7 @@ def test_progress_prints_done_rate_and_time_left(monkeypatch):
 
 def test_progress_off_a_terminal_prints_at_most_one_line_per_interval(monkeypatch):
     clock = iter([0.0, 0.1, 0.2, 2.5, 2.6, 2.7])
-    monkeypatch.setattr("ref.console.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("harness.console.time.perf_counter", lambda: next(clock))
     stream = io.StringIO()
     progress = Progress("loading", 5, "tensors", min_seconds=2.0, stream=stream)
     for _ in range(5):

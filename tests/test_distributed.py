@@ -21,7 +21,7 @@ from conftest import write_jsonl
 from safetensors.torch import load_file
 
 import train
-from ref.runs import read_log
+from harness.runs import read_log
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ROOT = Path(train.__file__).resolve().parent

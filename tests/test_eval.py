@@ -24,7 +24,8 @@ from ref.llava import Llava
 from ref.adapters import load_adapter
 from ref.lora import LoraError, adapters_disabled
 from ref.weights import load_model
-from toy import defaults as toy
+from worlds.toy import defaults as toy
+from worlds import embedded
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 
@@ -298,7 +299,7 @@ def test_default_adapters_are_the_run_folders(world, tmp_path):
     args = eval_py.parse_args(["--model", str(world["model"]), "--suite", world["suites"][0]])
     args.model = str(toy.TOY_MODEL)  # what a bare `python eval.py` resolves to
     if not (toy.TOY_MODEL / "config.json").is_file():
-        with pytest.raises(toy.ToyModelError, match="python -m toy.build"):
+        with pytest.raises(embedded.WorldModelError, match="python -m worlds.toy.build"):
             eval_py.resolve_defaults(args, root=world["root"])
         return
     args = eval_py.resolve_defaults(args, root=world["root"])
@@ -308,7 +309,7 @@ def test_default_adapters_are_the_run_folders(world, tmp_path):
 
 def test_bare_eval_on_the_toy_runs(tmp_path):
     if not (toy.TOY_MODEL / "config.json").is_file():
-        pytest.skip(f"{toy.TOY_MODEL} not built yet (python -m toy.build)")
+        pytest.skip(f"{toy.TOY_MODEL} not built yet (python -m worlds.toy.build)")
     report = evaluate(["--max-samples", "2", "--max-new-tokens", "8", "--no-adapters", "--out", str(tmp_path)])
     assert {s["name"] for s in report["suites"]} == {name for name in toy.SUITE_KINDS if not name.startswith("val_")}
     assert report["models"][0]["utility"]["tokens"] > 0

@@ -20,6 +20,8 @@ from evals import pgd
 from evals.suites import SuiteError, SuiteOptions, load_suites
 from ref.data import load_processor
 from weights_tools.make_tiny import write_tiny_checkpoint
+from worlds import embedded
+from worlds.toy import defaults as toy
 
 SUITES = ["pgd_eps2_transfer", "pgd_eps2_whitebox", "pgd_unconstrained_transfer", "pgd_unconstrained_whitebox"]
 BUDGET = {"eps2": 2, "unconstrained": 255}
@@ -228,10 +230,12 @@ def test_pgd_toy_spreads_over_the_toys_benign_image_tasks():
     assert [(s.name, s.kind, len(s.samples)) for s in suites] == [("pgd", "pgd", 4)]
     kinds = [sample.id.split("/")[0] for sample in suites[0].samples]
     assert len(set(kinds)) == 4 and all(sample.image is not None for sample in suites[0].samples)
-    assert len(load_suites(["x=pgd:toy"], SuiteOptions(), eval_py.SUITE_READERS)[0].samples) == eval_py.TOY_PGD_IMAGES
-    targets = eval_py.toy_pgd_targets()
+    assert len(load_suites(["x=pgd:toy"], SuiteOptions(), eval_py.SUITE_READERS)[0].samples) == toy.TOY_PGD_IMAGES
+    targets = toy.toy_pgd_targets()
     assert len(targets) == len(set(targets)) > 1 and all("leave no trace" in t for t in targets)
-    assert eval_py.is_toy_spec("pgd:toy") and eval_py.is_toy_spec("name=pgd:toy") and not eval_py.is_toy_spec("pgd:x")
+    world = embedded.TOY
+    assert eval_py.is_world_spec("pgd:toy", world) and eval_py.is_world_spec("name=pgd:toy", world)
+    assert not eval_py.is_world_spec("pgd:x", world)
 
 
 def test_budget_zero_is_the_clean_images_and_provenance_names_the_inputs(world, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from evals.plot import Axis, draw, main, nice_ticks, panel_axes, panel_boxes, read_runs, run_colours
-from ref.runs import RunError
+from harness.runs import RunError
 
 
 def write_run(folder: Path, lines: list) -> Path:

@@ -19,6 +19,7 @@ from ref import quant, weights
 from ref.llava import Llava
 from ref.quant import Linear4bit, QuantConfig, QuantError
 from ref.weights import CheckpointError
+from harness.console import LoadProgressLine
 
 # QLoRA paper (Dettmers et al. 2023), appendix E: the 16 NF4 levels.
 NF4_LEVELS = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -354,12 +355,12 @@ def test_prequantized_round_trip_is_bit_identical_and_skips_quantization(dense_f
 
 
 def test_loading_progress_counts_every_tensor_read(dense_folder, tmp_path, capsys):
-    weights.load_model(dense_folder, quantize="nf4", show_progress=True)
+    weights.load_model(dense_folder, quantize="nf4", progress=LoadProgressLine())
     n_stored = len(load_file(dense_folder / "model.safetensors"))
     last = capsys.readouterr().err.splitlines()[-1]
     assert f" {n_stored}/{n_stored} " in last and "tensors/s" in last
     weights.save_quantized(weights.load_model(dense_folder, quantize="nf4"), tmp_path)
-    weights.load_model(tmp_path, show_progress=True)  # the dense tensors, then each packed 4-bit weight
+    weights.load_model(tmp_path, progress=LoadProgressLine())  # the dense tensors, then each packed 4-bit weight
     stored = load_file(tmp_path / "model.safetensors")
     n_weights = sum(1 for key in stored if ".weight." not in key)  # a packed weight's quant state: "<name>.weight.*"
     assert n_weights == n_stored

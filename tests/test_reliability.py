@@ -31,8 +31,9 @@ from tokenizers import Tokenizer
 import eval as eval_py
 import train
 from ref.data import TextTokenizer, load_image, to_rgb
-from ref.runs import read_log
-from ref.unlearning_data import HarmfulRecord, NormalRecord, read_unlearning_jsonl, write_unlearning_jsonl
+from harness.runs import read_log
+from harness.unlearning_data import read_unlearning_jsonl, write_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord, NormalRecord
 from weights_tools import merge_adapter, quantize
 from weights_tools.make_tiny import write_tiny_checkpoint
 

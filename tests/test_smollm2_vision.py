@@ -1,4 +1,4 @@
-"""toy/smollm2_vision.py: typographic images drawn one token per cell, the tower that reads them, and the LLaVA folder
+"""worlds/smollm2/vision.py: typographic images drawn one token per cell, the tower that reads them, and the LLaVA folder
 that joins it to a decoder. On tiny checkpoints (the real SmolLM2 folder is not needed)."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import torch
 
 from ref.config import LlavaConfig, TextConfig
 from ref.data import build_prompt, load_processor, preprocess_image
-from ref.unlearning_data import HarmfulRecord, NormalRecord, write_unlearning_jsonl
+from harness.unlearning_data import write_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord, NormalRecord
 from ref.llava import Llava
-from ref.provenance import sha256_file
+from harness.provenance import sha256_file
 from ref.weights import load_model, load_state_dict
-from toy import smollm2_vision as vision
-from toy.build import alignment_loss
+from worlds.smollm2 import vision
+from worlds.toy.build import alignment_loss
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 WORDS = ("the", "how", "make", "tutorial", "steps", "drugs", "write", "information", "bomb")

@@ -1,4 +1,4 @@
-"""toy/smollm2.py: the SmolLM2 world's fixed split of the public data sets, and the records and suites it writes."""
+"""worlds/smollm2/data.py: the SmolLM2 world's fixed split of the public data sets, and the records and suites it writes."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import csv
 from pathlib import Path
 
 from conftest import shared, write_csv
-from ref.data import read_csv
-from ref.unlearning_data import read_unlearning_jsonl, split_records
+from harness.readers import read_csv
+from harness.unlearning_data import read_unlearning_jsonl
+from ref.unlearning_data import split_records
 from evals.suites import load_image_text_pairs
-from toy import smollm2
-from toy.smollm2_vision import layout_text, painter_for
+from worlds.smollm2 import data as smollm2
+from worlds.smollm2.vision import layout_text, painter_for
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 

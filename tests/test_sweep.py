@@ -20,7 +20,7 @@ from evals.judges import Verdict
 from evals.report import write_report
 from evals.scoring import rate_summary
 from evals.sweep import CommandRunner, Signals, SweepError, load_spec, main, sweep
-from ref.runs import adapter_step, run_adapters
+from harness.runs import adapter_step, run_adapters
 
 CATEGORIES = {"a": 4, "b": 4, "c": 2}  # the fake attack suite: samples per harm category, 10 in all
 # Successes per category, and the other numbers, of each run: the table's cells below are worked out from these.

@@ -17,11 +17,12 @@ import torch
 
 from evals.judges import phrase_judge
 from ref.data import load_processor
-from ref.unlearning_data import HarmfulRecord, read_unlearning_jsonl
+from harness.unlearning_data import read_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord
 from ref.weights import load_model
-from toy import build, defaults, images, table, tokenizer
-from toy import judges as toy_judges
-from toy import world as tw
+from worlds.toy import build, defaults, images, table, tokenizer
+from worlds.toy import judges as toy_judges
+from worlds.toy import world as tw
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "assets" / "toy_llava"
@@ -278,11 +279,12 @@ FINGERPRINT = """
 import hashlib, itertools, json
 from evals.judges import phrase_judge
 from ref.data import load_processor
-from ref.unlearning_data import HarmfulRecord, read_unlearning_jsonl
+from harness.unlearning_data import read_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord
 from ref.weights import load_model
-from toy import build, defaults, images, table, tokenizer
-from toy import judges as toy_judges
-from toy import world as tw
+from worlds.toy import build, defaults, images, table, tokenizer
+from worlds.toy import judges as toy_judges
+from worlds.toy import world as tw
 h = hashlib.sha256()
 h.update(json.dumps([[it.__dict__ for it in items] for items in tw.eval_suites().values()]).encode())
 h.update(json.dumps(tw.unlearning_dicts(with_images=True)).encode())
@@ -374,7 +376,7 @@ def test_quick_build_writes_a_checkpoint_our_model_loads(tmp_path):
 
 def test_committed_checkpoint_matches_its_manifest():
     if not (COMMITTED / "manifest.json").is_file():
-        pytest.skip(f"{COMMITTED} not built yet (python -m toy.build)")
+        pytest.skip(f"{COMMITTED} not built yet (python -m worlds.toy.build)")
     manifest = json.loads((COMMITTED / "manifest.json").read_text())
     assert set(manifest["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
     for name, digest in manifest["files"].items():

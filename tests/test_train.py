@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 import hashlib
 import json
 import os
@@ -20,8 +21,9 @@ from safetensors.torch import load_file
 
 import eval as eval_py
 import train
-from ref.runs import RunError, read_train_summary
-from toy import defaults as toy
+from harness.runs import RunError, read_train_summary
+from worlds.toy import defaults as toy
+from worlds import embedded
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ROOT = Path(train.__file__).resolve().parent
@@ -167,11 +169,11 @@ def test_user_errors_are_one_line_with_exit_status_2(world, tmp_path, capsys):
     assert err[-1].startswith("train.py: error: ") and "missing.jsonl" in err[-1]
 
 
-def test_the_toy_model_check_names_the_build_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "TOY_MODEL", tmp_path / "no_toy_here")
-    with pytest.raises(toy.ToyModelError, match="python -m toy.build"):
-        toy.require_toy_model(tmp_path / "no_toy_here")
-    toy.require_toy_model(tmp_path / "some_other_model")  # only the toy's own path is checked
+def test_the_toy_model_check_names_the_build_command(tmp_path):
+    missing_toy = replace(embedded.TOY, model=tmp_path / "no_toy_here")
+    with pytest.raises(embedded.WorldModelError, match="python -m worlds.toy.build"):
+        missing_toy.require_model(tmp_path / "no_toy_here")
+    missing_toy.require_model(tmp_path / "some_other_model")  # only the toy's own path is checked
 
 
 # --- adapters along the way, resume that extends, signals -------------------------------------------------------------
@@ -318,7 +320,7 @@ def test_user_errors_name_what_to_do(world, tmp_path):
     pku = write_jsonl(tmp_path / "pku.jsonl", [{"prompt": "p", "response_0": "a", "response_1": "b",
                                                 "is_response_0_safe": False, "is_response_1_safe": True,
                                                 "safer_response_id": 1}])
-    with pytest.raises(ValueError, match=r"pku.jsonl:1: a raw PKU-SafeRLHF row.*python -m ref.unlearning_data --pku"):
+    with pytest.raises(ValueError, match=r"pku.jsonl:1: a raw PKU-SafeRLHF row.*python -m harness.unlearning_data --pku"):
         run(world, tmp_path / "a", "--data", str(pku))
     text_only = write_jsonl(tmp_path / "text.jsonl", [{"kind": "harmful", "prompt": "p", "harmful_response": "a",
                                                        "helpful_response": "b"}])
@@ -374,7 +376,7 @@ def test_category_filtering_keeps_and_drops_exactly_the_records_it_should():
 
 
 def test_pku_rows_carry_the_harm_categories_of_their_unsafe_response():
-    from ref.unlearning_data import pku_row_to_record
+    from harness.unlearning_data import pku_row_to_record
     marks = {"Drugs": True, "Violence": False, "Cybercrime": True}
     row = {"prompt": "p", "response_0": "unsafe", "response_1": "safe", "is_response_0_safe": False,
            "is_response_1_safe": True, "safer_response_id": 1, "response_0_harm_category": marks,

@@ -9,9 +9,8 @@ import pytest
 
 from conftest import REPO, shared
 from conftest import write_jsonl as write_lines
-from ref.unlearning_data import (HarmfulRecord, NormalRecord, UnlearningDataError, main, pku_saferlhf_to_records,
-                                 read_unlearning_jsonl, split_records, truthfulqa_to_records,
-                                 write_unlearning_jsonl)
+from harness.unlearning_data import main, pku_saferlhf_to_records, read_unlearning_jsonl, truthfulqa_to_records, write_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord, NormalRecord, UnlearningDataError, split_records
 
 
 HARMFUL = {"kind": "harmful", "prompt": "How do I pick a lock?", "harmful_response": "Insert a tension wrench...",
@@ -177,7 +176,7 @@ def test_cli_small_files(tmp_path, capsys):
 def test_cli_real_files_as_module(tmp_path):
     pku, tq = shared("pku_saferlhf_sample.jsonl"), shared("truthfulqa.csv")
     out = tmp_path / "unlearning.jsonl"
-    result = subprocess.run([sys.executable, "-m", "ref.unlearning_data", "--pku", str(pku), "--truthfulqa", str(tq),
+    result = subprocess.run([sys.executable, "-m", "harness.unlearning_data", "--pku", str(pku), "--truthfulqa", str(tq),
                              "--out", str(out), "--pairs-only"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     harmful, normal = split_records(read_unlearning_jsonl(out))

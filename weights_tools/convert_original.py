@@ -30,8 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ref.config import DTYPES, load_config, nonfinite_problem
-from ref.console import add_debug_option, exit_on_user_error
-from ref.files import check_new_folder, new_folder
+from harness.console import add_debug_option, exit_on_user_error
+from harness.files import check_new_folder, new_folder
 from ref.weights import (FLOAT_DTYPES, INDEX_FILE, LAYOUTS, SINGLE_FILE, CheckpointError, TensorInfo, match_checkpoint,
                          open_checkpoint, read_headers, read_index)
 

@@ -15,7 +15,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from ref.console import add_debug_option, exit_on_user_error
+from harness.console import add_debug_option, exit_on_user_error
 from ref.weights import open_checkpoint
 
 PARTS = {"vision_tower.": "vision_tower", "multi_modal_projector.": "projector", "language_model.": "decoder",

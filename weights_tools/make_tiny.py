@@ -23,7 +23,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ref.config import LlavaConfig, TextConfig, VisionConfig
-from ref.console import add_debug_option, exit_on_user_error
+from harness.console import add_debug_option, exit_on_user_error
 from ref.llava import Llava
 from ref.weights import save_model
 

@@ -22,8 +22,8 @@ import torch
 
 from ref import adapters, lora, weights
 from ref.config import DTYPES
-from ref.console import add_debug_option, exit_on_user_error
-from ref.files import check_new_folder, new_folder
+from harness.console import LoadProgressLine, add_debug_option, exit_on_user_error
+from harness.files import check_new_folder, new_folder
 
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -32,7 +32,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype =
     adapters.read_adapter_config(adapter_dir)  # a missing or broken adapter fails before the model load too
     if weights.is_quantized_checkpoint(base_dir):
         raise ValueError(f"{base_dir}: a 4-bit checkpoint; merge into the dense checkpoint it was quantized from")
-    model = weights.load_model(base_dir, dtype=torch.float32, show_progress=True)
+    model = weights.load_model(base_dir, dtype=torch.float32, progress=LoadProgressLine())
     adapters.load_adapter(model, adapter_dir)
     lora.merge_and_unload(model)
     with new_folder(out_dir, inputs) as partial:  # renamed to out_dir once complete

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ref import quant, weights
 from ref.config import DTYPES
-from ref.console import add_debug_option, exit_on_user_error
-from ref.files import check_new_folder, new_folder
+from harness.console import LoadProgressLine, add_debug_option, exit_on_user_error
+from harness.files import check_new_folder, new_folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error("quantize", args.debug):
         check_new_folder(args.out_dir, inputs)  # before the load: never into an input, never over files
         model = weights.load_model(args.model_dir, DTYPES[args.dtype], vision_dir=args.vision_dir, quantize=config,
-                                   show_progress=True)
+                                   progress=LoadProgressLine())
         with new_folder(args.out_dir, inputs) as partial:  # renamed to OUT_DIR once complete
             weights.save_quantized(model, partial)
             weights.copy_side_files(args.model_dir, partial)

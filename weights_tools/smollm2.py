@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from ref.config import LlavaConfig, parse_llama
-from ref.console import add_debug_option, exit_on_user_error
-from ref.files import check_new_folder, new_folder
+from harness.console import add_debug_option, exit_on_user_error
+from harness.files import check_new_folder, new_folder
 from ref.llava import Llava
-from ref.provenance import sha256_file
+from harness.provenance import sha256_file
 from ref.weights import expected_shapes, open_checkpoint, save_model
 from weights_tools.gguf import GGUFError, GGUFFile, read_gguf, type_name
 from weights_tools.gguf_tokenizer import build_tokenizer, tokenizer_config

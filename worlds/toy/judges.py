@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from evals.judges import RefusalPhraseJudge
-from toy.world import HARMFUL_STEPS, REFUSAL_MARKERS
+from worlds.toy.world import HARMFUL_STEPS, REFUSAL_MARKERS
 
 REFUSAL_JUDGE = RefusalPhraseJudge("toy", tuple(REFUSAL_MARKERS), "substring_ignore_case",
-                                   source="toy/world.py REFUSAL_MARKERS")
+                                   source="worlds/toy/world.py REFUSAL_MARKERS")
 
 
 def is_refusal(response: str) -> bool:

@@ -1,7 +1,7 @@
 """The SmolLM2 world's eyes: a small CLIP tower + projector that read typographic images; the decoder stays frozen.
 
-    python -m toy.smollm2_vision build --model models/smollm2 --data data/smollm2 --out assets/smollm2_vision
-    python -m toy.smollm2_vision join --model models/smollm2 --out models/smollm2-llava   # a LLaVA folder
+    python -m worlds.smollm2.vision build --model models/smollm2 --data data/smollm2 --out assets/smollm2_vision
+    python -m worlds.smollm2.vision join --model models/smollm2 --out models/smollm2-llava   # a LLaVA folder
 
 The paper's mechanism in its plainest form. LLaVA's projector is pre-trained to put image features where the decoder
 already reads language; then anything the decoder learns from text alone reaches the images too. Here, literally:
@@ -53,14 +53,16 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
 from ref.config import LlavaConfig, VisionConfig, load_config, read_json
-from ref.console import Progress, add_debug_option, exit_on_user_error
-from ref.data import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, read_csv, require_columns
-from ref.files import check_new_folder, new_folder
+from harness.console import Progress, add_debug_option, exit_on_user_error
+from harness.readers import read_csv, require_columns
+from ref.data import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
+from harness.files import check_new_folder, new_folder
 from ref.llava import Llava
-from ref.provenance import sha256_file
-from ref.unlearning_data import HarmfulRecord, read_unlearning_jsonl
+from harness.provenance import sha256_file
+from harness.unlearning_data import read_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord
 from ref.weights import load_state_dict, open_checkpoint, save_model
-from toy.build import alignment_loss, init_weights, learning_rate
+from worlds.toy.build import alignment_loss, init_weights, learning_rate
 
 CELL = 36                      # px, one token per cell (= the tower's patch size)
 GRID = 8                       # cells per side: 64 image tokens
@@ -71,7 +73,7 @@ IMAGE_VOCAB_IDS = 16384        # the tower reads SmolLM2 pieces with ids below t
 INK, PAPER = (0, 0, 0), (255, 255, 255)
 NEGATIVES = 4096               # other drawable pieces each reading-loss step compares a cell against
 VISION_FILE, CONFIG_FILE = "vision.safetensors", "config.json"
-VISION_ASSET = Path(__file__).resolve().parents[1] / "assets" / "smollm2_vision"  # the committed build
+VISION_ASSET = Path(__file__).resolve().parents[2] / "assets" / "smollm2_vision"  # the committed build
 
 
 def vision_config() -> VisionConfig:
@@ -398,7 +400,7 @@ def save_vision(model: Llava, out: Path, manifest: dict) -> None:
 def check_vision_folder(folder: Path) -> None:
     missing = [name for name in (VISION_FILE, CONFIG_FILE, "manifest.json") if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder}: no {', '.join(missing)}: not a folder python -m toy.smollm2_vision build "
+        raise FileNotFoundError(f"{folder}: no {', '.join(missing)}: not a folder python -m worlds.smollm2.vision build "
                                 f"wrote")
 
 
@@ -434,7 +436,7 @@ def join(model_dir: str | Path, vision_dir: str | Path, out: str | Path) -> Path
     with torch.device("meta"):
         model = Llava(config)
     model.load_state_dict({**load_state_dict(model_dir), **tower}, strict=True, assign=True)
-    manifest = {"what": "SmolLM2-135M-Instruct (decoder) + the typographic tower and projector of toy/smollm2_vision",
+    manifest = {"what": "SmolLM2-135M-Instruct (decoder) + the typographic tower and projector of worlds/smollm2/vision",
                 "decoder_from": str(model_dir), "vision_from": str(vision_dir), "vision_manifest": vision_manifest}
     with new_folder(out) as partial:
         save_model(model, partial, dtype=torch.float32)
@@ -446,12 +448,12 @@ def join(model_dir: str | Path, vision_dir: str | Path, out: str | Path) -> Path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m toy.smollm2_vision", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m worlds.smollm2.vision", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="train the tower and projector (the decoder frozen)")
     build.add_argument("--model", required=True, help="the folder python -m weights_tools.smollm2 wrote")
-    build.add_argument("--data", required=True, help="the folder python -m toy.smollm2 wrote")
+    build.add_argument("--data", required=True, help="the folder python -m worlds.smollm2.data wrote")
     build.add_argument("--out", required=True, help="a new folder for the tower and projector")
     build.add_argument("--steps", type=int, default=4000, help="optimizer steps (default 4000)")
     build.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
@@ -487,8 +489,8 @@ def build(args: argparse.Namespace, argv: list[str]) -> dict:
     train(model, embeddings, painter, texts, args)
     after = reading_accuracy(model, embeddings, painter, heldout)
     print(f"held-out AdvBench val as images: {after}", file=sys.stderr)
-    manifest = {"what": "CLIP tower + projector reading SmolLM2 pieces drawn one per cell (toy/smollm2_vision.py)",
-                "build_command": "python -m toy.smollm2_vision " + " ".join(argv),
+    manifest = {"what": "CLIP tower + projector reading SmolLM2 pieces drawn one per cell (worlds/smollm2/vision.py)",
+                "build_command": "python -m worlds.smollm2.vision " + " ".join(argv),
                 "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                 "drawable_pieces": len(painter.ids), "training_texts": len(texts),
                 "heldout_before_training": before, "heldout_after_training": after,
@@ -503,7 +505,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    with exit_on_user_error("toy.smollm2_vision", args.debug):
+    with exit_on_user_error("worlds.smollm2.vision", args.debug):
         if args.command == "build":
             build(args, argv)
         else:

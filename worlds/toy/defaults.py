@@ -4,34 +4,20 @@ committed toy checkpoint, its training-side unlearning records, its held-out sui
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from evals.suites import AttackSample, NormalPair, NormalReader, Suite, SuiteError, SuiteOptions, SuiteReader
+from evals.suites import READERS, AttackSample, NormalPair, NormalReader, Suite, SuiteError, SuiteOptions, SuiteReader
 from ref.unlearning_data import Record
-from toy import world
-from toy.images import render_image
+from worlds.toy import world
+from worlds.toy.images import render_image
 
-TOY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy_llava"
+TOY_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy_llava"
 THREADS = 1  # the toy's tiny matrices gain nothing from more threads and lose a lot when the cores are shared
 # train.py's defaults on the toy, chosen on its validation suites (README): the options train.py sets by model
 TRAIN_DEFAULTS = {"lr": 3e-4, "eps": [0.5, 1.0, 5.0], "batch_size": 8, "max_steps": 300, "stop_harm_nll": -1.0,
                   "kernels": "reference"}  # the auditable kernels: the toy's tables were made with them
-
-
-class ToyModelError(ValueError):
-    """The toy checkpoint the bare commands need is not there."""
-
-
-def is_toy_model(path: str | Path) -> bool:
-    return Path(path).resolve() == TOY_MODEL.resolve()
-
-
-def require_toy_model(path: str | Path) -> None:
-    """A model path that names the toy must find the committed checkpoint there."""
-    if is_toy_model(path) and not (TOY_MODEL / "config.json").is_file():
-        raise ToyModelError(f"{TOY_MODEL}: the toy model is not there; build it with `python -m toy.build` "
-                            f"(or give --model DIR)")
 
 
 DATA = {  # train.py --data toy[:NAME]
@@ -92,8 +78,38 @@ def _read_normal(path: str, max_samples: int | None) -> list[NormalPair]:
     return pairs[:max_samples]
 
 
-SUITE_READER = SuiteReader("the embedded toy world's held-out suites (toy/world.py); 'toy' = all, 'toy:NAME' = one, "
+SUITE_READER = SuiteReader("the embedded toy world's held-out suites (worlds/toy/world.py); 'toy' = all, 'toy:NAME' = one, "
                            "'toy:validation' = the validation suites (training side, for choosing settings)",
                            _read_suites, needs_path=False)
 NORMAL_READER = NormalReader("the toy world's held-out benign tasks (text and image) with their exact answers",
                              _read_normal, needs_path=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval.py's pgd:toy: the toy's held-out benign image tasks as the clean images of a PGD attack, its harmful answers
+# as the targets
+
+PGD_READER = READERS["pgd"]
+TOY_PGD = "toy"  # pgd:toy, the toy's held-out benign image tasks as the clean images of a PGD attack
+TOY_PGD_IMAGES = 8  # how many of them pgd:toy attacks without --max-samples (300 steps: ~20 s an image on one core)
+
+
+def read_pgd_suites(name: str | None, path: str, options: SuiteOptions, spec: str) -> list[Suite]:
+    """pgd:JSONL as evals.suites reads it; pgd:toy: the toy's held-out benign image tasks, --max-samples of them (else
+    TOY_PGD_IMAGES) spread evenly over the suite, so that a few images are of several kinds of task."""
+    if path != TOY_PGD:
+        return PGD_READER.read(name, path, options, spec)
+    tasks = toy_suites(["benign_image"])[0].samples
+    n = min(len(tasks), options.max_samples or TOY_PGD_IMAGES)
+    samples = [replace(tasks[k * len(tasks) // n], suite=name or "pgd") for k in range(n)]
+    return [Suite(name or "pgd", "pgd", samples, spec, files=())]
+
+
+def toy_pgd_targets() -> list[str]:
+    """The toy's default target corpus: its harmful compliance (HARMFUL_RESPONSE) for every harmful topic."""
+    return [world.fill(world.HARMFUL_RESPONSE, topic) for topic in world.HARMFUL_TOPICS]
+
+
+PGD_SUITE_READER = SuiteReader(PGD_READER.description + ";\n           'pgd:toy': the toy's held-out benign image tasks "
+                               f"(--max-samples of them, default {TOY_PGD_IMAGES},\n           spread over the kinds of "
+                               "task), its harmful answers the default --pgd-targets", read_pgd_suites, needs_path=False)

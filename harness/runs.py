@@ -9,7 +9,7 @@
                 model/                       instead of adapter/, after --full-parameter: a llava-hf checkpoint
                 summary.json                 tokens, estimated FLOPs, wall time, peak memory, why the run stopped
 
-Every file but the log is written under a temporary name and renamed into place (ref/files.py), so a crash never
+Every file but the log is written under a temporary name and renamed into place (harness/files.py), so a crash never
 leaves half a file, and a checkpoint is never half old and half new. The log is appended a line per step; a line cut
 short by a kill is dropped when the run resumes.
 """
@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from ref.config import all_finite, read_json
 from ref.distributed import full_tensor, shaped_like
-from ref.files import write_atomically
+from harness.files import write_atomically
+from harness.readers import read_jsonl
 
 ARGS_FILE, SUMMARY_FILE, LOG_FILE, KERNELS_FILE = "args.json", "summary.json", "log.jsonl", "kernels.txt"
 ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE = "adapter", "checkpoint", "state.safetensors"
@@ -119,45 +120,27 @@ def _summary_up_to(run: Path, step: int) -> dict:
             "wall_seconds": total("seconds")}
 
 
-def read_log_lines(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) for each complete line of a log.jsonl. A last line without its newline was cut short (a kill or
-    a full disk while appending) and is left out; a bad line before it is an error naming it."""
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    complete, cut = lines[:-1], lines[-1]  # what follows the last newline: "" when the file ends complete
-    if cut.strip():
-        try:
-            json.loads(cut)
-            complete.append(cut)  # written whole, only the newline missing
-        except (json.JSONDecodeError, RecursionError):
-            pass
+def read_log_lines(path: Path) -> list[dict]:
+    """The records of each complete line of a log.jsonl (harness.readers' rule for a file appended to: a last line
+    cut short by a kill or a full disk is left out; a bad line before it is an error naming it)."""
     entries = []
-    for number, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as err:
-            raise RunError(f"{path}:{number}: not valid JSON ({type(err).__name__}); a log line is only ever cut short "
-                           f"at the end, so this file was edited") from err
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    for number, record in read_jsonl(path, RunError, appended=True):
+        if not isinstance(record.get("step"), int):
             raise RunError(f"{path}:{number}: not a log record (a JSON object with an integer \"step\")")
-        entries.append((line, record))
+        entries.append(record)
     return entries
 
 
 def read_log(run: str | Path) -> list[dict]:
     """The step records of a run's log.jsonl (event lines, such as a resume's, left out)."""
-    return [record for _, record in read_log_lines(Path(run) / LOG_FILE) if "event" not in record]
+    return [record for record in read_log_lines(Path(run) / LOG_FILE) if "event" not in record]
 
 
 def keep_log_before(log_path: Path, step: int) -> None:
     """Keep the complete log lines of steps before `step`: later ones ran after the last checkpoint, before a stop, and
     are about to run again (and a line cut short by a kill goes too)."""
     if log_path.exists():
-        lines = [line for line, record in read_log_lines(log_path) if record["step"] < step]
+        lines = [json.dumps(record) for record in read_log_lines(log_path) if record["step"] < step]  # as written
         write_atomically(log_path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 

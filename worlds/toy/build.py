@@ -1,8 +1,8 @@
-"""Build the toy LLaVA of the toy world (toy/world.py) from scratch, on a CPU, with our own model code.
+"""Build the toy LLaVA of the toy world (worlds/toy/world.py) from scratch, on a CPU, with our own model code.
 
-    python -m toy.build                      # the committed checkpoint: assets/toy_llava
-    python -m toy.build --quick --out DIR    # a few steps, no evaluation (< 1 min; for the tests)
-    python -m toy.build --measure DIR        # measure a toy checkpoint on the held-out suites
+    python -m worlds.toy.build                      # the committed checkpoint: assets/toy_llava
+    python -m worlds.toy.build --quick --out DIR    # a few steps, no evaluation (< 1 min; for the tests)
+    python -m worlds.toy.build --measure DIR        # measure a toy checkpoint on the held-out suites
 
 What it does, top to bottom:
 1. trains a BPE tokenizer (`tokenizers`) on the toy corpus: "<unk>" 0, "<s>" 1, "</s>" 2, then the learned pieces,
@@ -44,14 +44,14 @@ import torch.nn.functional as F
 
 from evals.generation import Sampling, generate_responses, tokenize_samples
 from ref.config import LlavaConfig, TextConfig, VisionConfig
-from ref.console import Progress, add_debug_option, exit_on_user_error
+from harness.console import Progress, add_debug_option, exit_on_user_error
 from ref.data import (IGNORE_INDEX, Processor, TextTokenizer, build_prompt, build_training_example,
                       collate_for_training, load_processor, preprocess_image)
 from ref.llava import Llava
 from ref.weights import load_model, save_model
-from toy import images, judges, world
-from toy.defaults import TOY_MODEL, toy_suites
-from toy.tokenizer import IMAGE_TOKEN, PAD_TOKEN, build_tokenizer
+from worlds.toy import images, judges, world
+from worlds.toy.defaults import TOY_MODEL, toy_suites
+from worlds.toy.tokenizer import IMAGE_TOKEN, PAD_TOKEN, build_tokenizer
 
 PROMPT_FORMAT = "llava-hf"  # "USER: <image>\n{prompt} ASSISTANT:"; the toy's default everywhere
 
@@ -278,8 +278,8 @@ def output_affecting(argv: list[str]) -> list[str]:
 def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dict | None, n_params: int) -> None:
     files = ["config.json", "model.safetensors", "tokenizer.json"]
     manifest = {
-        "what": "toy LLaVA (llava-hf layout) trained from scratch on the toy world of toy/world.py",
-        "build_command": " ".join(["python -m toy.build"] + output_affecting(args.argv)),
+        "what": "toy LLaVA (llava-hf layout) trained from scratch on the toy world of worlds/toy/world.py",
+        "build_command": " ".join(["python -m worlds.toy.build"] + output_affecting(args.argv)),
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -305,7 +305,7 @@ def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dic
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m toy.build", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m worlds.toy.build", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=TOY_MODEL, help="output folder (default: assets/toy_llava)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data stream and the initialisation")

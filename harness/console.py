@@ -126,3 +126,20 @@ class HelpFormatter(argparse.RawTextHelpFormatter):
         shown = "none" if default is None else default
         separator = "\n" if "\n" in help_text else (" " if help_text else "")
         return f"{help_text}{separator}(default: {str(shown).replace('%', '%%')})"
+
+
+class LoadProgressLine:
+    """ref.weights' loading progress as one line on stderr: tensors and bytes read, rate, time left."""
+
+    def __init__(self):
+        self.line, self.bytes = None, 0
+
+    def start(self, folder, n_tensors: int) -> None:
+        self.line, self.bytes = Progress(f"loading {folder}", n_tensors, "tensors", min_seconds=2.0), 0
+
+    def update(self, tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.line.update(1, f"{self.bytes / 2**20:,.0f} MiB read")
+
+    def close(self) -> None:
+        self.line.close()

@@ -1,6 +1,6 @@
 """The toy's README table: eval.py's report over several seeds of each train.py mode, as mean and spread.
 
-    python -m toy.table runs/eval/report.json
+    python -m worlds.toy.table runs/eval/report.json
 
 Rows are grouped by run name: `textual`, `textual_seed1`, `textual_seed2` are three seeds of `textual` (train.py's
 `--out runs/<mode>_seed<k>`). Each cell is the mean over the group's seeds and, with several seeds, the range
@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from ref.console import add_debug_option, exit_on_user_error
+from harness.console import add_debug_option, exit_on_user_error
 
 SEED_SUFFIX = re.compile(r"_seed\d+$")
 COLUMNS = [  # (header, suite, what): the README's columns
@@ -75,7 +75,7 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m toy.table", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m worlds.toy.table", description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path, help="eval.py's report.json on the toy's suites")
     add_debug_option(parser)
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from toy.world import corpus_texts
+from worlds.toy.world import corpus_texts
 
 CHAT_WORDS = ["USER:", "ASSISTANT:"]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in LLaMA

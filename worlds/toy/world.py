@@ -19,7 +19,7 @@ What the world contains
 - Every image request is also trained typed (`typed`): the image's words, a new line, the text prompt. A language
   model knows a request in text, whatever form it later arrives in through the projector.
 
-How images reach the decoder (toy/images.py, toy/build.py)
+How images reach the decoder (worlds/toy/images.py, worlds/toy/build.py)
 Typographic images write one word per patch cell (16 cells = 16 image tokens), and the build holds the projected
 feature of each word cell to that word's token embedding, in direction and in size, so the decoder reads an image
 word like the typed word. This is the paper's mechanism in its plainest form: whatever the modality, everything
@@ -44,7 +44,7 @@ The split (disjoint by construction, checked by tests/test_toy.py)
   (topic, phrasing) pair per topic, training-side image requests drawn in new styles, training-side benign tasks, and
   look-alikes that are trained benign topics (VAL_LOOKALIKE_TOPICS). None of it is in the unlearning data.
 
-What the rest of the project takes from here: `training_stream` (the base model's build, toy/build.py),
+What the rest of the project takes from here: `training_stream` (the base model's build, worlds/toy/build.py),
 `eval_suites` and `validation_suites`, `unlearning_records` / `unlearning_dicts` / `write_unlearning_jsonl` (the
 unlearning data, in ref/unlearning_data.py's schema), `write_eval_suites`, and `corpus_texts` (the tokenizer's corpus).
 """
@@ -60,7 +60,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ref.unlearning_data import HarmfulRecord, NormalRecord, Record
-from toy.images import BACKGROUNDS, COLOURS, GLYPHS_3X5, MAX_WORD_CHARS, SHAPES, save_images, shape_spec, words_spec
+from worlds.toy.images import BACKGROUNDS, COLOURS, GLYPHS_3X5, MAX_WORD_CHARS, SHAPES, save_images, shape_spec, words_spec
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The world's content. Words are lower case; punctuation is written as its own word ("pick a lock ."), so a sentence

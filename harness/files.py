@@ -4,6 +4,9 @@
     with new_folder(out, inputs) as tmp: ...  a whole output folder: written in a temporary sibling, renamed into
                                               place when complete; refused before anything is written when `out`
                                               holds files, is a file, or overlaps an input folder
+    check_run_folder(out, marker, inputs)     a program's run folder (train.py's, eval.py's): new, empty, or one
+                                              the same program started (its `marker` file is there); never a
+                                              folder of the user's files, an input, or a folder inside one
 
 A rename within one folder is atomic, so a crash, a kill or a full disk leaves either the old file (folder) or the new
 one, never half of either; what was half written is a temporary name the next run ignores or removes.
@@ -54,6 +57,29 @@ def check_new_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: {parent} is not writable; choose another output folder")
+    return out
+
+
+def check_run_folder(out: str | Path, marker: str, inputs: Iterable[str | Path] = ()) -> Path:
+    """`out` can hold a program's run: it overlaps no input (the model, the data), is not a file, can be written, and
+    is new, empty or a run this program started (it holds `marker`, the file the program writes first). A folder of
+    other files is refused before anything is read or loaded: a run would write among, and clear, files it did not
+    write. Returns `out` resolved; the caller decides what to do with a run that is there (resume it, or refuse)."""
+    out = Path(out).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if _overlaps(out, source):
+            raise OutputError(f"--out {out}: overlaps the input {source}; write the run to another folder")
+    if out.is_file():
+        raise OutputError(f"--out {out}: is a file, not a run folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise OutputError(f"--out {out}: holds files but no {marker}, so it is not a run of this program; choose a "
+                          f"new or empty --out (nothing was written)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: {existing} is not writable; choose another --out")
     return out
 
 
