@@ -9,7 +9,7 @@ all you need?"): QLoRA on the decoder, text-only data, three losses.
   2. the model: 4-bit NF4 decoder linears + LoRA adapters; vision tower and projector frozen (and, in textual mode,
      never run)
   3. the data: harmful records (prompt, harmful response, helpful response) and normal records (prompt, response),
-     drawn as seeded streams of batches
+     drawn as seeded streams of batches (ref/batches.py)
   4. the loop: L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility (ref/losses.py) over --grad-accum
      batches, clipping, AdamW on the adapters, a NaN and divergence guard, Yao et al.'s stopping rule, checkpoints
      for an exact --resume (Ctrl-C or SIGTERM: a checkpoint at the end of the step, then exit)
@@ -44,11 +44,12 @@ from harness.devices import check_device, default_dtype
 from ref.config import DTYPES, read_json
 from harness.console import (HelpFormatter, Progress, add_debug_option, exit_on_user_error, finite_float,
                          non_negative_float, non_negative_int, positive_float, positive_int, probability)
-from ref.data import (PROMPT_FORMATS, Processor, PromptTooLongError, build_prompt, collate_for_training,
-                      load_processor)
+from ref.data import PROMPT_FORMATS, load_processor
 from ref.distributed import (Distributed, close_process_group, full_state_dict, full_tensor,
                              shard_decoder_layers)
-from ref.losses import TERMS, Batch, LossWeights, batch_flops, total_loss, unlearning_backward
+from ref.batches import BatchMaker, Streams
+from ref.losses import (LossWeights, StepCounts, add_token_sums, step_shares, step_terms, tokens_in_step,
+                        unlearning_backward)
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
 from harness.files import new_folder, write_atomically
@@ -84,7 +85,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
         return finished
     kernels = set_up_torch(args)
     # 3 before 2: every input is read and checked before the (slow) model load
-    harmful, normal, maker = read_data(args)
+    harmful, normal, coverage, maker = read_data(args)
     # 2. the model, the optimizer over the adapters, the loss weights
     model, lora, original = build_model(args, kernels, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -107,9 +108,9 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
             start_step_memory(device)
             lr = set_learning_rate(optimizer, state.step, args)
             optimizer.zero_grad(set_to_none=True)
-            micro_batches = [maker.step_batches(harm, normal, state.step, position).to(device)
+            micro_batches = [maker.term_batches(harm, normal, state.step, position).to(device)
                              for harm, normal, position in streams.next_step(world.rank)]  # this rank's share
-            step_tokens = tokens_in_step(micro_batches, world)
+            step_tokens = tokens_in_step(micro_batches, world.sum_floats)
             sums, counts = {}, StepCounts()
             for batches in micro_batches:
                 # L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility, each term the mean over all its
@@ -117,12 +118,12 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
                 # accumulated one term at a time, so only one term's graph is alive          (ref/losses.py)
                 means = unlearning_backward(model, batches.harmful, batches.helpful, batches.normal, weights,
                                             kernels, lambda: adapters_disabled(model),
-                                            step_shares(batches, step_tokens, world), original)
+                                            step_shares(batches, step_tokens, world.world_size), original)
                 add_token_sums(sums, means, batches)
                 counts.add(model, batches)
             world.average_gradients(trainable)  # what DDP does; the shares' factor of ranks undoes its mean
-            terms = step_terms(sums, step_tokens, weights, world)
-            counts = counts.over_ranks(world)
+            terms = step_terms(sums, step_tokens, weights, world.sum_floats)
+            counts = counts.over_ranks(world.sum_floats)
             norms, failure = guarded_update(model, optimizer, trainable, terms, args, last_good, state)
             if failure:
                 state.stopped_by = failure
@@ -153,7 +154,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     state.stopped_by = state.stopped_by or "max_steps"
     save_training_state(out, model, optimizer, state.checkpoint(streams), world)
     save_outputs(model, lora, args, out, world)
-    return write_summary(args, out, state, device, kernels, world, maker.coverage)
+    return write_summary(args, out, state, device, kernels, world, coverage)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -532,172 +533,23 @@ def select_categories(harmful: list[HarmfulRecord], args) -> tuple[list[HarmfulR
     return kept, {"kept": chosen, "dropped": [c for c in known if c not in chosen], "records": len(kept)}
 
 
-def read_data(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord], BatchMaker]:
-    """The records and what turns them into batches; tokenizer and every image checked now."""
+def read_data(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[NormalRecord], dict | None, BatchMaker]:
+    """The records, which harm categories were kept (None: all), and what turns the records into batches; the
+    tokenizer, every prompt's length and every image checked now."""
     processor = load_processor(args.model, args.vision_dir)  # its token ids checked against the model's vocabulary
     harmful, normal, coverage = read_records(args)
-    maker = BatchMaker(processor, args, harmful, normal, coverage)
+    maker = BatchMaker(processor, harmful, normal, prompt_format=args.prompt_format, mismatch=args.mismatch,
+                       seed=args.seed, ascent=args.mode != "sft")
     for kind, records in (("harmful", harmful), ("normal", normal)):
         for number, record in enumerate(records, start=1):
             maker.check_fits(record, f"{args.data}: {kind} record {number}")
             if record.image:  # an unreadable image stops the run before training starts
                 maker.image(record.image)
-    return harmful, normal, maker
-
-
-class RecordStream:
-    """Endless batches over a list, reshuffled each epoch from (seed, epoch); its position is two integers."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, cursor: int = 0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.epoch, self.cursor = epoch, cursor
-
-    def _order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
-
-    def next_indices(self) -> list[int]:
-        indices = []
-        while len(indices) < self.batch_size:
-            if self.cursor >= self.size:
-                self.epoch, self.cursor = self.epoch + 1, 0
-            order = self._order()
-            take = min(self.batch_size - len(indices), self.size - self.cursor)
-            indices += order[self.cursor:self.cursor + take]
-            self.cursor += take
-        return indices
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-
-class Streams:
-    """The harmful and the normal record streams, seeded apart; their positions are part of a checkpoint.
-
-    A step draws its whole batch (--batch-size x ranks x --grad-accum records of each) from the one stream every rank
-    follows, and cuts it into batches of --batch-size: micro-batch m of rank r takes the (m * ranks + r)-th. So a step
-    sees the same records however it is split, and resuming on another number of ranks continues the same stream."""
-
-    def __init__(self, n_harmful: int, n_normal: int, batch_size: int, seed: int, ranks: int = 1,
-                 grad_accum: int = 1):
-        self.batch_size, self.ranks, self.grad_accum = batch_size, ranks, grad_accum
-        step_size = batch_size * ranks * grad_accum
-        self.harmful = RecordStream(n_harmful, step_size, seed)
-        self.normal = RecordStream(max(n_normal, 1), step_size, seed + 1)
-        self.has_normal = n_normal > 0
-
-    def next_step(self, rank: int = 0) -> list[tuple[list[int], list[int], int]]:
-        """This rank's micro-batches of the next step: (harmful indices, normal indices, position of the first
-        harmful record in the step's whole batch)."""
-        harmful = self.harmful.next_indices()
-        normal = self.normal.next_indices() if self.has_normal else []
-        size, pieces = self.batch_size, []
-        for micro in range(self.grad_accum):
-            start = (micro * self.ranks + rank) * size
-            pieces.append((harmful[start:start + size], normal[start:start + size], start))
-        return pieces
-
-    def positions(self) -> dict:
-        return {"harm_position": self.harmful.position(), "normal_position": self.normal.position()}
-
-    def restore(self, saved: dict) -> None:
-        self.harmful.epoch, self.harmful.cursor = saved["harm_position"]["epoch"], saved["harm_position"]["cursor"]
-        self.normal.epoch, self.normal.cursor = saved["normal_position"]["epoch"], saved["normal_position"]["cursor"]
-
-
-@dataclass
-class StepBatches:
-    harmful: Batch | None  # prompts with their harmful responses (L_harm)
-    helpful: Batch | None  # the same prompts with helpful responses (L_helpful)
-    normal: Batch | None  # normal data (L_utility)
-
-    def to(self, device: torch.device) -> StepBatches:
-        return StepBatches(*(None if b is None else b.to(device) for b in (self.harmful, self.helpful, self.normal)))
-
-    def response_tokens(self) -> dict[str, int]:
-        """Each term's response tokens in these batches (what its mean is taken over)."""
-        batches = (self.harmful, self.helpful, self.normal)
-        return {term: 0 if b is None else b.response_tokens for term, b in zip(TERMS, batches)}
-
-
-class BatchMaker:
-    """Records -> tokenized batches with response-only labels; images preprocessed once and cached."""
-
-    def __init__(self, processor: Processor, args, harmful: list[HarmfulRecord], normal: list[NormalRecord],
-                 coverage: dict | None = None):
-        self.processor, self.args = processor, args
-        self.harmful, self.normal = harmful, normal
-        self.coverage = coverage  # the harm categories kept and dropped (select_categories), or None
-        self.images: dict[str, torch.Tensor] = {}
-
-    def image(self, path: str) -> torch.Tensor:
-        if path not in self.images:
-            self.images[path] = self.processor.images_to_tensor([path])  # (1, 3, S, S)
-        return self.images[path]
-
-    def check_fits(self, record: HarmfulRecord | NormalRecord, where: str) -> None:
-        """The record's prompt leaves room for its response in the model's context (found now, not mid-run)."""
-        text = build_prompt(record.prompt, num_images=1 if record.image else 0, prompt_format=self.args.prompt_format)
-        try:
-            length = len(self.processor.tokenize_prompt(text))
-        except PromptTooLongError as err:
-            raise TrainError(f"{where}: {err}") from None
-        if length >= self.processor.max_length:
-            raise TrainError(f"{where}: the prompt is {length} tokens (images expanded), leaving no room for a "
-                             f"response in the context of {self.processor.max_length}: {record.prompt[:60]!r}...")
-
-    def example(self, prompt: str, response: str, image: str | None):
-        text = build_prompt(prompt, num_images=1 if image else 0, prompt_format=self.args.prompt_format)
-        example = self.processor.training_example(text, response)
-        if image:
-            example.pixel_values = self.image(image)
-        return example
-
-    def batch(self, pairs: list[tuple[str, str, str | None]]) -> Batch | None:
-        if not pairs:
-            return None
-        examples = [self.example(*pair) for pair in pairs]
-        return Batch(**collate_for_training(examples, self.processor.tokenizer.pad_id))
-
-    def step_batches(self, harm_idx: list[int], normal_idx: list[int], step: int, position: int = 0) -> StepBatches:
-        records = [self.harmful[i] for i in harm_idx]
-        harm_pairs = [(r.prompt, r.harmful_response, r.image) for r in records if r.harmful_response]
-        if self.args.mismatch == "random":
-            # Yao et al.'s variant: a random normal answer, drawn from (seed, step, the record's place in the step's
-            # batch), so a resumed run, or the same step split otherwise, draws the same.
-            helpful_pairs = [(r.prompt, random.Random(f"{self.args.seed}/{step}/{position + k}").choice(
-                self.normal).response, r.image) for k, r in enumerate(records)]
-        else:
-            helpful_pairs = [(r.prompt, r.helpful_response, r.image) for r in records if r.helpful_response]
-        normal_pairs = [(self.normal[i].prompt, self.normal[i].response, self.normal[i].image) for i in normal_idx]
-        if self.args.mode == "sft":
-            harm_pairs = []  # the supervised baseline learns the helpful responses and never ascends
-        return StepBatches(self.batch(harm_pairs), self.batch(helpful_pairs), self.batch(normal_pairs))
+    return harmful, normal, coverage, maker
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. The loop's parts: state, schedule, the guarded update, the stopping rule, interruption
-
-
-@dataclass
-class StepCounts:
-    """Tokens, image tokens and estimated FLOPs of one optimizer step's batches (ref.losses.batch_flops)."""
-
-    tokens: int = 0
-    image_tokens: int = 0
-    flops: float = 0.0
-
-    def add(self, model, batches: StepBatches) -> None:
-        for batch, reference_pass in ((batches.harmful, False), (batches.helpful, False), (batches.normal, True)):
-            if batch is not None:
-                self.tokens += int(batch.attention_mask.sum())
-                if model.config.image_token_index is not None:  # a text-only model has no image token
-                    self.image_tokens += int((batch.input_ids == model.config.image_token_index).sum())
-                self.flops += batch_flops(model, batch, backward=True, reference_pass=reference_pass)
-
-    def over_ranks(self, world: Distributed) -> StepCounts:
-        tokens, image_tokens, flops = world.sum_floats([self.tokens, self.image_tokens, self.flops])
-        return StepCounts(int(tokens), int(image_tokens), flops)
 
 
 def new_totals() -> dict:
@@ -826,45 +678,6 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, args) -> floa
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
-
-
-# One normalisation for every split of a step. Each term is the mean over all its response tokens in the step:
-#     L_term = sum over the step's batches b (every micro-batch of every rank) of  n_b * mean_b / N_step
-# with n_b the term's response tokens in batch b and N_step their sum. Each batch's backward therefore weighs its mean
-# by n_b / N_step (times the number of ranks, which the all-reduce's mean divides out again), so that --grad-accum 2 x
-# batch 4, 2 ranks x batch 4 and one batch of 8 records give the same gradient, and a term missing from one batch does
-# not lose weight in the others.
-
-
-def tokens_in_step(micro_batches: list[StepBatches], world: Distributed) -> dict[str, float]:
-    """N_step of each term: its response tokens in every batch of the step, on every rank."""
-    local = [sum(b.response_tokens()[term] for b in micro_batches) for term in TERMS]
-    return dict(zip(TERMS, world.sum_floats(local)))
-
-
-def step_shares(batches: StepBatches, step_tokens: dict[str, float], world: Distributed) -> dict[str, float]:
-    """n_b / N_step of each term of this batch, times the ranks (the gradient all-reduce takes their mean)."""
-    return {term: world.world_size * n / step_tokens[term] for term, n in batches.response_tokens().items() if n}
-
-
-def add_token_sums(sums: dict[str, float], means: dict[str, float], batches: StepBatches) -> None:
-    """n_b * mean_b of each term this batch computed: the step's sums, for the log."""
-    tokens = batches.response_tokens()
-    for term, mean in means.items():
-        sums[term] = sums.get(term, 0.0) + mean * tokens[term]
-
-
-def step_terms(sums: dict[str, float], step_tokens: dict[str, float], weights: LossWeights,
-               world: Distributed) -> dict[str, float]:
-    """Each term's mean over all its response tokens in the step (what the stopping rule reads), and the total; a
-    term no batch of the step computed is absent."""
-    computed = world.sum_floats([1.0 if term in sums else 0.0 for term in TERMS])
-    active = [term for term, flag in zip(TERMS, computed) if flag]
-    totals = world.sum_floats([sums.get(term, 0.0) for term in active])
-    terms = {term: total / step_tokens[term] for term, total in zip(active, totals)}
-    if terms:
-        terms["total"] = total_loss(terms, weights)
-    return terms
 
 
 def adapter_norm(model) -> float:

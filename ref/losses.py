@@ -9,7 +9,9 @@
 Every term is an average per response token over all response tokens of its batch (prompt, image and padding tokens
 are masked out by `labels == IGNORE_INDEX`; a long response weighs more than a short one). p_orig is the same model
 with its LoRA adapters switched off, run under no_grad: the 4-bit base is the original model, so no second copy is
-needed, and at step 0 (LoRA's B = 0) the KL is exactly 0.
+needed, and at step 0 (LoRA's B = 0) the KL is exactly 0. A step made of several batches (gradient accumulation,
+ranks) takes each term's mean over all its response tokens in the step (`step_shares`, `step_terms`), so that however
+the step is split the gradient is the same.
 
 The lm_head and the vocabulary-sized softmax run through the kernel table (`linear_cross_entropy`, `linear_kl`), and
 only on hidden states gathered at response positions: prompt and image tokens never produce logits. `batch_flops`
@@ -44,6 +46,26 @@ class Batch:
     @property
     def response_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+TERMS = ("harm_nll", "helpful_nll", "utility_kl")  # the log's names of L_harm, L_helpful, L_utility
+
+
+@dataclass
+class TermBatches:
+    """The batch of each term for one piece of a step (one micro-batch of one rank); a term without one is None."""
+
+    harmful: Batch | None  # prompts with their harmful responses (L_harm)
+    helpful: Batch | None  # the same prompts with helpful responses (L_helpful)
+    normal: Batch | None  # normal data (L_utility)
+
+    def to(self, device: torch.device) -> TermBatches:
+        return TermBatches(*(None if b is None else b.to(device) for b in (self.harmful, self.helpful, self.normal)))
+
+    def response_tokens(self) -> dict[str, int]:
+        """Each term's response tokens in these batches (what its mean is taken over)."""
+        batches = (self.harmful, self.helpful, self.normal)
+        return {term: 0 if b is None else b.response_tokens for term, b in zip(TERMS, batches)}
 
 
 def response_hidden(model, batch: Batch, image_features: torch.Tensor | None = None):
@@ -96,9 +118,6 @@ class LossWeights:
     utility: float = 1.0  # eps3
 
 
-TERMS = ("harm_nll", "helpful_nll", "utility_kl")  # the log's names of L_harm, L_helpful, L_utility
-
-
 def loss_terms(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None, weights: LossWeights,
                kernels: Kernels, adapters_off: Callable[[], AbstractContextManager], original=None
                ) -> list[tuple[str, float, Callable[[], torch.Tensor]]]:
@@ -121,7 +140,7 @@ def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal:
 
     `shares[term]` multiplies the term's mean over this batch (default 1): a step made of several batches (gradient
     accumulation, ranks) gives each batch's mean the share of the step's response tokens it holds, so that the step's
-    gradient is that of each term's mean over all its tokens (train.py's `step_shares`). `original`: the frozen copy
+    gradient is that of each term's mean over all its tokens (`step_shares` below). `original`: the frozen copy
     the KL compares with when there are no adapters to switch off (full-parameter training).
 
     Returns the total (a scalar to backpropagate) and each term's mean over this batch, for the log. With no term at
@@ -174,6 +193,55 @@ def total_loss(terms: dict[str, float], weights: LossWeights) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# One normalisation for every split of a step. Each term is the mean over all its response tokens in the step:
+#
+#     L_term = sum over the step's batches b (every micro-batch of every rank) of  n_b * mean_b / N_step
+#
+# with n_b the term's response tokens in batch b and N_step their sum. Each batch's backward therefore weighs its mean
+# by n_b / N_step (times the number of ranks, which the gradient all-reduce's mean divides out again), so that
+# --grad-accum 2 x batch 4, 2 ranks x batch 4 and one batch of 8 records give the same gradient, and a term missing
+# from one batch does not lose weight in the others. `sum_over_ranks` adds a few numbers over the ranks (the run's
+# all-reduce, ref.distributed.Distributed.sum_floats); one process adds nothing to them.
+
+SumOverRanks = Callable[[list[float]], list[float]]
+
+
+def one_process(values: list[float]) -> list[float]:
+    return list(values)
+
+
+def tokens_in_step(micro_batches: list[TermBatches], sum_over_ranks: SumOverRanks = one_process) -> dict[str, float]:
+    """N_step of each term: its response tokens in every batch of the step, on every rank."""
+    local = [sum(b.response_tokens()[term] for b in micro_batches) for term in TERMS]
+    return dict(zip(TERMS, sum_over_ranks(local)))
+
+
+def step_shares(batches: TermBatches, step_tokens: dict[str, float], ranks: int = 1) -> dict[str, float]:
+    """n_b / N_step of each term of this batch, times the ranks (the gradient all-reduce takes their mean)."""
+    return {term: ranks * n / step_tokens[term] for term, n in batches.response_tokens().items() if n}
+
+
+def add_token_sums(sums: dict[str, float], means: dict[str, float], batches: TermBatches) -> None:
+    """n_b * mean_b of each term this batch computed, added to the step's sums (for the log)."""
+    tokens = batches.response_tokens()
+    for term, mean in means.items():
+        sums[term] = sums.get(term, 0.0) + mean * tokens[term]
+
+
+def step_terms(sums: dict[str, float], step_tokens: dict[str, float], weights: LossWeights,
+               sum_over_ranks: SumOverRanks = one_process) -> dict[str, float]:
+    """L_term = sum_b n_b * mean_b / N_step of each term (what the log and the stopping rule read), and the total;
+    a term no batch of the step computed, on any rank, is absent."""
+    computed = sum_over_ranks([1.0 if term in sums else 0.0 for term in TERMS])
+    active = [term for term, flag in zip(TERMS, computed) if flag]
+    totals = sum_over_ranks([sums.get(term, 0.0) for term in active])
+    terms = {term: total / step_tokens[term] for term, total in zip(active, totals)}
+    if terms:
+        terms["total"] = total_loss(terms, weights)
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The compute of a term: the count behind the paper's "multimodal unlearning costs up to 6x the compute"
 
 
@@ -213,3 +281,25 @@ def batch_flops(model, batch: Batch | None, backward: bool, reference_pass: bool
     if batch.pixel_values is not None:
         vision = 2 * vision_params(model) * batch.pixel_values.shape[0] * (model.config.vision.num_patches + 1)
     return passes * forward + vision
+
+
+@dataclass
+class StepCounts:
+    """Tokens, image tokens and estimated FLOPs (`batch_flops`) of one optimizer step's batches: what each step logs,
+    and the run's totals add up."""
+
+    tokens: int = 0
+    image_tokens: int = 0
+    flops: float = 0.0
+
+    def add(self, model, batches: TermBatches) -> None:
+        for batch, reference_pass in ((batches.harmful, False), (batches.helpful, False), (batches.normal, True)):
+            if batch is not None:
+                self.tokens += int(batch.attention_mask.sum())
+                if model.config.image_token_index is not None:  # a text-only model has no image token
+                    self.image_tokens += int((batch.input_ids == model.config.image_token_index).sum())
+                self.flops += batch_flops(model, batch, backward=True, reference_pass=reference_pass)
+
+    def over_ranks(self, sum_over_ranks: SumOverRanks = one_process) -> StepCounts:
+        tokens, image_tokens, flops = sum_over_ranks([self.tokens, self.image_tokens, self.flops])
+        return StepCounts(int(tokens), int(image_tokens), flops)

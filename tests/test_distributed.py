@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import train
 from harness.runs import read_log
+from ref.losses import step_shares, tokens_in_step
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ROOT = Path(train.__file__).resolve().parent
@@ -96,11 +97,11 @@ def test_the_step_shares_weigh_each_batch_by_its_tokens():
             return self.counts
 
     short, long = Batches(8, 3, 0), Batches(132, 7, 10)
-    one = train.Distributed()
-    tokens = train.tokens_in_step([short, long], one)
+    tokens = tokens_in_step([short, long])  # one process
     assert tokens == {"harm_nll": 140, "helpful_nll": 10, "utility_kl": 10}
-    assert train.step_shares(short, tokens, one) == {"harm_nll": 8 / 140, "helpful_nll": 0.3}
-    assert train.step_shares(long, tokens, one) == {"harm_nll": 132 / 140, "helpful_nll": 0.7, "utility_kl": 1.0}
+    assert step_shares(short, tokens) == {"harm_nll": 8 / 140, "helpful_nll": 0.3}
+    assert step_shares(long, tokens) == {"harm_nll": 132 / 140, "helpful_nll": 0.7, "utility_kl": 1.0}
+    assert step_shares(short, tokens, ranks=2) == {"harm_nll": 16 / 140, "helpful_nll": 0.6}  # the all-reduce halves
 
 
 def test_two_ranks_give_the_one_process_adapter_on_the_same_records(world, tmp_path):
