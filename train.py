@@ -22,17 +22,14 @@ projector run every step, frozen) and `sft` (the supervised baseline: NLL on the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import sys
 import textwrap
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +50,10 @@ from ref.losses import (LossWeights, StepCounts, add_token_sums, step_shares, st
 from ref.adapters import save_adapter
 from ref.lora import LoraConfig, add_lora, adapters_disabled, lora_modules
 from harness.files import new_folder, write_atomically
+from harness.memory import memory_use, start_step_memory
 from harness.models import load_base
 from harness.provenance import provenance
+from harness.signals import StopRequest
 from harness.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, KERNELS_FILE, LOG_FILE, MODEL_DIR,
                       SUMMARY_FILE, RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state,
                       read_run_args, rng_state, save_checkpoint, step_adapter_dir, trainable_tensors, training_tensors)
@@ -549,7 +548,7 @@ def read_data(args: argparse.Namespace) -> tuple[list[HarmfulRecord], list[Norma
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 4. The loop's parts: state, schedule, the guarded update, the stopping rule, interruption
+# 4. The loop's parts: state, schedule, the guarded update, the stopping rule
 
 
 def new_totals() -> dict:
@@ -731,56 +730,6 @@ def stopping_rule(state: LoopState, harm_nll: float | None, args) -> str | None:
     if state.stop_at is not None and state.step >= state.stop_at:
         return f"harmful NLL above {args.stop_harm_nll} (+{args.extra_batches} batches)"
     return None
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM during a run: the loop finishes the step, writes a checkpoint and returns (`--resume`
-    continues it exactly); a second signal stops at once. `StopRequest(after_step=N)` asks for the same stop after
-    step N, as if the signal had come then (what the resume tests use)."""
-
-    def __init__(self, after_step: int | None = None):
-        self.after_step, self.signal_name, self.signal_number = after_step, None, None
-
-    def requested(self, step: int) -> bool:
-        return self.signal_name is not None or (self.after_step is not None and step >= self.after_step)
-
-    def reason(self) -> str:
-        return self.signal_name or f"stop requested after step {self.after_step}"
-
-    @contextlib.contextmanager
-    def on_signals(self):
-        """Catch SIGINT and SIGTERM inside the block (from the main thread only: Python delivers signals there)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-
-        def handle(signum, frame):
-            if self.signal_name is not None:
-                raise KeyboardInterrupt  # the second signal: stop now, without a checkpoint
-            self.signal_name, self.signal_number = signal.Signals(signum).name, signum
-
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
-def start_step_memory(device: torch.device) -> None:
-    """On a GPU, make the allocator's peak start again, so that each step logs its own peak (not the run's so far)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def memory_use(device: torch.device) -> dict[str, float]:
-    """MiB. On a GPU: the peak allocated since `start_step_memory`, and what the caching allocator holds reserved
-    (what other processes cannot have); the summary reports the largest step's. On a CPU: the process's peak
-    resident set so far (the model load's included)."""
-    if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "reserved_memory_mb": torch.cuda.memory_reserved(device) / 2**20}
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
 
 
 def progress_info(record: dict) -> str:

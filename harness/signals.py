@@ -1,0 +1,45 @@
+"""A stop asked of a running program: Ctrl-C or SIGTERM ends the current step, a checkpoint is written, the program
+exits and `--resume` continues exactly; a second signal stops at once.
+
+    stop = StopRequest()                 # or StopRequest(after_step=N): the same stop after step N (the tests')
+    with stop.on_signals():
+        ... if stop.requested(step): save a checkpoint, say stop.reason(), return
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+
+class StopRequest:
+    """Whether a stop was asked for, by a signal or (`after_step`) by the caller, and why."""
+
+    def __init__(self, after_step: int | None = None):
+        self.after_step, self.signal_name, self.signal_number = after_step, None, None
+
+    def requested(self, step: int) -> bool:
+        return self.signal_name is not None or (self.after_step is not None and step >= self.after_step)
+
+    def reason(self) -> str:
+        return self.signal_name or f"stop requested after step {self.after_step}"
+
+    @contextlib.contextmanager
+    def on_signals(self):
+        """Catch SIGINT and SIGTERM inside the block (from the main thread only: Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handle(signum, frame):
+            if self.signal_name is not None:
+                raise KeyboardInterrupt  # the second signal: stop now, without a checkpoint
+            self.signal_name, self.signal_number = signal.Signals(signum).name, signum
+
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
