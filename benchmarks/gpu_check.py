@@ -32,6 +32,7 @@ import train  # noqa: E402
 from benchmarks.bench_generate import write_checkpoint  # noqa: E402
 from benchmarks.bench_step_vs_peft import make_batches  # noqa: E402
 from harness.devices import default_dtype  # noqa: E402
+from harness.signals import StopRequest  # noqa: E402
 from ref.kernels import resolve  # noqa: E402
 from ref.lora import LoraConfig, adapters_disabled, add_lora  # noqa: E402
 from ref.losses import Batch, LossWeights, kl_to_original, unlearning_backward, unlearning_loss  # noqa: E402
@@ -194,12 +195,12 @@ def check_host_syncs(world: World):
     if (skip := needs_cuda(world.device)):
         return skip
     out = world.folder / "syncs"
-    args = train.parse_args(toy_train_args(out, world.device, "--max-steps", "3"))
+    options, start = train.read_command_line(toy_train_args(out, world.device, "--max-steps", "3"))
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train.train(args)
+            train.train(options, start)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
@@ -211,7 +212,7 @@ def check_peak_memory_per_step(world: World):
     if (skip := needs_cuda(world.device)):
         return skip
     out = world.folder / "peaks"
-    train.train(train.parse_args(toy_train_args(out, world.device, "--max-steps", "3")))
+    train.train(*train.read_command_line(toy_train_args(out, world.device, "--max-steps", "3")))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     ok = all("reserved_memory_mb" in r for r in records)
     return verdict(ok), {"peaks_mb": [r["peak_memory_mb"] for r in records],
@@ -256,11 +257,11 @@ def check_deterministic_resume(world: World):
     LoRA dropout, so the CUDA generator's state matters)."""
     extra = ("--deterministic", "--lora-dropout", "0.1")
     whole = world.folder / "whole"
-    train.train(train.parse_args(toy_train_args(whole, world.device, "--max-steps", "4", *extra)))
+    train.train(*train.read_command_line(toy_train_args(whole, world.device, "--max-steps", "4", *extra)))
     parts = world.folder / "parts"
-    train.train(train.parse_args(toy_train_args(parts, world.device, "--max-steps", "4", *extra)),
-                train.StopRequest(after_step=2))
-    train.train(train.parse_args(["--out", str(parts), "--resume"]))
+    train.train(*train.read_command_line(toy_train_args(parts, world.device, "--max-steps", "4", *extra)),
+                StopRequest(after_step=2))
+    train.train(*train.read_command_line(["--out", str(parts), "--resume"]))
     from safetensors.torch import load_file
 
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))

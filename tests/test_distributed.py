@@ -21,11 +21,17 @@ from conftest import write_jsonl
 from safetensors.torch import load_file
 
 import train
-from harness.runs import read_log
+from harness.runs import RunError, read_log
+from harness.train_options import OptionError
 from ref.losses import step_shares, tokens_in_step
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ROOT = Path(train.__file__).resolve().parent
+
+
+def trained(argv: list[str], stop=None) -> dict:
+    """train.py on ARGV in this process, its options read as `main` reads them; the summary."""
+    return train.train(*train.read_command_line(argv), stop)
 ROUNDING = 1e-6  # float32: the adapters' entries are ~0.1; sums in another order differ in the last bits
 
 
@@ -51,7 +57,7 @@ def argv(world, out: Path, *extra: str) -> list[str]:
 
 
 def train_here(world, out: Path, *extra: str) -> dict:
-    return train.train(train.parse_args(argv(world, out, *extra)))
+    return trained(argv(world, out, *extra))
 
 
 def torchrun(world, out: Path, *extra: str, ranks: int = 2, script: Path | None = None,
@@ -138,9 +144,9 @@ def test_a_two_rank_run_interrupted_and_resumed_gives_the_uninterrupted_adapter(
     assert again.returncode == 0, again.stderr[-3000:]
     assert max_difference(tmp_path / "straight", tmp_path / "stopped") == 0.0
     assert logged(tmp_path / "straight", "tokens") == logged(tmp_path / "stopped", "tokens")
-    one = train.parse_args(argv(world, tmp_path / "stopped", *options[:2], "--max-steps", "70", "--resume"))
-    with pytest.raises(train.TrainError, match="trained on 2 rank"):
-        train.train(one)
+    one = train.read_command_line(argv(world, tmp_path / "stopped", *options[:2], "--max-steps", "70", "--resume"))
+    with pytest.raises(RunError, match="trained on 2 rank"):
+        train.train(*one)
 
 
 def test_fsdp_shards_a_dense_base_and_gives_the_one_process_adapter_and_resumes(world, tmp_path):
@@ -170,12 +176,12 @@ def test_full_parameter_training_under_fsdp_gives_the_one_process_model(world, t
     changed = [k for k in single if not torch.equal(single[k], base[k])]
     assert changed and all(".layers." in k for k in changed)  # only the decoder layers trained
     assert not (tmp_path / "one" / "adapter").exists()
-    with pytest.raises(train.TrainError, match="--full-parameter trains dense weights"):
+    with pytest.raises(OptionError, match="--full-parameter trains dense weights"):
         train_here(world, tmp_path / "x", "--full-parameter")
 
 
 def test_fsdp_on_a_4_bit_base_is_refused(world, tmp_path):
-    with pytest.raises(train.TrainError, match="--parallel fsdp shards dense weights"):
+    with pytest.raises(OptionError, match="--parallel fsdp shards dense weights"):
         train_here(world, tmp_path / "x", "--parallel", "fsdp")
 
 

@@ -30,6 +30,9 @@ from tokenizers import Tokenizer
 
 import eval as eval_py
 import train
+from harness.signals import StopRequest
+from harness.train_options import TrainOptions
+from harness.train_run import LoopState
 from ref.data import TextTokenizer, load_image, to_rgb
 from harness.runs import read_log
 from harness.unlearning_data import read_unlearning_jsonl, write_unlearning_jsonl
@@ -38,6 +41,11 @@ from weights_tools import merge_adapter, quantize
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ROOT = Path(train.__file__).resolve().parent
+
+
+def trained(argv: list[str], stop: StopRequest | None = None) -> dict:
+    """train.py on ARGV in this process, its options read as `main` reads them; the summary."""
+    return train.train(*train.read_command_line(argv), stop)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,7 +97,7 @@ def world(tmp_path_factory):
         rows.append({"kind": "normal", "prompt": f"what is {i} plus one?", "response": f"It is {i + 1}."})
     data = write_jsonl(root / "data.jsonl", rows)
     world = {"root": root, "model": model, "data": data}
-    train.train(train.parse_args(train_argv(world, root / "trained", "--max-steps", "2")))
+    trained(train_argv(world, root / "trained", "--max-steps", "2"))
     world["adapter"] = root / "trained" / "adapter"
     return world
 
@@ -133,6 +141,31 @@ def test_tool_output_over_a_folder_that_holds_files_is_refused(world, tmp_path, 
     assert fingerprint(mine) == before
 
 
+def test_train_out_over_a_folder_of_user_files_is_refused_and_changes_nothing(world, tmp_path, capsys):
+    """A folder with a summary, a log and an adapter but no args.json is not a train.py run (issue 26): a run there
+    would write among the user's files and clear its log. Refused with one line, with or without --resume."""
+    mine = tmp_path / "mine"
+    (mine / "adapter").mkdir(parents=True)
+    (mine / "summary.json").write_text('{"steps": 3}')
+    (mine / "log.jsonl").write_text('{"step": 0, "total": 1.0}\n')
+    (mine / "adapter" / "adapter_model.safetensors").write_bytes(b"my weights")
+    before = fingerprint(mine)
+    for resume in ((), ("--resume",)):
+        line = error_of(train.main, train_argv(world, mine, *resume), capsys)
+        assert line == (f"train.py: error: --out {mine.resolve()}: holds files but no args.json, so it is not a run "
+                        f"of this program; choose a new or empty --out (nothing was written)")
+        assert fingerprint(mine) == before
+    assert sorted(p.name for p in mine.rglob("*")) == ["adapter", "adapter_model.safetensors", "log.jsonl",
+                                                       "summary.json"]
+
+
+def test_train_out_inside_the_model_is_refused(world, tmp_path, capsys):
+    before = fingerprint(world["model"])
+    line = error_of(train.main, train_argv(world, world["model"] / "run"), capsys)
+    assert "overlaps the input" in line and str(world["model"].resolve()) in line
+    assert fingerprint(world["model"]) == before and not (world["model"] / "run").exists()
+
+
 def test_a_merge_that_fails_midway_leaves_no_output_folder(world, tmp_path, capsys, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -167,10 +200,10 @@ def write_advbench(folder: Path) -> Path:
 
 def test_a_run_ended_by_the_stopping_rule_resumed_does_nothing(world, tmp_path, capsys):
     out = tmp_path / "rule"
-    summary = train.train(train.parse_args(train_argv(world, out, *STOPPING_RULE)))
+    summary = trained(train_argv(world, out, *STOPPING_RULE))
     assert summary["stopped_by"].startswith("harmful NLL above 7")
     before = fingerprint(out)
-    again = train.train(train.parse_args(train_argv(world, out, *STOPPING_RULE, "--resume")))
+    again = trained(train_argv(world, out, *STOPPING_RULE, "--resume"))
     assert again == summary and "nothing to do" in capsys.readouterr().err
     assert fingerprint(out) == before
     line = error_of(train.main, train_argv(world, out, "--lr", "3e-3", "--stop-harm-nll", "7", "--extra-batches",
@@ -182,11 +215,11 @@ def test_a_run_ended_by_the_stopping_rule_resumed_does_nothing(world, tmp_path, 
 def test_killed_between_the_last_checkpoint_and_the_adapter_write(world, tmp_path):
     """The outputs are written from the final checkpoint, without another step."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    summary = train.train(train.parse_args(train_argv(world, straight, *STOPPING_RULE)))
-    train.train(train.parse_args(train_argv(world, killed, *STOPPING_RULE)))
+    summary = trained(train_argv(world, straight, *STOPPING_RULE))
+    trained(train_argv(world, killed, *STOPPING_RULE))
     for lost in ("adapter/adapter_model.safetensors", "summary.json"):  # as if killed before these were written
         (killed / lost).unlink()
-    resumed = train.train(train.parse_args(train_argv(world, killed, *STOPPING_RULE, "--resume")))
+    resumed = trained(train_argv(world, killed, *STOPPING_RULE, "--resume"))
     assert resumed["steps"] == summary["steps"] and resumed["stopped_by"] == summary["stopped_by"]
     assert_same_adapter(straight, killed)
     assert [r["total"] for r in read_log(killed)] == [r["total"] for r in read_log(straight)]  # no extra step
@@ -194,33 +227,33 @@ def test_killed_between_the_last_checkpoint_and_the_adapter_write(world, tmp_pat
 
 def test_a_log_line_cut_short_by_a_full_disk_does_not_stop_a_resume(world, tmp_path):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    train.train(train.parse_args(train_argv(world, straight, "--max-steps", "4")))
-    train.train(train.parse_args(train_argv(world, cut, "--max-steps", "4")), train.StopRequest(after_step=2))
+    trained(train_argv(world, straight, "--max-steps", "4"))
+    trained(train_argv(world, cut, "--max-steps", "4"), StopRequest(after_step=2))
     with open(cut / "log.jsonl", "a") as log:
         log.write('{"step": 2, "total": 1.2')  # the disk filled mid-line
-    train.train(train.parse_args(train_argv(world, cut, "--max-steps", "4", "--resume")))
+    trained(train_argv(world, cut, "--max-steps", "4", "--resume"))
     assert_same_adapter(straight, cut)
     assert [r["total"] for r in read_log(cut)] == [r["total"] for r in read_log(straight)]
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(world, tmp_path, capsys):
     straight, early = tmp_path / "straight", tmp_path / "early"
-    train.train(train.parse_args(train_argv(world, straight, "--max-steps", "3")))
-    train.train(train.parse_args(train_argv(world, early, "--max-steps", "3")))
+    trained(train_argv(world, straight, "--max-steps", "3"))
+    trained(train_argv(world, early, "--max-steps", "3"))
     for name in ("checkpoint/state.safetensors", "summary.json"):
         (early / name).unlink()  # as if killed after two logged steps, before the first checkpoint
-    train.train(train.parse_args(train_argv(world, early, "--max-steps", "3", "--resume")))
+    trained(train_argv(world, early, "--max-steps", "3", "--resume"))
     assert "starting it again in place" in capsys.readouterr().err
     assert_same_adapter(straight, early)
     assert len(read_log(early)) == 3
     (early / "checkpoint" / "state.safetensors").unlink()
-    train.train(train.parse_args(train_argv(world, early, "--max-steps", "3")))  # without --resume too
+    trained(train_argv(world, early, "--max-steps", "3"))  # without --resume too
     assert_same_adapter(straight, early)
 
 
 def test_a_damaged_training_checkpoint_is_one_line_and_changes_nothing(world, tmp_path, capsys):
     out = tmp_path / "damaged"
-    train.train(train.parse_args(train_argv(world, out, "--max-steps", "4")), train.StopRequest(after_step=2))
+    trained(train_argv(world, out, "--max-steps", "4"), StopRequest(after_step=2))
     state = out / "checkpoint" / "state.safetensors"
     good = state.read_bytes()
     state.write_bytes(good[: len(good) // 2])  # truncated
@@ -252,13 +285,13 @@ def write_with_a_wrong_shape(state: Path, good: bytes) -> None:
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_adapter(world, tmp_path):
     out = tmp_path / "diverge"
-    summary = train.train(train.parse_args(train_argv(world, out, "--lr", "1e6", "--max-steps", "20")))
+    summary = trained(train_argv(world, out, "--lr", "1e6", "--max-steps", "20"))
     assert summary["stopped_by"].startswith("diverging: adapter norm") and summary["steps"] < 20
     for name, tensor in adapter_tensors(out).items():
         assert torch.isfinite(tensor).all() and tensor.abs().max() < 10, name
     off = tmp_path / "off"  # the guard off: the same run goes on to absurd weights, as the red-team saw
-    train.train(train.parse_args(train_argv(world, off, "--lr", "1e6", "--max-steps", "3", "--divergence-factor",
-                                            "0")))
+    trained(train_argv(world, off, "--lr", "1e6", "--max-steps", "3", "--divergence-factor",
+                       "0"))
     assert max(float(t.abs().max()) for t in adapter_tensors(off).values()) > 1e4
 
 
@@ -479,7 +512,7 @@ def log_length(out: Path) -> int:
 
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_adapter(world, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    summary = train.train(train.parse_args(train_argv(world, straight, *STOPPING_RULE, "--stop-harm-nll", "8.5")))
+    summary = trained(train_argv(world, straight, *STOPPING_RULE, "--stop-harm-nll", "8.5"))
     assert summary["stopped_by"].startswith("harmful NLL above 8.5") and summary["steps"] >= 8
     rng, kills = random.Random(0), 0
     while kills < 5:
@@ -506,13 +539,13 @@ def test_the_gradient_guard_compares_with_the_largest_gradient_before_not_the_fi
     later gradient look like a divergence; a 100x jump over everything before must stop the run."""
     model = torch.nn.Linear(4, 1, bias=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    args = train.parse_args(["--clip", "0"])
-    state = train.LoopState(reference_norms={"adapter": train.adapter_norm(model), "grad": None})
+    options = TrainOptions(model="m", out="o", clip=0.0)
+    state = LoopState(reference_norms={"adapter": train.adapter_norm(model), "grad": None})
 
     def step(gradient_norm: float):
         model.weight.grad = torch.full_like(model.weight, gradient_norm / 2)  # ||g|| = 2 x value for 4 entries
         last_good = {name: p.detach().clone() for name, p in model.named_parameters()}
-        return train.guarded_update(model, optimizer, list(model.parameters()), {"total": 0.0}, args, last_good,
+        return train.guarded_update(model, optimizer, list(model.parameters()), {"total": 0.0}, options, last_good,
                                     state)
 
     for norm in (1e-4, 1e-3, 5e-2, 0.4):  # grows 4000x over the steps, never 100x over the largest before

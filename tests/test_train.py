@@ -22,11 +22,18 @@ from safetensors.torch import load_file
 import eval as eval_py
 import train
 from harness.runs import RunError, read_train_summary
+from harness.signals import StopRequest
+from harness.train_options import REAL_MODEL_DEFAULTS, OptionError, TrainOptions, build_parser
 from worlds.toy import defaults as toy
 from worlds import embedded
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ROOT = Path(train.__file__).resolve().parent
+
+
+def trained(argv: list[str], stop: StopRequest | None = None) -> dict:
+    """train.py on ARGV in this process, its options read as `main` reads them; the summary."""
+    return train.train(*train.read_command_line(argv), stop)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,7 @@ def world(tmp_path_factory):
 def run(world, out, *extra) -> dict:
     argv = ["--model", world["model"], "--data", world["data"], "--out", str(out), "--save-every", "100",
             "--lora-r", "4", *extra]
-    return train.train(train.parse_args(argv))
+    return trained(argv)
 
 
 def read_log(out) -> list[dict]:
@@ -91,11 +98,11 @@ def test_resume_gives_the_same_adapter_bit_for_bit(world, tmp_path):
     run(world, tmp_path / "straight", *common)
     argv = ["--model", world["model"], "--data", world["data"], "--out", str(tmp_path / "resumed"), "--save-every",
             "100", "--lora-r", "4", *common]
-    interrupted = train.train(train.parse_args(argv), train.StopRequest(after_step=2))
+    interrupted = trained(argv, StopRequest(after_step=2))
     assert interrupted["interrupted_at"] == 2
     with open(tmp_path / "resumed" / "log.jsonl", "a") as log:  # as if it crashed after logging two more steps
         log.write(json.dumps({"step": 2, "total": 0.0}) + "\n" + json.dumps({"step": 3, "total": 0.0}) + "\n")
-    resumed = train.train(train.parse_args(["--out", str(tmp_path / "resumed"), "--resume"]))
+    resumed = trained(["--out", str(tmp_path / "resumed"), "--resume"])
     assert resumed["steps"] == 4
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     again = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
@@ -117,8 +124,8 @@ def test_bad_data_stops_before_training(world, tmp_path):
     only_normal = tmp_path / "normal.jsonl"
     only_normal.write_text(json.dumps({"kind": "normal", "prompt": "hi", "response": "hello"}) + "\n")
     with pytest.raises(train.TrainError, match="no harmful records"):
-        train.train(train.parse_args(["--model", world["model"], "--data", str(only_normal),
-                                      "--out", str(tmp_path / "x"), "--max-steps", "1"]))
+        trained(["--model", world["model"], "--data", str(only_normal),
+                 "--out", str(tmp_path / "x"), "--max-steps", "1"])
     assert not (tmp_path / "x" / "log.jsonl").exists()
     with pytest.raises(RunError, match="already holds a run"):
         run(world, tmp_path / "twice", "--max-steps", "1")
@@ -127,7 +134,7 @@ def test_bad_data_stops_before_training(world, tmp_path):
 
 def test_bare_defaults_train_on_the_embedded_toy(tmp_path):
     """`python train.py` with nothing but a short run: the committed toy model and the toy world's text data."""
-    summary = train.train(train.parse_args(["--max-steps", "2", "--out", str(tmp_path / "bare")]))
+    summary = trained(["--max-steps", "2", "--out", str(tmp_path / "bare")])
     assert summary["steps"] == 2 and summary["image_tokens"] == 0
     args = json.loads((tmp_path / "bare" / "args.json").read_text())
     assert args["data"] == "toy" and args["model"].endswith("toy_llava") and args["mode"] == "textual"
@@ -145,9 +152,9 @@ def test_a_step_without_any_loss_term_is_skipped_and_logged(world, tmp_path):
     data = tmp_path / "pku_like.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "sft"
-    summary = train.train(train.parse_args(["--model", world["model"], "--data", str(data), "--out", str(out),
-                                            "--mode", "sft", "--eps", "0", "1", "0", "--batch-size", "1",
-                                            "--max-steps", "4", "--lora-r", "4"]))
+    summary = trained(["--model", world["model"], "--data", str(data), "--out", str(out),
+                       "--mode", "sft", "--eps", "0", "1", "0", "--batch-size", "1",
+                       "--max-steps", "4", "--lora-r", "4"])
     log = read_log(out)
     skipped = [r for r in log if "skipped" in r]
     assert summary["steps"] == 4 and len(log) == 4 and skipped and len(skipped) < 4
@@ -156,8 +163,8 @@ def test_a_step_without_any_loss_term_is_skipped_and_logged(world, tmp_path):
     only_unsafe = tmp_path / "only_unsafe.jsonl"
     only_unsafe.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(train.TrainError, match="no harmful record has a helpful_response"):
-        train.train(train.parse_args(["--model", world["model"], "--data", str(only_unsafe), "--out",
-                                      str(tmp_path / "x"), "--mode", "sft", "--eps", "0", "1", "0"]))
+        trained(["--model", world["model"], "--data", str(only_unsafe), "--out",
+                 str(tmp_path / "x"), "--mode", "sft", "--eps", "0", "1", "0"])
 
 
 def test_user_errors_are_one_line_with_exit_status_2(world, tmp_path, capsys):
@@ -201,7 +208,7 @@ def test_adapters_along_the_way_and_eval_reads_them_from_the_run_folder(world, t
 def test_resume_with_a_larger_max_steps_equals_a_run_started_with_it(world, tmp_path):
     run(world, tmp_path / "straight", "--max-steps", "6", "--lora-dropout", "0.2")
     run(world, tmp_path / "extended", "--max-steps", "3", "--lora-dropout", "0.2")
-    resumed = train.train(train.parse_args(["--out", str(tmp_path / "extended"), "--resume", "--max-steps", "6"]))
+    resumed = trained(["--out", str(tmp_path / "extended"), "--resume", "--max-steps", "6"])
     assert resumed["steps"] == 6 and resumed["stopped_by"] == "max_steps"
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     extended = load_file(tmp_path / "extended" / "adapter" / "adapter_model.safetensors")
@@ -218,11 +225,11 @@ def test_resume_of_a_finished_run_without_more_steps_changes_nothing(world, tmp_
     out = tmp_path / "done"
     run(world, out, "--max-steps", "2")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    summary = train.train(train.parse_args(["--out", str(out), "--resume"]))
+    summary = trained(["--out", str(out), "--resume"])
     assert summary["steps"] == 2 and "nothing to do" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    with pytest.raises(train.TrainError, match="below the checkpoint's step 2"):
-        train.train(train.parse_args(["--out", str(out), "--resume", "--max-steps", "1"]))
+    with pytest.raises(OptionError, match="below the checkpoint's step 2"):
+        trained(["--out", str(out), "--resume", "--max-steps", "1"])
 
 
 def test_resume_refuses_changed_options_and_lists_them(world, tmp_path):
@@ -230,8 +237,8 @@ def test_resume_refuses_changed_options_and_lists_them(world, tmp_path):
     run(world, out, "--max-steps", "2", "--seed", "1")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     argv = ["--out", str(out), "--resume", "--max-steps", "4", "--seed", "0", "--lr", "0.1", "--data", world["data"]]
-    with pytest.raises(train.TrainError) as error:
-        train.train(train.parse_args(argv))
+    with pytest.raises(OptionError) as error:
+        trained(argv)
     message = str(error.value)
     assert "--seed 1 in the run, 0 now" in message and "--lr 0.0002 in the run, 0.1 now" in message
     assert "--data" not in message.split("differ from")[1].split(". Only")[0]  # the same file: no difference
@@ -264,9 +271,9 @@ def test_sigint_writes_a_checkpoint_that_resumes_to_the_uninterrupted_adapter(wo
     stopped_at = int(last.split()[3])
     assert 3 <= stopped_at < max_steps and len(read_log(tmp_path / "killed")) == stopped_at
     common = ["--lora-r", "4", "--lora-dropout", "0.2", "--max-steps", str(max_steps), "--threads", "1"]
-    train.train(train.parse_args(["--out", str(tmp_path / "killed"), "--resume"]))
-    train.train(train.parse_args(["--model", world["model"], "--data", world["data"], "--out",
-                                  str(tmp_path / "straight"), "--save-every", "1000", *common]))
+    trained(["--out", str(tmp_path / "killed"), "--resume"])
+    trained(["--model", world["model"], "--data", world["data"], "--out",
+             str(tmp_path / "straight"), "--save-every", "1000", *common])
     straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     for name in straight:
@@ -276,7 +283,7 @@ def test_sigint_writes_a_checkpoint_that_resumes_to_the_uninterrupted_adapter(wo
 def test_a_second_signal_stops_at_once_and_main_says_so_in_one_line(world, tmp_path, monkeypatch, capsys):
     """Two signals sent at once may reach Python as one, so the handler is driven in this process: the first asks
     for a stop, the second raises KeyboardInterrupt, which main turns into one line and exit status 130."""
-    stop = train.StopRequest()
+    stop = StopRequest()
     with pytest.raises(KeyboardInterrupt):
         with stop.on_signals():
             os.kill(os.getpid(), signal.SIGINT)
@@ -286,7 +293,7 @@ def test_a_second_signal_stops_at_once_and_main_says_so_in_one_line(world, tmp_p
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handlers are back
 
-    def interrupted(args, stop=None):
+    def interrupted(options, start, stop=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "train", interrupted)
@@ -301,14 +308,14 @@ def test_a_second_signal_stops_at_once_and_main_says_so_in_one_line(world, tmp_p
 def test_a_model_that_is_not_the_toy_gets_the_real_model_defaults(world, tmp_path, capsys):
     run(world, tmp_path / "real", "--max-steps", "1")
     args = json.loads((tmp_path / "real" / "args.json").read_text())
-    assert {k: args[k] for k in train.REAL_MODEL_DEFAULTS} == {**train.REAL_MODEL_DEFAULTS, "max_steps": 1}
-    assert train.REAL_MODEL_DEFAULTS["eps"] == [0.5, 1.0, 1.0] and train.REAL_MODEL_DEFAULTS["stop_harm_nll"] == 100
+    assert {k: args[k] for k in REAL_MODEL_DEFAULTS} == {**REAL_MODEL_DEFAULTS, "max_steps": 1}
+    assert REAL_MODEL_DEFAULTS["eps"] == [0.5, 1.0, 1.0] and REAL_MODEL_DEFAULTS["stop_harm_nll"] == 100
     assert "defaults, a real model's" in capsys.readouterr().err
 
 
 def test_help_states_every_default():
-    blocks = [b for b in re.split(r"\n  (?=-)", train.build_parser().format_help().split("options:", 1)[1])
-              if b.startswith("-")]
+    help_text = build_parser(embedded.DEFAULT_WORLD).format_help()
+    blocks = [b for b in re.split(r"\n  (?=-)", help_text.split("options:", 1)[1]) if b.startswith("-")]
     assert len(blocks) > 30
     for block in blocks:
         usage = block.split("\n")[0].split("  ")[0]  # "--lr LR", "--mode {a,b}"; a flag (off unless given): "--resume"
@@ -357,22 +364,21 @@ def test_category_filtering_keeps_and_drops_exactly_the_records_it_should():
                HarmfulRecord("p3", "a", "b", categories=("fraud",)),
                HarmfulRecord("p4", "a", "b")]  # no category: dropped once any choice is made
 
-    def select(*argv):
-        return train.select_categories(records, train.parse_args(list(argv)))
+    def select(**options):
+        return train.select_categories(records, TrainOptions(model="m", out="o", **options))
 
     assert select() == (records, None)
-    kept, coverage = select("--include-categories", "drugs")
+    kept, coverage = select(include_categories=["drugs"])
     assert [r.prompt for r in kept] == ["p1", "p2"] and coverage["dropped"] == ["violence", "fraud"]
-    kept, coverage = select("--exclude-categories", "drugs")
+    kept, coverage = select(exclude_categories=["drugs"])
     assert [r.prompt for r in kept] == ["p2", "p3"]  # p2 is violence too: one kept category keeps a record
     assert coverage == {"kept": ["violence", "fraud"], "dropped": ["drugs"], "records": 2}
-    kept, _ = select("--include-categories", "drugs", "fraud", "--exclude-categories", "drugs")
+    kept, _ = select(include_categories=["drugs", "fraud"], exclude_categories=["drugs"])
     assert [r.prompt for r in kept] == ["p3"]
-    first, second = select("--category-fraction", "0.5", "--category-seed", "3"), \
-        select("--category-fraction", "0.5", "--category-seed", "3")
+    first, second = select(category_fraction=0.5, category_seed=3), select(category_fraction=0.5, category_seed=3)
     assert first == second and len(first[1]["kept"]) == 2  # round(0.5 x 3) categories, the same for the same seed
     with pytest.raises(train.TrainError, match=r"no harmful record has the categories \['nope'\]"):
-        select("--include-categories", "nope")
+        select(include_categories=["nope"])
 
 
 def test_pku_rows_carry_the_harm_categories_of_their_unsafe_response():
@@ -389,6 +395,6 @@ def test_pku_rows_carry_the_harm_categories_of_their_unsafe_response():
 def test_full_parameter_training_refuses_a_16bit_dtype(world, tmp_path):
     """The weights themselves are updated in the compute dtype (no float32 master copy): bfloat16 would round most
     AdamW updates away, so it is refused before any work, naming the option to use."""
-    with pytest.raises(train.TrainError, match="--dtype float32"):
+    with pytest.raises(OptionError, match="--dtype float32"):
         run(world, tmp_path / "full", "--quantize", "none", "--full-parameter", "--dtype", "bfloat16")
     assert not (tmp_path / "full" / "log.jsonl").exists()
