@@ -17,13 +17,15 @@ import pytest
 import torch
 from conftest import write_jsonl
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import eval as eval_py
 import train
 from harness.runs import RunError, read_train_summary
 from harness.signals import StopRequest
-from harness.train_options import REAL_MODEL_DEFAULTS, OptionError, TrainOptions, build_parser
+from harness.train_options import (DEFAULT, MODEL_DEPENDENT, OPTION_NAMES, REAL_MODEL_DEFAULTS, OptionError,
+                                   TrainOptions, build_parser)
 from worlds.toy import defaults as toy
 from worlds import embedded
 from weights_tools.make_tiny import write_tiny_checkpoint
@@ -243,6 +245,75 @@ def test_resume_refuses_changed_options_and_lists_them(world, tmp_path):
     assert "--seed 1 in the run, 0 now" in message and "--lr 0.0002 in the run, 0.1 now" in message
     assert "--data" not in message.split("differ from")[1].split(". Only")[0]  # the same file: no difference
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# Run folders are the user's data: a run started by an earlier train.py resumes under this one. Their formats, as the
+# start of the house's second step (bc86c2b) wrote them:
+RECORDED_LOG_KEYS = ["step", "harm_nll", "helpful_nll", "utility_kl", "total", "grad_norm", "adapter_norm", "lr",
+                     "tokens", "image_tokens", "flops", "seconds", "peak_memory_mb"]  # on a CPU
+RECORDED_CHECKPOINT_KEYS = ["step", "stop_at", "totals", "stopped_by", "reference_norms", "harm_position",
+                            "normal_position", "ranks", "python_rng", "param_names"]
+RECORDED_SUMMARY_KEYS = ["mode", "steps", "stopped_by", "tokens", "image_tokens", "estimated_flops", "wall_seconds",
+                         "peak_memory_mb", "adapter", "kernels", "ranks", "provenance"]
+
+
+def recorded_args(world, out: Path) -> dict:
+    """args.json as bc86c2b's train.py wrote it for `run(world, out, *RECORDED_RUN)` (its provenance abridged)."""
+    return {"model": world["model"], "vision_dir": None, "data": world["data"], "out": str(out),
+            "prompt_format": "llava-hf", "mode": "textual", "eps": [0.5, 1.0, 1.0], "include_categories": None,
+            "exclude_categories": None, "category_fraction": 1.0, "category_seed": None, "mismatch": "random",
+            "quantize": "nf4", "dtype": "float32", "device": "cpu", "lora_r": 4, "lora_alpha": 16.0,
+            "lora_dropout": 0.3, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"],
+            "activation_checkpointing": False, "full_parameter": False, "parallel": "ddp", "kernels": "fast",
+            "deterministic": False, "kernel": [], "lr": 0.0002, "weight_decay": 0.0, "batch_size": 2,
+            "grad_accum": 1, "max_steps": 4, "warmup": 1, "schedule": "cosine", "clip": 1.0,
+            "divergence_factor": 100.0, "seed": 0, "stop_harm_nll": 100.0, "extra_batches": 40, "threads": None,
+            "save_every": 100, "save_adapter_every": 0, "log_every": 1,
+            "provenance": {"date": "2026-12-06T20:50:26+00:00", "commit": "bc86c2b6b3d83cc81e87f339c6d88dc64d944ae5",
+                           "python": "3.11.7", "packages": {"torch": "2.13.0+cpu"}, "device": "cpu",
+                           "sha256": {"data": None, "model_config": None}}}
+
+
+RECORDED_RUN = ("--max-steps", "4", "--lora-dropout", "0.3", "--mismatch", "random", "--schedule", "cosine",
+                "--warmup", "1", "--device", "cpu")
+
+
+def test_a_run_folder_in_the_recorded_formats_resumes_bit_for_bit(world, tmp_path):
+    """A run stopped after step 2 whose args.json is the recorded one, byte for byte as the earlier train.py wrote
+    it, resumes to the adapter of the uninterrupted run; and this train.py writes the same keys, in the same order."""
+    run(world, tmp_path / "straight", *RECORDED_RUN)
+    out = tmp_path / "stopped"
+    argv = ["--model", world["model"], "--data", world["data"], "--out", str(out), "--save-every", "100",
+            "--lora-r", "4", *RECORDED_RUN]
+    assert trained(argv, StopRequest(after_step=2))["interrupted_at"] == 2
+    written, recorded = json.loads((out / "args.json").read_text()), recorded_args(world, out)
+    assert list(written) == list(recorded)
+    assert {k: v for k, v in written.items() if k != "provenance"} == {k: v for k, v in recorded.items()
+                                                                        if k != "provenance"}
+    (out / "args.json").write_text(json.dumps(recorded, indent=1))
+    with safe_open(str(out / "checkpoint" / "state.safetensors"), "pt") as f:
+        assert list(json.loads(f.metadata()["state"])) == RECORDED_CHECKPOINT_KEYS
+    assert all(list(record) == RECORDED_LOG_KEYS for record in read_log(out))
+    summary = trained(["--out", str(out), "--resume"])
+    assert list(summary) == RECORDED_SUMMARY_KEYS and summary["steps"] == 4
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [r["total"] for r in read_log(tmp_path / "straight")] == [r["total"] for r in read_log(out)]
+
+
+def test_the_options_record_is_the_command_line():
+    """Every option of the command line is a TrainOptions field, in the same order (args.json keeps it), with the
+    same default; the command line leaves unset those the model decides, and --resume and --debug are no options."""
+    parsed = vars(build_parser(embedded.DEFAULT_WORLD).parse_args([]))
+    assert list(parsed) == [*OPTION_NAMES[:4], "resume", *OPTION_NAMES[4:], "debug"]
+    chosen_later = {*MODEL_DEPENDENT, "dtype", "parallel", "out"}
+    assert {name: parsed[name] for name in OPTION_NAMES if name not in chosen_later | {"model"}} == \
+        {name: getattr(DEFAULT, name) for name in OPTION_NAMES if name not in chosen_later | {"model"}}
+    assert all(parsed[name] is None for name in chosen_later)
+    assert parsed["model"] == str(embedded.DEFAULT_WORLD.model)
+    assert set(toy.TRAIN_DEFAULTS) == set(MODEL_DEPENDENT)
 
 
 def start_train_process(world, out, max_steps: int) -> subprocess.Popen:
