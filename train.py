@@ -150,7 +150,7 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
 
 
 def read_command_line(argv: list[str] | None = None) -> tuple[TrainOptions, RunStart]:
-    """The options of `python train.py ARGV` and how its run starts (what `main` trains with; scripts call it too)."""
+    """The options of `python train.py ARGV` and how its run starts, read as `main` reads them (for scripts)."""
     return resolve_command_line(parse_command_line(argv, WORLDS), WORLDS)
 
 
