@@ -7,6 +7,7 @@
     provenance.py      date, git commit, package versions and the sha256 of a run's inputs
     models.py          the base model as the programs load it (one `load_base`)
     runs.py            a train.py run folder: its files, the training checkpoint, reading a run back
+    eval_folder.py     an eval.py run folder: run.json, the appended responses, starting or resuming, reading back
     unlearning_data.py the unlearning JSONL's reader and writer, and converters from public data sets
 
 ref/ (the method) imports nothing from here; the harness imports ref/ only.
