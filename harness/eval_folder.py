@@ -35,11 +35,16 @@ class RunFolderError(ValueError):
     """A run folder eval.py cannot start, resume or re-judge; nothing in it was changed."""
 
 
+def is_finished(out: Path) -> bool:
+    """The run in `out` finished: its report.json is written (the last file a run writes, renamed into place)."""
+    return (Path(out) / REPORT_FILE).is_file()
+
+
 def default_out(root: Path) -> Path:
     """runs/eval, or the first of runs/eval-2, runs/eval-3, ... that holds no finished run: a bare `python eval.py`
     run twice keeps both reports."""
     candidate, n = root / "runs" / "eval", 1
-    while (candidate / REPORT_FILE).is_file():
+    while is_finished(candidate):
         n += 1
         candidate = root / "runs" / f"eval-{n}"
     return candidate
@@ -50,7 +55,7 @@ def check_out(out: Path, inputs: Iterable[str | Path]) -> None:
     (harness.files.check_run_folder: no input, not a file, not a folder of other files, writable) that holds no
     finished run."""
     check_run_folder(out, RUN_FILE, inputs)
-    if (out / REPORT_FILE).is_file():
+    if is_finished(out):
         raise RunFolderError(f"--out {out}: holds a finished evaluation ({REPORT_FILE}); re-score it with --rejudge "
                              f"{out}, or choose another --out")
 
