@@ -53,7 +53,7 @@ from evals.report import report_provenance, write_report
 from evals.scoring import attack_verdicts, image_reference, judge_rows, normal_batches, saved_verdicts, utility_metrics
 from evals.suites import Suite, SuiteOptions, load_normal, load_suites
 from harness.console import Progress, exit_on_user_error
-from harness.eval_folder import (GENERATIONS_FILE, REPORT_FILE, RESPONSES_FILE, UTILITY_FILE, EvalFolder, Saved)
+from harness.eval_folder import GENERATIONS_FILE, REPORT_FILE, RESPONSES_FILE, UTILITY_FILE, EvalFolder, Saved
 from harness.models import load_base
 from harness.runs import read_train_summary
 from ref import kernels as kernel_registry

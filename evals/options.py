@@ -7,7 +7,7 @@ Resolution fills in what depends on something else: the embedded world's suites,
 the model is a world's (eval.py hands the world over in the `Catalog`: evals/ imports no world); the dtype and kernels
 an interrupted run in --out was started with; the adapters of train.py run folders and the quantization they were
 trained on; the pgd options; the judges of a run to re-judge. Whatever can be checked without reading a suite or
-loading a model is checked here, each error naming its option (`EvalError`), the run folder first.
+loading a model is checked here (--out too: harness/eval_folder.py), each error naming its option (`EvalError`).
 """
 
 from __future__ import annotations
