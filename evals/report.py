@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from harness.eval_folder import REPORT_FILE
 from harness.files import write_atomically
 from harness.provenance import provenance, sha256_file
 
@@ -158,7 +159,7 @@ def write_report(out: Path, report: dict) -> tuple[Path, Path]:
     """report.md, then report.json (each renamed into place): a report.json is always whole, and marks the run
     finished."""
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "report.json", out / "report.md"
+    json_path, md_path = out / REPORT_FILE, out / "report.md"
     write_atomically(md_path, lambda p: p.write_text(markdown_table(report)))
     write_atomically(json_path, lambda p: p.write_text(json.dumps(report, indent=1) + "\n"))
     return json_path, md_path

@@ -71,6 +71,7 @@ from evals.plot import (BACKGROUND, GRID, INK, Y_MARGIN, Axis, data_range, draw_
                         legend_layout, line_height, nice_ticks, put_text, run_colours, text_size)
 from ref.config import read_json
 from harness.console import HelpFormatter, add_debug_option, exit_on_user_error, positive_int
+from harness.eval_folder import REPORT_FILE, is_finished
 from harness.files import write_atomically
 from harness.runs import ADAPTER_DIR, ARGS_FILE, SUMMARY_FILE, adapter_step
 
@@ -81,7 +82,7 @@ CONFIG_KEYS = ("name", "train")
 SWEEP_TRAIN_OPTIONS = ("--seed", "--out", "--resume")
 SWEEP_EVAL_OPTIONS = ("--adapter", "--out", "--no-adapters", "--rejudge")
 CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-PLAN_FILE, REPORT_FILE, EVAL_DIR = "plan.json", "report.json", "eval"
+PLAN_FILE, EVAL_DIR = "plan.json", "eval"
 POLL_SECONDS = 0.2  # how soon a running command hears of a signal the sweep received
 
 # Columns that are not rates, with their number format; every other column is a rate, shown as a percentage.
@@ -212,7 +213,7 @@ def train_action(run: Run) -> str:
 
 
 def eval_done(run: Run) -> bool:
-    return (run.eval_folder / REPORT_FILE).is_file()
+    return is_finished(run.eval_folder)
 
 
 def check_plan(out: Path, runs: list[Run]) -> None:

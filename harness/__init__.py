@@ -12,6 +12,7 @@
     train_console.py   what train.py prints while it trains: the announcement, the progress line, why it stopped
     signals.py         a stop asked of a running program (Ctrl-C, SIGTERM): finish the step, checkpoint, exit
     memory.py          the memory a training step used, as its log reports it
+    eval_folder.py     an eval.py run folder: run.json, the appended responses, starting or resuming, reading back
     unlearning_data.py the unlearning JSONL's reader and writer, and converters from public data sets
 
 ref/ (the method) imports nothing from here; the harness imports ref/ only.

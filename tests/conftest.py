@@ -138,10 +138,19 @@ def write_tiny_judge(folder: Path, answer: str) -> Path:
 
 
 def evaluate(argv: list[str]) -> dict:
-    """eval.py's run on these options, its errors raised (main turns them into one line and exit status 2)."""
+    """eval.py on these options in one process, its errors raised (main turns them into one line and exit status 2)."""
     import eval as eval_py  # the program, imported only by the tests that run it
 
-    return eval_py.run(eval_py.parse_args(argv))
+    return eval_py.evaluate_or_rejudge(eval_options(argv))
+
+
+def eval_options(argv: list[str]):
+    """eval.py's options resolved as its main resolves them, in one process."""
+    import eval as eval_py
+    from evals.options import parse_command_line, resolve_options
+    from ref.distributed import Distributed
+
+    return resolve_options(parse_command_line(argv, eval_py.CATALOG), eval_py.CATALOG, Distributed(), eval_py.ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import eval as eval_py
-from conftest import write_csv, write_jsonl
+from conftest import evaluate, write_csv, write_jsonl
 from evals.benchmarks import (load_harmbench_multimodal, load_jailbreakv, load_mmsafetybench, load_pku_prompts,
                               BENCHMARK_READERS)
 from evals.suites import SuiteError, SuiteOptions, load_harmful_prompts, load_suites
@@ -309,7 +309,7 @@ def test_eval_knows_every_benchmark_kind_and_checks_before_generating(jailbreakv
                                                                      tmp_path):
     suites = load_suites([f"mini=jailbreakv_mini:{jailbreakv / 'JailBreakV_28K.csv'}",
                           f"mmsafetybench:{mmsafetybench}", f"harmbench_mm:{harmbench}"],
-                         SuiteOptions(max_samples=1), eval_py.SUITE_READERS)
+                         SuiteOptions(max_samples=1), eval_py.CATALOG.suite_readers)
     assert [s.name for s in suites] == ["mini", "mmsafetybench_text", "mmsafetybench_sd", "mmsafetybench_typo",
                                         "mmsafetybench_sd_typo", "harmbench_mm"]
     assert all(len(s.samples) == 1 for s in suites)
@@ -319,9 +319,9 @@ def test_categories_reach_the_report(mmsafetybench, jailbreakv, tmp_path):
     from weights_tools.make_tiny import write_tiny_checkpoint
     model = write_tiny_checkpoint(tmp_path / "tiny", text_layers=1, vision_layers=1)
     out = tmp_path / "out"
-    report = eval_py.run(eval_py.parse_args([
+    report = evaluate([
         "--model", str(model), "--out", str(out), "--max-new-tokens", "2", "--normal", "none", "--judge", "gcg",
-        "--suite", f"mmsafetybench:{mmsafetybench}", "--suite", f"jailbreakv:{jailbreakv / 'JailBreakV_28K.csv'}"]))
+        "--suite", f"mmsafetybench:{mmsafetybench}", "--suite", f"jailbreakv:{jailbreakv / 'JailBreakV_28K.csv'}"])
     entry = report["models"][0]["suites"]["mmsafetybench_typo"]["judges"]["gcg"]
     assert {c: v["n"] for c, v in entry["categories"].items()} == {"01-Illegal_Activitiy": 2, "05-EconomicHarm": 1}
     by_policy = report["models"][0]["suites"]["jailbreakv"]["judges"]["gcg"]["categories"]

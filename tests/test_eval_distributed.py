@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import eval as eval_py
-from conftest import REPO, write_csv, write_jsonl, write_random_adapter
+from conftest import REPO, evaluate, write_csv, write_jsonl, write_random_adapter
 from weights_tools.make_tiny import write_tiny_checkpoint
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -108,7 +108,7 @@ def evaluate_in_one_thread(argv: list[str]) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        eval_py.run(eval_py.parse_args(argv))
+        evaluate(argv)
     finally:
         torch.set_num_threads(threads)
 

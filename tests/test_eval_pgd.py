@@ -17,6 +17,7 @@ from PIL import Image
 import eval as eval_py
 from conftest import evaluate, write_jsonl, write_random_adapter
 from evals import pgd
+from evals.options import EvalError, is_world_spec, parse_command_line
 from evals.suites import SuiteError, SuiteOptions, load_suites
 from ref.data import load_processor
 from weights_tools.make_tiny import write_tiny_checkpoint
@@ -212,7 +213,7 @@ def test_a_run_killed_mid_generation_reattacks_nothing(world, whole, tmp_path, m
 ])
 def test_bad_pgd_input_fails_before_any_attack(world, tmp_path, monkeypatch, change, match):
     calls = count_attacks(monkeypatch)
-    with pytest.raises((eval_py.EvalError, SuiteError), match=match):
+    with pytest.raises((EvalError, SuiteError), match=match):
         evaluate(change(pgd_args(world, tmp_path / "o")))
     assert calls == []
 
@@ -221,21 +222,22 @@ def test_bad_pgd_input_fails_before_any_attack(world, tmp_path, monkeypatch, cha
                                            ("--pgd-threat", "transfer,greybox"), ("--pgd-steps", "-1")])
 def test_bad_pgd_option_values_name_the_option(option, value, capsys):
     with pytest.raises(SystemExit):
-        eval_py.parse_args(["--suite", "pgd:toy", option, value])
+        parse_command_line(["--suite", "pgd:toy", option, value], eval_py.CATALOG)
     assert f"argument {option}" in capsys.readouterr().err
 
 
 def test_pgd_toy_spreads_over_the_toys_benign_image_tasks():
-    suites = load_suites(["pgd:toy"], SuiteOptions(max_samples=4), eval_py.SUITE_READERS)
+    suites = load_suites(["pgd:toy"], SuiteOptions(max_samples=4), eval_py.CATALOG.suite_readers)
     assert [(s.name, s.kind, len(s.samples)) for s in suites] == [("pgd", "pgd", 4)]
     kinds = [sample.id.split("/")[0] for sample in suites[0].samples]
     assert len(set(kinds)) == 4 and all(sample.image is not None for sample in suites[0].samples)
-    assert len(load_suites(["x=pgd:toy"], SuiteOptions(), eval_py.SUITE_READERS)[0].samples) == toy.TOY_PGD_IMAGES
+    again = load_suites(["x=pgd:toy"], SuiteOptions(), eval_py.CATALOG.suite_readers)
+    assert len(again[0].samples) == toy.TOY_PGD_IMAGES
     targets = toy.toy_pgd_targets()
     assert len(targets) == len(set(targets)) > 1 and all("leave no trace" in t for t in targets)
-    world = embedded.TOY
-    assert eval_py.is_world_spec("pgd:toy", world) and eval_py.is_world_spec("name=pgd:toy", world)
-    assert not eval_py.is_world_spec("pgd:x", world)
+    world, readers = embedded.TOY, eval_py.CATALOG.suite_readers
+    assert is_world_spec("pgd:toy", world, readers) and is_world_spec("name=pgd:toy", world, readers)
+    assert not is_world_spec("pgd:x", world, readers)
 
 
 def test_budget_zero_is_the_clean_images_and_provenance_names_the_inputs(world, tmp_path):

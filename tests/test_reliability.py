@@ -472,7 +472,7 @@ def test_out_that_is_a_file_is_refused_before_the_data_is_read(world, tmp_path, 
     line = error_of(train.main, train_argv(world, file, "--data", str(tmp_path / "missing.jsonl")), capsys)
     assert line == f"train.py: error: --out {file}: is a file, not a run folder"
     line = error_of(eval_py.main, ["--model", str(world["model"]), "--suite", "toy", "--out", str(file)], capsys)
-    assert line == f"eval.py: error: --out {file}: is a file, not a folder"
+    assert line == f"eval.py: error: --out {file}: is a file, not a run folder"
     assert file.read_text() == "mine"
 
 

@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import eval as eval_py
 import train
+from evals.options import parse_adapters
 from harness.runs import RunError, read_train_summary
 from harness.signals import StopRequest
 from harness.train_options import (DEFAULT, MODEL_DEPENDENT, OPTION_NAMES, REAL_MODEL_DEFAULTS, OptionError,
@@ -195,16 +195,16 @@ def test_adapters_along_the_way_and_eval_reads_them_from_the_run_folder(world, t
                            for d in ("adapter-step2", "adapter-step4", "adapter"))
     assert any(not torch.equal(step2[k], step4[k]) for k in step2)
     assert any(not torch.equal(step4[k], final[k]) for k in step4)
-    assert eval_py.parse_adapters([str(out)]) == [("steps@2", out / "adapter-step2"),
-                                                  ("steps@4", out / "adapter-step4"), ("steps", out / "adapter")]
-    assert eval_py.parse_adapters([f"mine={out}"])[0][0] == "mine@2"
+    assert parse_adapters([str(out)]) == [("steps@2", out / "adapter-step2"),
+                                          ("steps@4", out / "adapter-step4"), ("steps", out / "adapter")]
+    assert parse_adapters([f"mine={out}"])[0][0] == "mine@2"
     log = read_log(out)
     summary = read_train_summary(out / "adapter-step2")
     assert summary["steps"] == 2 and summary["tokens"] == log[0]["tokens"] + log[1]["tokens"]
     assert summary["estimated_flops"] == pytest.approx(log[0]["flops"] + log[1]["flops"])
     even = tmp_path / "even"  # ends on a multiple: adapter/ is adapter-step4's weights, evaluated once
     run(world, even, "--max-steps", "4", "--save-adapter-every", "2")
-    assert [name for name, _ in eval_py.parse_adapters([str(even)])] == ["even@2", "even@4"]
+    assert [name for name, _ in parse_adapters([str(even)])] == ["even@2", "even@4"]
 
 
 def test_resume_with_a_larger_max_steps_equals_a_run_started_with_it(world, tmp_path):
