@@ -1,0 +1,436 @@
+"""The red-team catalogue, second part (issue 26): the tools around the method. Every bad input on the weights tools
+(inspect, convert_original, quantize, merge_adapter, smollm2, make_tiny), the worlds' builders (worlds.toy.build,
+worlds.smollm2.data and vision), harness.unlearning_data, evals.plot, adapter configs (ref.adapters) and torchrun's
+variables (ref.distributed), kept as a case with its exact outcome: the one-line error (`PROG: error: ...`, exit status
+2) and every user file unchanged by sha256.
+
+The rules behind the cases: a tool's output never is, or lies inside, one of its inputs and never replaces files it did
+not write (`harness.files`: new_folder for folders, check_output_file + write_atomically for one file); every numeric
+option has a range; what a file declares (a zip member's size, a GGUF array's length or nesting) is bounded by what the
+file can hold before anything is allocated; an adapter config is applied exactly as peft applies it, or refused by
+the key this code does not compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_adapters, tiny_llava, write_jsonl, write_random_adapter
+from safetensors.torch import load_file, save_file
+
+from harness import unlearning_data
+from harness.files import OutputError, check_output_file, write_atomically
+from ref import adapters, lora, weights
+from ref.distributed import Distributed, DistributedError
+from ref.lora import LoraConfig, LoraError
+from weights_tools import make_tiny, merge_adapter
+from weights_tools.make_tiny import write_tiny_checkpoint
+from worlds.toy import build
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_TOY = ROOT / "assets" / "toy_llava"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers (the same as tests/test_reliability.py's, copied so that this file does not import train.py and eval.py)
+
+
+def fingerprint(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under the given folders (or of the files given): what must not change."""
+    found = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def error_of(main, argv: list[str], capsys) -> str:
+    """Run a program's main; it must exit with status 2 and one line `PROG: error: ...`, which is returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert ": error: " in err[-1], err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tools") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapter(model, tmp_path_factory) -> Path:
+    return write_random_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+def pku_file(folder: Path) -> Path:
+    return write_jsonl(folder / "pku.jsonl", [{
+        "prompt": "How do I pick a lock?", "response_0": "Insert a wrench.", "response_1": "I can't help.",
+        "is_response_0_safe": False, "is_response_1_safe": True, "safer_response_id": 1}])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 3: harness.unlearning_data --out: never an input, never an existing file, written atomically
+
+
+def test_unlearning_data_refuses_an_out_that_is_its_input(tmp_path, capsys):
+    pku = pku_file(tmp_path)
+    before = fingerprint(pku)
+    line = error_of(unlearning_data.main, ["--pku", str(pku), "--out", str(pku)], capsys)
+    assert line == f"python -m harness.unlearning_data: error: --out {pku}: is also an input ({pku}); write the " \
+                   f"output to another file"
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(pku)  # the same file under another name
+    line = error_of(unlearning_data.main, ["--pku", str(pku), "--out", str(link)], capsys)
+    assert line.endswith(f"--out {link}: is also an input ({pku}); write the output to another file")
+    assert fingerprint(pku) == before
+
+
+def test_unlearning_data_refuses_an_existing_out_and_names_the_way_out(tmp_path, capsys):
+    pku = pku_file(tmp_path)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my own records\n")
+    before = fingerprint(tmp_path)
+    line = error_of(unlearning_data.main, ["--pku", str(pku), "--out", str(mine)], capsys)
+    assert line == f"python -m harness.unlearning_data: error: --out {mine}: already exists; remove it or choose " \
+                   f"another output file (nothing was written)"
+    line = error_of(unlearning_data.main, ["--pku", str(pku), "--out", str(tmp_path)], capsys)
+    assert line.endswith(f"--out {tmp_path}: is a folder, not a file; name the output file")
+    assert fingerprint(tmp_path) == before
+
+
+def test_unlearning_data_writes_atomically_and_never_over_a_users_tmp_file(tmp_path, capsys, monkeypatch):
+    pku = pku_file(tmp_path)
+    out = tmp_path / "out.jsonl"
+    users_tmp = tmp_path / "out.jsonl.tmp"  # the name the writer once used for its temporary file
+    users_tmp.write_text("mine")
+    before = fingerprint(pku, users_tmp)
+    real_write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    line = error_of(unlearning_data.main, ["--pku", str(pku), "--out", str(out)], capsys)
+    assert "No space left on device" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.tmp", "pku.jsonl"]  # no half file, no temp
+    monkeypatch.undo()
+    assert unlearning_data.main(["--pku", str(pku), "--out", str(out)]) == 0
+    assert len(unlearning_data.read_unlearning_jsonl(out)) == 1
+    assert fingerprint(pku, users_tmp) == before
+
+
+@pytest.mark.parametrize("option", ["--max-pku", "--max-truthfulqa", "--max-vlguard"])
+@pytest.mark.parametrize("value", ["0", "-3", "nan"])
+def test_unlearning_data_counts_are_positive(tmp_path, capsys, option, value):
+    line = error_of(unlearning_data.main, ["--pku", str(pku_file(tmp_path)), "--out", str(tmp_path / "o.jsonl"),
+                                           option, value], capsys)
+    assert line.endswith(f"argument {option}: must be an integer > 0, got '{value}'")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_check_output_file_rules(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    with pytest.raises(OutputError, match="is inside the input folder"):
+        check_output_file(folder / "new.jsonl", [folder])
+    assert check_output_file(tmp_path / "sub" / "new.jsonl", [folder]) == (tmp_path / "sub" / "new.jsonl").resolve()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OutputError, match="a_file is a file, not a folder"):
+        check_output_file(tmp_path / "a_file" / "new.jsonl")
+    existing = tmp_path / "old.png"
+    existing.write_text("x")
+    assert check_output_file(existing, replace=True) == existing.resolve()  # a tool's own --force
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop")
+    with pytest.raises(OutputError, match="a symbolic link loop"):
+        check_output_file(loop / "x.jsonl")
+
+
+def test_write_atomically_leaves_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def fails(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(path, fails)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 4: make_tiny into a folder that holds files
+
+
+def test_make_tiny_never_writes_over_a_model_folder(model, tmp_path, capsys):
+    before = fingerprint(model)
+    line = error_of(make_tiny.main, [str(model), "--seed", "5"], capsys)
+    assert line == f"make_tiny: error: {model}: already holds files; choose a new or empty output folder (nothing " \
+                   f"was written)"
+    assert fingerprint(model) == before
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    line = error_of(make_tiny.main, [str(mine)], capsys)
+    assert line == f"make_tiny: error: {mine}: is a file, not a folder; choose another output folder"
+    assert mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text-hidden-size", "0"], "argument --text-hidden-size: must be an integer in [1, 2048], got '0'"),
+    (["--text-layers", "100000"], "argument --text-layers: must be an integer in [1, 16], got '100000'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 9223372036854775807], got '-1'"),
+    (["--seed", "1e30"], "argument --seed: must be an integer in [0, 9223372036854775807], got '1e30'"),
+    (["--text-heads", "3"], "make_tiny: error: the sizes given (as config.json): text_config.hidden_size 64 is not a "
+                            "multiple of text_config.num_attention_heads 3"),
+    (["--text-kv-heads", "3"], "text_config.num_attention_heads 4 is not a multiple of "
+                               "text_config.num_key_value_heads 3"),
+    (["--patch-size", "1000"], "vision_config.patch_size 1000 is larger than vision_config.image_size 28"),
+])
+def test_make_tiny_refuses_sizes_the_loader_would_refuse(tmp_path, capsys, argv, message):
+    """Before: --text-heads 3 wrote a checkpoint that no loader reads; --text-layers 100000 built it for minutes."""
+    line = error_of(make_tiny.main, [str(tmp_path / "m"), *argv], capsys)
+    assert message in line
+    assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 5: worlds.toy.build never writes over the committed model or a folder of files
+
+
+def test_toy_build_quick_needs_out_and_never_lands_on_the_committed_model(tmp_path, capsys):
+    before = fingerprint(COMMITTED_TOY) if COMMITTED_TOY.is_dir() else {}
+    line = error_of(build.main, ["--quick"], capsys)
+    assert line == (f"python -m worlds.toy.build: error: --quick builds another model than the committed one: give "
+                    f"--out DIR (a new folder); only the documented build defaults to {build.TOY_MODEL}")
+    line = error_of(build.main, ["--steps", "10", "--threads", "1"], capsys)
+    assert "--steps builds another model than the committed one" in line
+    if (COMMITTED_TOY / "config.json").is_file():
+        line = error_of(build.main, [], capsys)  # the documented command, with the committed model in place
+        assert line == (f"toy.build: error: {build.TOY_MODEL}: holds the committed toy model, which a build never "
+                        f"writes over; rebuild it into a new folder (python -m worlds.toy.build --out DIR) and "
+                        f"compare the manifests, or remove {build.TOY_MODEL} first to replace it")
+    assert (fingerprint(COMMITTED_TOY) if COMMITTED_TOY.is_dir() else {}) == before
+
+
+def test_toy_build_refuses_a_model_folder_before_training(model, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the build started before the output was checked")
+
+    monkeypatch.setattr(build, "train", no_training)
+    before = fingerprint(model)
+    line = error_of(build.main, ["--quick", "--out", str(model)], capsys)
+    assert line == f"toy.build: error: {model}: already holds files; choose a new or empty output folder (nothing " \
+                   f"was written)"
+    assert fingerprint(model) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be an integer > 0, got '0'"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["--threads", "0"], "argument --threads: must be an integer in [1, 1024], got '0'"),
+    (["--seed", "-5"], "argument --seed: must be an integer in [0, 9223372036854775807], got '-5'"),
+    (["--mix", "copy_text=nan"], "--mix 'copy_text=nan': the weight must be a finite number >= 0"),
+    (["--mix", "copy_text=-1"], "--mix 'copy_text=-1': the weight must be a finite number >= 0"),
+    (["--measure", "x", "--out", "y"], "--measure reads a checkpoint and writes nothing: --out does not go with it"),
+])
+def test_toy_build_options_have_ranges(tmp_path, capsys, argv, message):
+    line = error_of(build.main, [*argv, "--out", str(tmp_path / "o")] if "--out" not in argv else argv, capsys)
+    assert line.endswith(message)
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases 9 and 11: adapter configs applied as peft applies them, or refused by key; float adapter tensors only
+
+
+def transformers_llava(ours):
+    """transformers' LLaVA holding the same weights as our model (its in-memory names, transformers 5.x); as in
+    tests/test_lora.py."""
+    transformers = pytest.importorskip("transformers", reason="compared against transformers' LLaVA and peft")
+    hf = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(**{k: v for k, v in ours.config.to_llava_hf_dict().items()
+                                    if k not in ("architectures", "model_type")})).eval()
+    hf.set_attn_implementation("eager")
+    internal_to_hf = weights.LAYOUTS["hf-5-memory"].to_external
+    missing, unexpected = hf.load_state_dict({internal_to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)
+    assert not unexpected and not missing
+    return hf
+
+
+def adapter_on_every_linear(folder: Path, seed: int = 3) -> Path:
+    """An adapter in peft's format on all 14 decoder linears of tiny_llava(seed), with random B."""
+    model = tiny_llava(seed=seed)
+    config = LoraConfig(r=4, alpha=8)
+    lora.add_lora(model, config)
+    randomize_adapters(model)
+    return adapters.save_adapter(model, folder, config)
+
+
+def edit_config(folder: Path, **changes) -> Path:
+    path = folder / adapters.PEFT_CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["v_proj", "down_proj"],
+                                     r"model\.language_model\.layers\.1\.self_attn\.(q|o)_proj",
+                                     ["model.language_model.layers.0.mlp.up_proj"]])
+def test_target_modules_are_applied_as_peft_applies_them(tmp_path, targets):
+    """Before: the file's 14 modules were all applied whatever target_modules said (q_proj alone: logits 0.044 off
+    peft's). A list names modules by their last components or their full name; a string is a full-match regex."""
+    peft = pytest.importorskip("peft", reason="compared against peft")
+    folder = edit_config(adapter_on_every_linear(tmp_path / "adapter"), target_modules=targets)
+    ours = tiny_llava(seed=3)
+    adapters.load_adapter(ours, folder)
+    theirs = peft.PeftModel.from_pretrained(transformers_llava(tiny_llava(seed=3)), str(folder)).eval()
+    everything = tiny_llava(seed=3)
+    adapters.load_adapter(everything, edit_config(shutil.copytree(folder, tmp_path / "all"),
+                                                  target_modules=list(lora.DEFAULT_TARGETS)))
+    with torch.no_grad():
+        ours_logits, peft_logits = ours(token_ids()), theirs(input_ids=token_ids()).logits
+        assert (everything(token_ids()) - peft_logits).abs().max() > 1e-2  # the old behaviour is far off
+    torch.testing.assert_close(ours_logits, peft_logits)
+    applied = {adapters.hf_module_name(name) for name in lora.lora_modules(ours)}
+    assert applied and all(adapters._selects(targets, name) for name in applied)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"target_modules": r".*\.nothing_proj"}, 'target_modules ".*\\\\.nothing_proj" (a string) selects no linear '
+                                              "module of this model"),
+    ({"target_modules": ["qproj"]}, 'target_modules ["qproj"] (a list) selects no linear module of this model'),
+    ({"target_modules": "q_proj("}, "target_modules 'q_proj(' is not a valid regular expression"),
+    ({"target_modules": "all-linear"}, "target_modules 'all-linear' is resolved against the model by peft"),
+    ({"target_modules": None}, "target_modules must be a non-empty list of module names or a regular expression"),
+    ({"target_modules": []}, "target_modules must be a non-empty list of module names or a regular expression"),
+    ({"exclude_modules": ["q_proj"]}, "uses ['exclude_modules'], which this LoRA does not compute"),
+    ({"exclude_modules": ".*"}, "uses ['exclude_modules'], which this LoRA does not compute"),
+    ({"layers_to_transform": [0]}, "uses ['layers_to_transform'], which this LoRA does not compute"),
+    ({"layers_to_transform": 0}, "uses ['layers_to_transform'], which this LoRA does not compute"),
+    ({"layers_pattern": "layers"}, "uses ['layers_pattern'], which this LoRA does not compute"),
+    ({"alpha_pattern": {"q_proj": 4}}, "uses ['alpha_pattern'], which this LoRA does not compute"),
+    ({"alora_invocation_tokens": [5]}, "uses ['alora_invocation_tokens'], which this LoRA does not compute"),
+])
+def test_adapter_settings_peft_applies_and_this_lora_does_not_are_refused_by_key(model, adapter, tmp_path, capsys,
+                                                                                  change, message):
+    """Before: each of these loaded silently (peft refuses a selection of nothing, and applies the others)."""
+    broken = edit_config(shutil.copytree(adapter, tmp_path / "adapter"), **change)
+    before = fingerprint(model, broken)
+    line = error_of(merge_adapter.main, [str(model), str(broken), str(tmp_path / "merged")], capsys)
+    assert line.startswith("merge_adapter: error: ") and message in line, line
+    assert str(broken) in line
+    assert fingerprint(model, broken) == before and not (tmp_path / "merged").exists()
+
+
+def test_peft_refuses_a_regex_that_selects_nothing_too(tmp_path):
+    peft = pytest.importorskip("peft", reason="compared against peft")
+    folder = edit_config(adapter_on_every_linear(tmp_path / "adapter"), target_modules=r".*\.nothing_proj")
+    with pytest.raises(ValueError, match="not found in the base model|Target modules"):
+        peft.PeftModel.from_pretrained(transformers_llava(tiny_llava(seed=3)), str(folder))
+    with pytest.raises(LoraError, match="selects no linear module"):
+        adapters.load_adapter(tiny_llava(seed=3), folder)
+
+
+def test_int8_adapter_tensors_are_refused_by_key_not_cast(model, adapter, tmp_path, capsys):
+    broken = shutil.copytree(adapter, tmp_path / "adapter")
+    weights_file = broken / adapters.PEFT_WEIGHTS
+    tensors = load_file(weights_file)
+    key = sorted(tensors)[0]
+    tensors[key] = (tensors[key] * 100).to(torch.int8)
+    save_file(tensors, str(weights_file))
+    before = fingerprint(model, broken)
+    line = error_of(merge_adapter.main, [str(model), str(broken), str(tmp_path / "merged")], capsys)
+    assert line == (f"merge_adapter: error: {weights_file}: tensor {key!r} is stored as I8, not a floating-point "
+                    f"type; LoRA's A and B are float tensors (a quantized adapter is not supported)")
+    assert fingerprint(model, broken) == before and not (tmp_path / "merged").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case 12: torchrun's variables checked by name; a missing peer is an error after a bounded wait
+
+
+LOCAL_NOTE = " (LOCAL_RANK counts from 0 to the number of ranks on this machine - 1)"
+LAUNCH = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two': not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0': must be >= 1"),
+    ({"RANK": "5"}, "RANK='5': must be 0 to 1 (RANK counts from 0 to WORLD_SIZE - 1)"),
+    ({"RANK": "-1"}, "RANK='-1': must be 0 to 1 (RANK counts from 0 to WORLD_SIZE - 1)"),
+    ({"LOCAL_RANK": "2"}, "LOCAL_RANK='2': must be 0 to 1" + LOCAL_NOTE),
+    ({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, "LOCAL_RANK='1': must be 0 to 0" + LOCAL_NOTE),
+    ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999': must be 1 to 65535"),
+    ({"MASTER_PORT": "http"}, "MASTER_PORT='http': not an integer"),
+    ({"RENDEZVOUS_TIMEOUT": "soon"}, "RENDEZVOUS_TIMEOUT='soon': not a number of seconds"),
+    ({"RENDEZVOUS_TIMEOUT": "0"}, "RENDEZVOUS_TIMEOUT=0.0: must be a number of seconds in (0, 604800]"),
+    ({"RENDEZVOUS_TIMEOUT": "nan"}, "RENDEZVOUS_TIMEOUT=nan: must be a number of seconds in (0, 604800]"),
+])
+def test_launcher_variables_are_checked_by_name_before_connecting(monkeypatch, changes, message):
+    for name, value in {**LAUNCH, **changes}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DistributedError) as err:
+        Distributed.from_environment()
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_missing_peer_is_an_error_naming_the_address_after_the_timeout(monkeypatch, rank):
+    """Before: rank 0 (serving the rendezvous) or rank 1 (connecting to it) waited for gloo's 30-minute default."""
+    port = free_port()
+    for name, value in {**LAUNCH, "RANK": rank, "LOCAL_RANK": rank, "MASTER_PORT": str(port),
+                        "RENDEZVOUS_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(DistributedError) as err:
+        Distributed.from_environment()
+    assert time.monotonic() - start < 30
+    message = str(err.value)
+    assert message.startswith(f"rank {rank} of 2 could not join the process group at 127.0.0.1:{port} "
+                              f"(MASTER_ADDR:MASTER_PORT) within 2 s: ")
+    assert message.endswith("Start every rank (torchrun --nproc-per-node 2 starts them all), check that MASTER_ADDR "
+                            "and MASTER_PORT are the same for all and reachable, or set RENDEZVOUS_TIMEOUT to wait "
+                            "longer")
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_rendezvous_timeout_parameter_wins_over_the_variable(monkeypatch):
+    for name, value in {**LAUNCH, "MASTER_PORT": str(free_port()), "RENDEZVOUS_TIMEOUT": "600"}.items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(DistributedError, match="within 1 s"):
+        Distributed.from_environment(rendezvous_timeout=1)
+    assert time.monotonic() - start < 30
+    with pytest.raises(DistributedError, match=r"rendezvous_timeout=-1: must be a number of seconds"):
+        Distributed.from_environment(rendezvous_timeout=-1)
+
+
+def test_world_size_one_is_one_process_whatever_else_is_set(monkeypatch):
+    for name, value in {**LAUNCH, "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert Distributed.from_environment() == Distributed()
