@@ -416,7 +416,8 @@ def output_path(args: argparse.Namespace) -> Path:
     if args.out is not None and not out.parent.is_dir():
         raise PlotError(f"{out.parent}: no such folder for --out")
     # never one of the logs (a symbolic link named x.png to a log.jsonl, say), nor a folder named x.png
-    return check_output_file(out, [Path(run) / LOG_FILE for run in args.runs], replace=True, option="--out")
+    return check_output_file(out, [Path(run) / LOG_FILE for run in args.runs], replace=True,
+                             option="--out" if args.out is not None else None)
 
 
 def plot(args: argparse.Namespace) -> Path:
