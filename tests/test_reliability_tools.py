@@ -650,6 +650,7 @@ def test_plot_refuses_a_step_no_axis_can_place_naming_the_file_and_line(tmp_path
 
 
 def test_plot_never_writes_through_a_link_to_a_log(tmp_path, capsys):
+    """A guard (the old code replaced the link itself, which kept the log): the picture is never one of its inputs."""
     run = plot_run(tmp_path / "run", [{"step": 0, "total": 1.0}, {"step": 1, "total": 2.0}])
     link = tmp_path / "curves.png"
     link.symlink_to(run / "log.jsonl")
@@ -658,3 +659,71 @@ def test_plot_never_writes_through_a_link_to_a_log(tmp_path, capsys):
     assert line == (f"plot: error: --out {link}: is also an input ({run / 'log.jsonl'}); write the output to another "
                     f"file")
     assert fingerprint(run) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Further bad inputs tried as a new user would (issue 26's last part): the ones that misbehaved
+
+
+def test_smollm2_data_refuses_an_out_inside_the_model_before_the_base_answers(model, tmp_path, capsys, monkeypatch):
+    """Before: --out MODEL/data ran the base model over 200 prompts, then wrote into the model folder."""
+    from worlds.smollm2 import data
+
+    def no_answers(*args, **kwargs):
+        raise AssertionError("the base model ran before the output was checked")
+
+    monkeypatch.setattr(data, "base_answers", no_answers)
+    before = fingerprint(model)
+    line = error_of(data.main, ["--model", str(model), "--out", str(model / "data")], capsys)
+    assert line == (f"python -m worlds.smollm2.data: error: {model / 'data'}: the output folder overlaps the input "
+                    f"{model}; write to another folder")
+    assert fingerprint(model) == before
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--threads", "0", "argument --threads: must be an integer in [1, 1024], got '0'"),  # was a RuntimeError
+    ("--batch-size", "0", "argument --batch-size: must be an integer > 0, got '0'"),  # was "range() arg 3 ..."
+])
+def test_smollm2_data_numbers_have_ranges(model, tmp_path, capsys, option, value, message):
+    from worlds.smollm2 import data
+    line = error_of(data.main, ["--model", str(model), "--out", str(tmp_path / "d"), option, value], capsys)
+    assert line == f"python -m worlds.smollm2.data: error: {message}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be an integer > 0, got '0'"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["--batch-size", "-1"], "argument --batch-size: must be an integer > 0, got '-1'"),
+    (["--threads", "0"], "argument --threads: must be an integer in [1, 1024], got '0'"),
+    (["--read-weight", "inf"], "argument --read-weight: must be a finite number >= 0, got 'inf'"),
+])
+def test_smollm2_vision_build_numbers_have_ranges(model, tmp_path, capsys, argv, message):
+    from worlds.smollm2 import vision
+    line = error_of(vision.main, ["build", "--model", str(model), "--data", str(tmp_path), "--out",
+                                  str(tmp_path / "v"), *argv], capsys)
+    assert line == f"python -m worlds.smollm2.vision build: error: {message}"
+
+
+def test_smollm2_vision_never_writes_into_its_inputs(model, tmp_path, capsys):
+    """Before: build and join checked their --out only for files, not for lying inside the model or the data."""
+    from worlds.smollm2 import vision
+    before = fingerprint(model)
+    line = error_of(vision.main, ["build", "--model", str(model), "--data", str(tmp_path), "--out",
+                                  str(model / "tower")], capsys)
+    assert line == (f"worlds.smollm2.vision: error: {model / 'tower'}: the output folder overlaps the input {model}; "
+                    f"write to another folder")
+    line = error_of(vision.main, ["join", "--model", str(model), "--vision", str(tmp_path), "--out",
+                                  str(model / "joined")], capsys)
+    assert line == (f"worlds.smollm2.vision: error: {model / 'joined'}: the output folder overlaps the input "
+                    f"{model}; write to another folder")
+    assert fingerprint(model) == before
+
+
+def test_a_symbolic_link_loop_as_an_output_is_one_line(tmp_path, capsys):
+    """Before: pathlib's RuntimeError ("Symlink loop") came out as a traceback."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    line = error_of(make_tiny.main, [str(loop)], capsys)  # pathlib's words for the loop vary with Python's version
+    assert line.startswith(f"make_tiny: error: {loop}: cannot be resolved (") and line.endswith("a symbolic link loop?")
+    line = error_of(unlearning_data.main, ["--pku", str(loop), "--out", str(tmp_path / "o.jsonl")], capsys)
+    assert f"error: {loop}: cannot be resolved (" in line and line.endswith("a symbolic link loop?")
