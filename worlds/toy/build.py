@@ -401,12 +401,15 @@ def check_output_folder(out: Path) -> None:
     rebuild it for comparison."""
     try:
         check_new_folder(out)
-    except OutputError as err:
+    except OutputError:
         if Path(out).resolve() == TOY_MODEL.resolve() and (TOY_MODEL / "config.json").is_file():
             raise OutputError(f"{out}: holds the committed toy model, which a build never writes over; rebuild it "
                               f"into a new folder (python -m worlds.toy.build --out DIR) and compare the manifests, "
                               f"or remove {out} first to replace it") from None
         raise
+
+
+def report(metrics: dict, log) -> None:
     for name, entry in metrics.items():
         numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
         log(f"{name:16s} {numbers}")
