@@ -12,7 +12,11 @@ no harm_nll), so each panel plots, per run, the steps that carry its quantity. N
 logged) cannot be placed on an axis and are left out too.
 
 Every axis spans the data of all runs in its panel: x from the first to the last step, y from the smallest to the
-largest value with a small margin; tick values are 1, 2 or 5 x 10^k steps (`nice_ticks`). Drawn with Pillow alone,
+largest value with a small margin; tick values are 1, 2 or 5 x 10^k steps (`nice_ticks`). Any finite value is placed,
+up to float64's largest (a diverged run's 1e308 gradient norm): spans are computed on halves, so that no difference of
+two values overflows. Steps must be integers within +-2^53 (exact as floats); a step beyond (a corrupt log) is an error
+naming the file and line. A number too large for a float (JSON allows 10^400) is left out as a non-finite value is.
+--width and --height are bounded (MIN_PIXELS to MAX_PIXELS): the picture is held in memory, 3 bytes a pixel. Drawn with Pillow alone,
 with the font Pillow ships, so it works offline and needs no plotting library. More runs than palette colours reuse
 colours in order.
 """
@@ -21,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from harness.console import HelpFormatter, add_debug_option, exit_on_user_error
-from harness.files import write_atomically
+from harness.files import check_output_file, write_atomically
+from harness.readers import read_jsonl
 from harness.runs import LOG_FILE, read_log
 
 # (log key, panel title), in reading order: the losses first, then what the optimizer did with them.
@@ -49,6 +55,9 @@ DEFAULT_NAME, DEFAULT_WIDTH, DEFAULT_HEIGHT = "loss_curves.png", 1200, 900
 Y_MARGIN = 0.05  # of the data's span, above and below, so extreme points do not sit on the box's edge
 TICK_COUNT = 5   # about this many intervals between ticks
 MIN_BOX = 30     # pixels: a smaller axis box has no room for its ticks
+MIN_PIXELS, MAX_PIXELS = 64, 8192  # --width, --height: 8192 x 8192 is 200 MB in memory (25000 x 25000 was 2.8 GB)
+MAX_STEP = 2**53  # every integer up to here is exact as a float, so steps keep their order and spacing on the axis
+FLOAT_MAX = sys.float_info.max
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom of a panel's axis box, in pixels
 Range = tuple[float, float]
@@ -79,7 +88,8 @@ def read_runs(folders: list[str | Path]) -> dict[str, list[dict]]:
 
 
 def read_run(folder: Path) -> list[dict]:
-    """A run's step records; a folder that has none is an error that names it (an empty panel would hide it)."""
+    """A run's step records; a folder that has none is an error that names it (an empty panel would hide it), and so
+    is a step the x axis cannot place, by file and line."""
     if not folder.is_dir():
         raise PlotError(f"{folder}: no such run folder")
     if not (folder / LOG_FILE).is_file():
@@ -87,17 +97,39 @@ def read_run(folder: Path) -> list[dict]:
     records = read_log(folder)
     if not records:
         raise PlotError(f"{folder}: {LOG_FILE} has no step records")
+    bad = next((record for record in records if abs(record["step"]) > MAX_STEP), None)
+    if bad is not None:
+        path = folder / LOG_FILE
+        line = next((number for number, record in read_jsonl(path, PlotError, appended=True) if record == bad), "?")
+        digits = len(str(abs(bad["step"])))
+        raise PlotError(f"{path}:{line}: step {_short(bad['step'])} ({digits} digits) is beyond the {MAX_STEP:,} "
+                        f"steps an axis can place exactly (a corrupt log?)")
     return records
+
+
+def _short(number: int) -> str:
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:8]}...{text[-4:]}"
 
 
 def series(records: list[dict], key: str) -> list[tuple[float, float]]:
     """(step, value) of the records that carry a finite number under `key`, in step order."""
     points = []
     for record in records:
-        value, step = record.get(key), record.get("step")
-        if _is_number(value) and _is_number(step) and math.isfinite(value):
-            points.append((float(step), float(value)))
+        value, step = _as_float(record.get(key)), _as_float(record.get("step"))
+        if value is not None and step is not None and math.isfinite(value):
+            points.append((step, value))
     return sorted(points, key=lambda point: point[0])
+
+
+def _as_float(value) -> float | None:
+    """A JSON number as a float; None for anything else, and for an integer past float's range (as inf would be)."""
+    if not _is_number(value):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def _is_number(value) -> bool:
@@ -119,41 +151,50 @@ class Axis:
     pixel_high: float
 
     def to_pixel(self, value: float) -> float:
-        fraction = (value - self.low) / (self.high - self.low)
+        # halves: exact for every normal float, and no difference of two finite values overflows (1e308 - -1e308)
+        fraction = (value / 2 - self.low / 2) / (self.high / 2 - self.low / 2)
         return self.pixel_low + fraction * (self.pixel_high - self.pixel_low)
 
 
 def nice_step(span: float, count: int = TICK_COUNT) -> float:
     """The 1, 2 or 5 x 10^k nearest (on a log scale) to span / count: between about 3 and 8 intervals."""
-    raw = span / count
+    return tick_step(0.0, span, count)
+
+
+def tick_step(low: float, high: float, count: int = TICK_COUNT) -> float:
+    """nice_step(high - low, count), computed without forming high - low (which overflows for -1e308..1e308)."""
+    raw = high / count - low / count
     exponent = math.floor(math.log10(raw))
     mantissa = raw / 10 ** exponent
     # sqrt(2), sqrt(10), sqrt(50): the geometric midpoints between 1, 2, 5 and 10
     nice = 1 if mantissa < 1.414 else 2 if mantissa < 3.162 else 5 if mantissa < 7.071 else 10
-    return nice * 10.0 ** exponent
+    step = nice * 10.0 ** exponent
+    return step if step <= FLOAT_MAX else 1e308  # 2 x 10^308 is past float64: the largest power of ten instead
 
 
 def nice_ticks(low: float, high: float, count: int = TICK_COUNT) -> list[float]:
     """The multiples of nice_step(high - low, count) that lie in [low, high]. 0..1 -> 0, 0.2, ..., 1.0."""
     if not high > low:
         return [low]
-    step = nice_step(high - low, count)
+    step = tick_step(low, high, count)
     # a tick is k * mantissa / 10^n computed from integers, so 0.6 comes out as the float 0.6, not 3 * 0.2
     exponent = math.floor(math.log10(step) + 1e-9)
     mantissa = round(step / 10.0 ** exponent)
     first, last = math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9)
     scale = 10 ** abs(exponent)
-    return [k * mantissa / scale if exponent < 0 else float(k * mantissa * scale) for k in range(first, last + 1)]
+    ticks = [k * mantissa / scale if exponent < 0 else k * mantissa * scale for k in range(first, last + 1)]
+    return [float(t) for t in ticks if abs(t) <= FLOAT_MAX]  # a multiple past float's range is not on the axis
 
 
 def data_range(values: list[float], margin: float) -> Range:
-    """min..max widened by `margin` of the span each side; a constant gets a small range centred on it."""
+    """min..max widened by `margin` of the span each side; a constant (or values apart by less than float64 resolves
+    there) gets a small range centred on it. Kept within float64's range."""
     low, high = min(values), max(values)
-    if high == low:
-        half = abs(low) * 0.05 or 1.0
-        return low - half, high + half
-    pad = (high - low) * margin
-    return low - pad, high + pad
+    if high / 2 - low / 2 < sys.float_info.min * 2**20:  # equal, or apart by a few subnormals: no tick step fits
+        half = max(abs(low), abs(high)) * 0.05 or 1.0
+        return max(low - half, -FLOAT_MAX), min(high + half, FLOAT_MAX)
+    pad = (high / 2 - low / 2) * (2 * margin)
+    return max(low - pad, -FLOAT_MAX), min(high + pad, FLOAT_MAX)
 
 
 def panel_axes(runs: dict[str, list[dict]]) -> dict[str, tuple[Range, Range] | None]:
@@ -283,7 +324,7 @@ def draw_ticks(canvas: ImageDraw.ImageDraw, box: Box, x_axis: Axis, y_axis: Axis
         canvas.line([(x, top), (x, bottom)], fill=GRID)
         put_text(canvas, (x, bottom + pad), str(int(tick)), font, align="center")
     y_ticks = nice_ticks(y_axis.low, y_axis.high, _clamp(y_count))
-    step = nice_step(y_axis.high - y_axis.low, _clamp(y_count))
+    step = tick_step(y_axis.low, y_axis.high, _clamp(y_count))
     for tick, label in zip(y_ticks, tick_labels(y_ticks, step)):
         y = y_axis.to_pixel(tick)
         canvas.line([(left, y), (right, y)], fill=GRID)
@@ -338,6 +379,17 @@ def draw(runs: dict[str, list[dict]], width: int = DEFAULT_WIDTH, height: int = 
 # The command
 
 
+def pixels(text: str) -> int:
+    """--width / --height: an integer in [MIN_PIXELS, MAX_PIXELS]."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not MIN_PIXELS <= value <= MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"must be an integer in [{MIN_PIXELS}, {MAX_PIXELS}], got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m evals.plot", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -345,8 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train.py run folder(s), each with a log.jsonl; no default")
     p.add_argument("--out", default=None, metavar="FILE.png",
                    help=f"the picture to write; default: RUN_DIR/{DEFAULT_NAME} for one run, required for several")
-    p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="pixels")
-    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT, help="pixels")
+    p.add_argument("--width", type=pixels, default=DEFAULT_WIDTH, help=f"pixels, {MIN_PIXELS} to {MAX_PIXELS}")
+    p.add_argument("--height", type=pixels, default=DEFAULT_HEIGHT, help=f"pixels, {MIN_PIXELS} to {MAX_PIXELS}")
     p.add_argument("--force", action="store_true", help="replace the picture if it exists")
     add_debug_option(p)
     return p.parse_args(argv)
@@ -363,7 +415,9 @@ def output_path(args: argparse.Namespace) -> Path:
         raise PlotError(f"{out} exists: pass --force to replace it")
     if args.out is not None and not out.parent.is_dir():
         raise PlotError(f"{out.parent}: no such folder for --out")
-    return out
+    # never one of the logs (a symbolic link named x.png to a log.jsonl, say), nor a folder named x.png
+    return check_output_file(out, [Path(run) / LOG_FILE for run in args.runs], replace=True,
+                             option="--out" if args.out is not None else None)
 
 
 def plot(args: argparse.Namespace) -> Path:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from harness.console import add_debug_option, exit_on_user_error, positive_int
+from harness.files import check_output_file, write_atomically
 from harness.readers import read_csv, read_json_file, read_jsonl, require_columns
 from ref.unlearning_data import (PKU_FIELDS, HarmfulRecord, NormalRecord, Record, UnlearningDataError, parse_record,
                                  record_to_dict)
@@ -51,11 +53,14 @@ def read_unlearning_jsonl(path: str | Path) -> list[Record]:
 
 
 def write_unlearning_jsonl(records: Iterable[Record], path: str | Path) -> int:
-    """Write records one per line (UTF-8, non-ASCII kept); returns how many were written."""
+    """Write records one per line (UTF-8, non-ASCII kept), under a temporary name renamed into place (a crash leaves
+    the old file or the new one, never half of it); returns how many were written. Whether `path` may be written is
+    the caller's decision (the command line refuses an existing file: `check_output_file`)."""
     path = Path(path)
     lines = [json.dumps(record_to_dict(record), ensure_ascii=False) for record in records]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    text = "".join(line + "\n" for line in lines)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return len(lines)
 
 
@@ -212,24 +217,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vlguard-images", type=Path, default=None,
                         help="VLGuard's image folder, if not the train/ folder beside the JSON")
     parser.add_argument("--truthfulqa", type=Path, help="TruthfulQA CSV (normal records)")
-    parser.add_argument("--out", required=True, type=Path, help="output JSONL")
-    parser.add_argument("--max-pku", type=int, default=None, help="keep the first N harmful records")
-    parser.add_argument("--max-vlguard", type=int, default=None, help="keep the first N VLGuard records")
-    parser.add_argument("--max-truthfulqa", type=int, default=None, help="keep the first N normal records")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output JSONL: a new file (an existing one is refused, never replaced)")
+    parser.add_argument("--max-pku", type=positive_int, default=None, help="keep the first N harmful records")
+    parser.add_argument("--max-vlguard", type=positive_int, default=None, help="keep the first N VLGuard records")
+    parser.add_argument("--max-truthfulqa", type=positive_int, default=None, help="keep the first N normal records")
     parser.add_argument("--pairs-only", action="store_true",
                         help="keep only PKU rows with both an unsafe and a safe response")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     if args.pku is None and args.vlguard is None:
         parser.error("give a source of harmful records: --pku and/or --vlguard")
-    try:
+    inputs = [path for path in (args.pku, args.vlguard, args.vlguard_images, args.truthfulqa) if path is not None]
+    with exit_on_user_error(parser.prog, args.debug):
+        check_output_file(args.out, inputs, option="--out")  # before anything is read: nothing is lost to a refusal
         harmful = pku_saferlhf_to_records(args.pku, args.max_pku, args.pairs_only) if args.pku else []
         vlguard = vlguard_to_records(args.vlguard, args.vlguard_images, args.max_vlguard) if args.vlguard else []
         normal = truthfulqa_to_records(args.truthfulqa, args.max_truthfulqa) if args.truthfulqa else []
-    except UnlearningDataError as err:
-        parser.error(str(err))
-    harmful += [r for r in vlguard if isinstance(r, HarmfulRecord)]
-    normal = [r for r in vlguard if isinstance(r, NormalRecord)] + normal
-    written = write_unlearning_jsonl([*harmful, *normal], args.out)
+        harmful += [r for r in vlguard if isinstance(r, HarmfulRecord)]
+        normal = [r for r in vlguard if isinstance(r, NormalRecord)] + normal
+        written = write_unlearning_jsonl([*harmful, *normal], args.out)
     full = sum(r.harmful_response is not None and r.helpful_response is not None for r in harmful)
     ascent_only = sum(r.helpful_response is None for r in harmful)
     with_image = sum(r.image is not None for r in [*harmful, *normal])

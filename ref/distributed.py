@@ -9,18 +9,33 @@
 Without torchrun's variables the program is one process and every call is the identity, so single-process code runs
 unchanged and pays nothing. The backend is NCCL on CUDA and gloo on CPU (what the tests use). torchrun ends every rank
 when one fails, so a rank that raises never leaves the others hanging in a collective.
+
+The launcher's variables are checked before anything connects: RANK, WORLD_SIZE, LOCAL_RANK (and LOCAL_WORLD_SIZE,
+where set) must be integers with 0 <= RANK < WORLD_SIZE and 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE (or WORLD_SIZE), and
+MASTER_PORT a port (1 to 65535); each error names the variable. Joining the group (the rendezvous at
+MASTER_ADDR:MASTER_PORT, where every rank must arrive) waits at most RENDEZVOUS_TIMEOUT seconds: the parameter of
+`Distributed.from_environment`, else the environment variable RENDEZVOUS_TIMEOUT (seconds, > 0), else 300 s; a peer
+that never comes (a rank started by hand, a wrong address) is one error naming the address, not a 30-minute hang.
+Collectives after the rendezvous keep torch's default timeout (a rank may wait long for another's checkpoint write).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from torch.distributed.constants import default_pg_timeout
+
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_VARIABLE = "RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT = 300.0  # seconds: every rank of a torchrun job starts within seconds of the others
+MAX_RENDEZVOUS_TIMEOUT = 7 * 24 * 3600.0  # past this a timedelta is not a timeout but a typo (and may overflow)
 
 
 class DistributedError(ValueError):
@@ -43,23 +58,32 @@ class Distributed:
         return self.rank == 0
 
     @staticmethod
-    def from_environment(device: str = "cpu") -> Distributed:
+    def from_environment(device: str = "cpu", rendezvous_timeout: float | None = None) -> Distributed:
         """The process group torchrun describes in the environment (joined now), or one process when it describes none.
-        On CUDA each rank takes the GPU of its LOCAL_RANK."""
+        On CUDA each rank takes the GPU of its LOCAL_RANK. `rendezvous_timeout` (seconds; default: the variable
+        RENDEZVOUS_TIMEOUT, else 300) bounds the wait for the other ranks."""
         present = [name for name in LAUNCHER_VARIABLES if name in os.environ]
-        if not present or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if not present:
+            return Distributed()
+        world_size = _int_variable("WORLD_SIZE", 1) if "WORLD_SIZE" in os.environ else 1
+        rank = _int_variable("RANK", 0, world_size - 1) if "RANK" in os.environ else 0
+        local_size = _int_variable("LOCAL_WORLD_SIZE", 1, world_size) if "LOCAL_WORLD_SIZE" in os.environ \
+            else world_size
+        local_rank = _int_variable("LOCAL_RANK", 0, local_size - 1) if "LOCAL_RANK" in os.environ else 0
+        if world_size == 1:
             return Distributed()
         missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
         if missing:
             raise DistributedError(f"the environment sets {present} but not {missing}: start with torchrun")
-        world = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+        _int_variable("MASTER_PORT", 1, 65535)
+        timeout = _rendezvous_timeout(rendezvous_timeout)
+        world = Distributed(rank, world_size, local_rank)
         kind = torch.device(device).type
         if kind == "cuda":
             torch.cuda.set_device(world.local_rank)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+            _join("nccl" if kind == "cuda" else "gloo", world, timeout)
         return world
-
     def device(self, requested: str) -> str:
         """--device for this rank: "cuda" becomes this rank's GPU; anything else is shared as is."""
         return f"cuda:{self.local_rank}" if self.enabled and requested == "cuda" else requested
@@ -121,6 +145,57 @@ class Distributed:
     def shutdown(self) -> None:
         close_process_group()
 
+
+
+def _int_variable(name: str, low: int, high: int | None = None) -> int:
+    """The integer in environment variable `name`, in [low, high]; else an error naming the variable."""
+    text = os.environ[name]
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise DistributedError(f"{name}={text!r}: not an integer") from None
+    if value < low or (high is not None and value > high):
+        bound = f"{low} to {high}" if high is not None else f">= {low}"
+        why = {"RANK": " (RANK counts from 0 to WORLD_SIZE - 1)",
+               "LOCAL_RANK": " (LOCAL_RANK counts from 0 to the number of ranks on this machine - 1)"}.get(name, "")
+        raise DistributedError(f"{name}={text!r}: must be {bound}{why}")
+    return value
+
+
+def _rendezvous_timeout(seconds: float | None) -> float:
+    """The rendezvous timeout: the argument, else RENDEZVOUS_TIMEOUT from the environment, else the default."""
+    where = "rendezvous_timeout"
+    if seconds is None and TIMEOUT_VARIABLE in os.environ:
+        where, text = TIMEOUT_VARIABLE, os.environ[TIMEOUT_VARIABLE]
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise DistributedError(f"{TIMEOUT_VARIABLE}={text!r}: not a number of seconds") from None
+    if seconds is None:
+        return DEFAULT_RENDEZVOUS_TIMEOUT
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or not 0 < seconds <= MAX_RENDEZVOUS_TIMEOUT:
+        raise DistributedError(f"{where}={seconds!r}: must be a number of seconds in (0, {MAX_RENDEZVOUS_TIMEOUT:g}]")
+    return float(seconds)
+
+
+def _join(backend: str, world: Distributed, timeout: float) -> None:
+    """Join the process group: the rendezvous (every rank connects to the store at MASTER_ADDR:MASTER_PORT; rank 0
+    serves it unless torchrun's agent does) bounded by `timeout`, then the group itself. The store then waits as long
+    as torch's default for later exchanges (NCCL's first collective), as a plain init_process_group would."""
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        store, _, _ = next(dist.rendezvous("env://", world.rank, world.world_size, timeout=timedelta(seconds=timeout)))
+        dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size)
+        store.set_timeout(default_pg_timeout)
+    except (RuntimeError, OSError, ValueError) as err:  # torch's DistStoreError and DistNetworkError are RuntimeErrors
+        close_process_group()
+        first = " ".join(str(err).split())[:300].rstrip(".")
+        raise DistributedError(
+            f"rank {world.rank} of {world.world_size} could not join the process group at {address} (MASTER_ADDR:"
+            f"MASTER_PORT) within {timeout:g} s: {first}. Start every rank (torchrun --nproc-per-node "
+            f"{world.world_size} starts them all), check that MASTER_ADDR and MASTER_PORT are the same for all and "
+            f"reachable, or set {TIMEOUT_VARIABLE} to wait longer") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -109,8 +109,10 @@ def test_metadata_equal_to_gguf_py(tmp_path):
             value = ours.metadata[key]
             if key == "k.f32":  # FLOAT32: the shortest decimal that rounds to the stored float32
                 assert value == 1e-5 and np.float32(value) == np.float32(field.contents())
-            elif key == "k.nested":
-                assert value == [[1, 2], [3]]
+            elif key == "k.nested":  # arrays of numbers are numpy arrays of their GGUF type, at any depth
+                assert [inner.tolist() for inner in value] == [[1, 2], [3]]
+            elif isinstance(value, np.ndarray):
+                assert value.dtype == field.parts[-1].dtype and value.tolist() == field.contents(), key
             else:
                 assert value == field.contents(), key
         assert set(ours.metadata) == {key for key in theirs if not key.startswith("GGUF.")}

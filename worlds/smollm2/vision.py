@@ -53,7 +53,8 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
 from ref.config import LlavaConfig, VisionConfig, load_config, read_json
-from harness.console import Progress, add_debug_option, exit_on_user_error
+from harness.console import (Progress, add_debug_option, exit_on_user_error, non_negative_float, non_negative_int,
+                             positive_float, positive_int)
 from harness.readers import read_csv, require_columns
 from ref.data import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
 from harness.files import check_new_folder, new_folder
@@ -62,7 +63,7 @@ from harness.provenance import sha256_file
 from harness.unlearning_data import read_unlearning_jsonl
 from ref.unlearning_data import HarmfulRecord
 from ref.weights import load_state_dict, open_checkpoint, save_model
-from worlds.toy.build import alignment_loss, init_weights, learning_rate
+from worlds.toy.build import MAX_SEED, MAX_THREADS, alignment_loss, init_weights, int_in, learning_rate
 
 CELL = 36                      # px, one token per cell (= the tower's patch size)
 GRID = 8                       # cells per side: 64 image tokens
@@ -418,7 +419,7 @@ def load_vision(folder: str | Path) -> dict[str, torch.Tensor]:
 def join(model_dir: str | Path, vision_dir: str | Path, out: str | Path) -> Path:
     """A LLaVA folder (llava-hf layout): SmolLM2 from `model_dir` + the tower and projector in `vision_dir`."""
     model_dir, vision_dir, out = Path(model_dir), Path(vision_dir), Path(out)
-    check_new_folder(out)
+    check_new_folder(out, [model_dir, vision_dir])  # never into (or around) the decoder or the tower
     check_vision_folder(vision_dir)
     stored = read_json(vision_dir / CONFIG_FILE, ValueError)
     vision_manifest = read_json(vision_dir / "manifest.json", ValueError)
@@ -438,7 +439,7 @@ def join(model_dir: str | Path, vision_dir: str | Path, out: str | Path) -> Path
     model.load_state_dict({**load_state_dict(model_dir), **tower}, strict=True, assign=True)
     manifest = {"what": "SmolLM2-135M-Instruct (decoder) + the typographic tower and projector of worlds/smollm2/vision",
                 "decoder_from": str(model_dir), "vision_from": str(vision_dir), "vision_manifest": vision_manifest}
-    with new_folder(out) as partial:
+    with new_folder(out, [model_dir, vision_dir]) as partial:
         save_model(model, partial, dtype=torch.float32)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(model_dir / name, partial / name)
@@ -455,15 +456,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--model", required=True, help="the folder python -m weights_tools.smollm2 wrote")
     build.add_argument("--data", required=True, help="the folder python -m worlds.smollm2.data wrote")
     build.add_argument("--out", required=True, help="a new folder for the tower and projector")
-    build.add_argument("--steps", type=int, default=4000, help="optimizer steps (default 4000)")
-    build.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    build.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW; default 2e-3)")
-    build.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
-    build.add_argument("--read-weight", type=float, default=1.0,
+    build.add_argument("--steps", type=positive_int, default=4000, help="optimizer steps (default 4000)")
+    build.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default 32)")
+    build.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (AdamW; default 2e-3)")
+    build.add_argument("--warmup", type=non_negative_int, default=100, help="warm-up steps (default 100)")
+    build.add_argument("--read-weight", type=non_negative_float, default=1.0,
                        help="weight of the reading cross entropy beside the squared error (default 1; 0 = off)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the images")
-    build.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    build.add_argument("--log-every", type=int, default=50)
+    build.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the initialisation and the images")
+    build.add_argument("--threads", type=int_in(1, MAX_THREADS), default=1, help="torch CPU threads (default 1)")
+    build.add_argument("--log-every", type=positive_int, default=50)
     add_debug_option(build)
     joined = commands.add_parser("join", help="write a LLaVA folder: the decoder + a built tower and projector")
     joined.add_argument("--model", required=True, help="the folder python -m weights_tools.smollm2 wrote")
@@ -478,7 +479,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     start = time.time()
     model_dir, data_dir, out = Path(args.model), Path(args.data), Path(args.out)
-    check_new_folder(out)
+    check_new_folder(out, [model_dir, data_dir])  # before the (long) training: never into or around an input
     embeddings = load_state_dict(model_dir)["language_model.embed_tokens.weight"].float()  # (V, D), fixed
     painter = painter_for(model_dir)
     texts, heldout = training_texts(data_dir), heldout_texts(data_dir)
@@ -497,7 +498,7 @@ def build(args: argparse.Namespace, argv: list[str]) -> dict:
                 "torch_version": torch.__version__, "python_version": platform.python_version(),
                 "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                 "build_seconds": round(time.time() - start, 1)}
-    with new_folder(out) as folder:
+    with new_folder(out, [model_dir, data_dir]) as folder:
         save_vision(model, folder, manifest)
     return manifest
 

@@ -1,8 +1,15 @@
 """Build the toy LLaVA of the toy world (worlds/toy/world.py) from scratch, on a CPU, with our own model code.
 
-    python -m worlds.toy.build                      # the committed checkpoint: assets/toy_llava
+    python -m worlds.toy.build --out DIR            # the committed checkpoint, rebuilt into a new folder DIR
+    python -m worlds.toy.build                      # the same into assets/toy_llava, where that folder is absent
     python -m worlds.toy.build --quick --out DIR    # a few steps, no evaluation (< 1 min; for the tests)
     python -m worlds.toy.build --measure DIR        # measure a toy checkpoint on the held-out suites
+
+The output folder must be new or empty: a folder that holds files (the committed assets/toy_llava, another model) is
+refused before the build starts, and the files are written in a temporary folder renamed into place when complete.
+Only the documented build (no option that changes the files) defaults to assets/toy_llava; any other (--quick, --steps,
+--seed, ...) needs --out, so that a test or an experiment never lands where the committed model belongs. To compare a
+rebuild with the committed model: build into a new folder and compare the `files` digests of the two manifest.json.
 
 What it does, top to bottom:
 1. trains a BPE tokenizer (`tokenizers`) on the toy corpus: "<unk>" 0, "<s>" 1, "</s>" 2, then the learned pieces,
@@ -44,7 +51,9 @@ import torch.nn.functional as F
 
 from evals.generation import Sampling, generate_responses, tokenize_samples
 from ref.config import LlavaConfig, TextConfig, VisionConfig
-from harness.console import Progress, add_debug_option, exit_on_user_error
+from harness.console import (Progress, add_debug_option, exit_on_user_error, non_negative_float, non_negative_int,
+                             positive_float, positive_int)
+from harness.files import OutputError, check_new_folder, new_folder
 from ref.data import (IGNORE_INDEX, Processor, TextTokenizer, build_prompt, build_training_example,
                       collate_for_training, load_processor, preprocess_image)
 from ref.llava import Llava
@@ -263,14 +272,15 @@ def sha256_file(path: Path) -> str:
 
 
 def output_affecting(argv: list[str]) -> list[str]:
-    """The arguments that change the files: --out and --log-every only decide where they go and what is printed."""
+    """The arguments that change the files: --out and --log-every only decide where they go and what is printed, and
+    --debug how an error is shown."""
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg in ("--out", "--log-every"):
             skip = True
-        elif not arg.startswith(("--out=", "--log-every=")):
+        elif arg != "--debug" and not arg.startswith(("--out=", "--log-every=")):
             kept.append(arg)
     return kept
 
@@ -304,33 +314,65 @@ def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dic
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+MAX_THREADS = 1024
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer in [low, high], refused naming the option otherwise."""
+    what = f"must be an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m worlds.toy.build", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=TOY_MODEL, help="output folder (default: assets/toy_llava)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data stream and the initialisation")
-    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder, new or empty (default: assets/toy_llava for the documented build only; "
+                             "any other build needs --out)")
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
+                        help="seed of the data stream and the initialisation")
+    parser.add_argument("--steps", type=positive_int, default=6000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per step")
+    parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=non_negative_int, default=100, help="warm-up steps")
+    parser.add_argument("--threads", type=int_in(1, MAX_THREADS), default=1,
                         help="torch CPU threads (recorded: it fixes the rounding; 1 is robust on a busy machine)")
     parser.add_argument("--mix", action="append", default=[], metavar="FAMILY=WEIGHT",
                         help="change one task family's weight in the training mix (repeatable; families and default "
                              f"weights: {dataclasses.asdict(world.TrainMix())})")
-    parser.add_argument("--align-weight", type=float, default=1.0,
+    parser.add_argument("--align-weight", type=non_negative_float, default=1.0,
                         help="weight of the image-text alignment loss (word cell feature -> word embedding); 0 = off")
-    parser.add_argument("--eval-limit", type=int, default=None, help="measure on the first N items of each suite")
+    parser.add_argument("--eval-limit", type=positive_int, default=None,
+                        help="measure on the first N items of each suite")
     parser.add_argument("--no-eval", action="store_true", help="skip measuring the model on the held-out suites")
     parser.add_argument("--quick", action="store_true",
                         help="a shortened build for tests: 3 steps of batch 4, no evaluation")
-    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--log-every", type=positive_int, default=50)
     parser.add_argument("--measure", type=Path, default=None, metavar="DIR",
                         help="only measure an existing toy checkpoint folder on the held-out suites (no build)")
     add_debug_option(parser)
     args = parser.parse_args(argv)
     args.argv = list(argv)
     args.mix = training_mix(parser, args.mix)
+    if args.measure is not None and args.out is not None:
+        parser.error("--measure reads a checkpoint and writes nothing: --out does not go with it")
+    if args.out is None and args.measure is None:
+        changed = [arg for arg in output_affecting(args.argv) if arg.startswith("--")]
+        if changed:
+            parser.error(f"{changed[0]} builds another model than the committed one: give --out DIR (a new folder); "
+                         f"only the documented build defaults to {TOY_MODEL}")
+        args.out = TOY_MODEL
     if args.quick:
         args.steps, args.batch_size, args.warmup, args.no_eval = 3, 4, 1, True
     return args
@@ -346,7 +388,25 @@ def training_mix(parser: argparse.ArgumentParser, pairs: list[str]) -> world.Tra
             weights[family] = float(weight)
         except ValueError:
             parser.error(f"--mix {pair!r}: the weight must be a number")
-    return world.TrainMix(**weights)
+        if not math.isfinite(weights[family]) or weights[family] < 0:
+            parser.error(f"--mix {pair!r}: the weight must be a finite number >= 0")
+    mix = world.TrainMix(**weights)
+    if not sum(dataclasses.asdict(mix).values()) > 0:
+        parser.error("--mix: every weight is 0; the training stream would hold nothing")
+    return mix
+
+
+def check_output_folder(out: Path) -> None:
+    """`out` is new or empty; the committed model's folder, when it holds the model, is refused with the way to
+    rebuild it for comparison."""
+    try:
+        check_new_folder(out)
+    except OutputError:
+        if Path(out).resolve() == TOY_MODEL.resolve() and (TOY_MODEL / "config.json").is_file():
+            raise OutputError(f"{out}: holds the committed toy model, which a build never writes over; rebuild it "
+                              f"into a new folder (python -m worlds.toy.build --out DIR) and compare the manifests, "
+                              f"or remove {out} first to replace it") from None
+        raise
 
 
 def report(metrics: dict, log) -> None:
@@ -373,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
         with exit_on_user_error("toy.build", args.debug):
             return {"metrics": measure_folder(args.measure, args.eval_limit, log)}
 
+    with exit_on_user_error("toy.build", args.debug):
+        check_output_folder(args.out)  # before the build (an hour): never over the committed model or other files
     backend = build_tokenizer()
     image_id, pad_id = backend.token_to_id(IMAGE_TOKEN), backend.token_to_id(PAD_TOKEN)
     config = toy_config(backend.get_vocab_size(), image_id, pad_id)
@@ -392,10 +454,10 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = measure(model, processor, args.eval_limit)
         report(metrics, log)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_model(model, args.out)
-    backend.save(str(args.out / "tokenizer.json"))
-    write_manifest(args.out, args, data_hash, time.time() - start, metrics, n_params)
+    with exit_on_user_error("toy.build", args.debug), new_folder(args.out) as partial:  # renamed once complete
+        save_model(model, partial)
+        backend.save(str(partial / "tokenizer.json"))
+        write_manifest(partial, args, data_hash, time.time() - start, metrics, n_params)
     log(f"wrote {args.out} in {time.time() - start:.0f}s")
     return {"out": args.out, "metrics": metrics, "data_hash": data_hash}
 
