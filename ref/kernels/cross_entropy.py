@@ -30,6 +30,8 @@ Two implementations:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -97,6 +99,31 @@ def add_chunk_gradients(grad_logits: torch.Tensor, xc: torch.Tensor, w: torch.Te
         grad_w.addmm_(grad_logits.T, xc)  # (V, D) += (V, C) @ (C, D)
 
 
+def chunked_linear_loss(x: torch.Tensor, per_row: torch.Tensor, w: torch.Tensor, chunk_loss: Callable,
+                        chunk_size: int, reduction: str, need_x_grad: bool, need_w_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk loop shared by the chunked loss ops: walk over the M rows of x (M, D) in chunks of `chunk_size`.
+
+    `chunk_loss(xc, pc, w, want_grad)` gets a chunk's rows of x (C, D) and of `per_row` (C, ...), the op's other
+    per-row input (targets, or the original model's hidden states), and returns the chunk's loss summed over its rows
+    (a float32 scalar) and, when want_grad, d (that sum) / d logits (C, V), or None. The loop scales the gradient by
+    s = 1/M ("mean", 1 for M = 0) or 1 ("sum"), turns it into the chunk's rows of d/d x and its share of d/d w, and
+    returns (s * total, grad_x (M, D) or None, grad_w (V, D) or None).
+    """
+    scale = 1.0 / max(x.shape[0], 1) if reduction == "mean" else 1.0
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x = torch.zeros_like(x) if need_x_grad else None  # (M, D)
+    grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w_grad else None  # (V, D)
+    for start in range(0, x.shape[0], chunk_size):
+        xc, pc = x[start:start + chunk_size], per_row[start:start + chunk_size]  # (C, D), (C, ...)
+        loss_sum, grad_logits = chunk_loss(xc, pc, w, need_x_grad or need_w_grad)
+        total += loss_sum
+        if grad_logits is not None:
+            add_chunk_gradients(grad_logits.mul_(scale), xc, w, start, grad_x, grad_w)
+            del grad_logits  # free this chunk's (C, V) block before the next chunk builds its own
+    return total * scale, grad_x, grad_w
+
+
 def stored_gradients(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, grad_x: torch.Tensor | None,
                      grad_w: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients to keep for backward, in the inputs' dtypes: the M counted rows scattered back to all N rows,
@@ -114,6 +141,19 @@ def scaled_by_upstream(saved: tuple, grad_loss: torch.Tensor) -> tuple[torch.Ten
     return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in saved)
 
 
+def cross_entropy_chunk(xc: torch.Tensor, tc: torch.Tensor, w: torch.Tensor, want_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: sum_i (logsumexp(z_i) - z_i[t_i]) and, when asked, its gradient softmax(z_i) - onehot(t_i)."""
+    logits = xc @ w.T  # (C, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    loss_sum = (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+    if not want_grad:
+        return loss_sum, None
+    grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax, built in place in the logits buffer
+    grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+    return loss_sum, grad_logits
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, when asked, d loss / d hidden and d loss / d weight chunk by chunk."""
 
@@ -123,27 +163,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         x = hidden[valid_rows].float()  # (M, D) float32 copy of the valid rows only
         t = targets[valid_rows].long()  # (M,)
         w = weight.float()  # (V, D): a float32 copy once for 16-bit weights, the tensor itself for float32
-        n_valid = x.shape[0]
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_x = torch.zeros_like(x) if need_hidden_grad else None  # (M, D)
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_weight_grad else None  # (V, D)
-        for start in range(0, n_valid, chunk_size):
-            xc, tc = x[start:start + chunk_size], t[start:start + chunk_size]  # (C, D), (C,)
-            logits = xc @ w.T  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if grad_x is None and grad_w is None:
-                continue
-            # d loss / d logits = (softmax - onehot) * scale, built in place in the logits buffer.
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax
-            grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
-            grad_logits.mul_(scale)
-            add_chunk_gradients(grad_logits, xc, w, start, grad_x, grad_w)
-
+        loss, grad_x, grad_w = chunked_linear_loss(x, t, w, cross_entropy_chunk, chunk_size, reduction,
+                                                   need_hidden_grad, need_weight_grad)
         ctx.save_for_backward(*stored_gradients(hidden, weight, valid_rows, grad_x, grad_w))
-        return total * scale
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -21,15 +21,15 @@ p * (a - a) is exactly 0 (what "KL = 0 at step 0" of training relies on).
 Gradient with respect to the current logits z_i (p_orig fixed, sum_v p_orig = 1):
     d kl_i / d z_i = softmax(z_i) - p_orig_i
 The `chunked` implementation computes that, and from it d/d hidden and d/d weight, in the forward pass chunk by chunk
-(the same store-gradients design as `linear_cross_entropy_chunked`, see there for why); backward scales by the
-upstream scalar.
+(the same store-gradients design as `linear_cross_entropy_chunked`, see there for why, and the same chunk loop,
+`chunked_linear_loss`); backward scales by the upstream scalar.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ref.kernels.cross_entropy import (LossInputError, add_chunk_gradients, check_linear_inputs, default_chunk_rows,
+from ref.kernels.cross_entropy import (LossInputError, check_linear_inputs, chunked_linear_loss, default_chunk_rows,
                                        scaled_by_upstream, stored_gradients)
 from ref.kernels.registry import register
 
@@ -60,6 +60,19 @@ def linear_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tens
     return total if reduction == "sum" else total / max(hidden.shape[0], 1)
 
 
+def kl_chunk(xc: torch.Tensor, rc: torch.Tensor, w: torch.Tensor, want_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: sum_i KL(p_orig_i || p_cur_i) and, when asked, its gradient p_cur - p_orig."""
+    ref_logprobs = torch.log_softmax(rc @ w.T, dim=-1)  # (C, V)
+    cur_logprobs = torch.log_softmax(xc @ w.T, dim=-1)  # (C, V)
+    ref_probs = ref_logprobs.exp()  # (C, V)
+    # p_orig * (log p_orig - log p_cur), in place in the ref_logprobs buffer: no further (C, V) block
+    loss_sum = ref_logprobs.sub_(cur_logprobs).mul_(ref_probs).sum()
+    if not want_grad:
+        return loss_sum, None
+    return loss_sum, cur_logprobs.exp_().sub_(ref_probs)  # (C, V) p_cur - p_orig
+
+
 class ChunkedLinearKL(torch.autograd.Function):
     """Forward computes the KL and, when asked, d/d hidden and d/d weight chunk by chunk."""
 
@@ -70,26 +83,10 @@ class ChunkedLinearKL(torch.autograd.Function):
         x = hidden[rows].float()  # (M, D) current
         r = ref_hidden[rows].float()  # (M, D) original; a fresh copy like x, so both matmuls see alike operands
         w = weight.detach().float()  # (V, D)
-        n_valid = x.shape[0]
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_x = torch.zeros_like(x) if need_hidden_grad else None  # (M, D)
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_weight_grad else None  # (V, D)
-        for start in range(0, n_valid, chunk_size):
-            xc, rc = x[start:start + chunk_size], r[start:start + chunk_size]  # (C, D) each
-            ref_logprobs = torch.log_softmax(rc @ w.T, dim=-1)  # (C, V)
-            cur_logprobs = torch.log_softmax(xc @ w.T, dim=-1)  # (C, V)
-            ref_probs = ref_logprobs.exp()  # (C, V)
-            # p_orig * (log p_orig - log p_cur), in place in the ref_logprobs buffer: no further (C, V) block
-            total += ref_logprobs.sub_(cur_logprobs).mul_(ref_probs).sum()
-            if grad_x is None and grad_w is None:
-                continue
-            grad_logits = cur_logprobs.exp_().sub_(ref_probs).mul_(scale)  # (C, V) (p_cur - p_orig) * scale
-            add_chunk_gradients(grad_logits, xc, w, start, grad_x, grad_w)
-
+        loss, grad_x, grad_w = chunked_linear_loss(x, r, w, kl_chunk, chunk_size, reduction, need_hidden_grad,
+                                                   need_weight_grad)
         ctx.save_for_backward(*stored_gradients(hidden, weight, rows, grad_x, grad_w))
-        return total * scale
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
