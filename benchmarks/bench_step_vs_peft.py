@@ -27,6 +27,15 @@ Memory: peak resident set of the step minus the resident set just before it, on 
 warm-up, glibc's free pages go back to the system (malloc_trim) and the peak is reset (/proc/self/clear_refs), then
 one step runs and VmHWM is read. That is the step's working set: activations, logits, gradients, temporaries and
 allocator slack within the step. Weights, the interpreter and imports are in the baseline, not in the figure.
+
+Achieved FLOP/s: the step's FLOPs divided by each side's median time, the same count for both sides: the project's
+(`ref.losses.batch_flops`, train.py's): 2 FLOPs per multiply-add of the decoder's weight matmuls at every token, the
+lm_head's at response tokens only; forward + backward for each term, one more forward for the KL's original. What a
+side does beyond it is not counted (attention scores, LoRA's own products, transformers' logits at prompt
+positions), so the figure is the useful work per second. Beside it, measured once per run in the parent process
+before the sides start, with the same thread count: the machine's matmul peak in float32 and bfloat16, the best of
+`--peak-repeats` timings of one square torch.mm of `--peak-size` (default 4096), and each side's share of the peak
+of the run's dtype.
 """
 
 from __future__ import annotations
@@ -82,6 +91,32 @@ def make_batches(vocab: int, prompt_tokens: int, response_tokens: int, seed: int
         labels = torch.cat([torch.full((2, 1 + prompt_tokens), -100), response], dim=1)  # (2, T)
         batches.append((ids, labels))
     return batches
+
+
+def step_flops(folder: Path, batches) -> float:
+    """The step's FLOPs by ref.losses.batch_flops: the harmful and helpful terms forward and backward, the normal
+    term forward and backward plus the original model's forward for the KL."""
+    from types import SimpleNamespace
+
+    from ref.config import load_config
+    from ref.losses import Batch, batch_flops
+
+    model = SimpleNamespace(config=load_config(folder))  # batch_flops reads only the sizes in the config
+    terms = [Batch(ids, torch.ones_like(ids), labels) for ids, labels in batches]
+    return sum(batch_flops(model, batch, backward=True, reference_pass=(term == 2)) for term, batch in enumerate(terms))
+
+
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
+    """FLOP/s of one (size x size) @ (size x size) torch.mm in `dtype`: the best of `repeats` timings after a warm-up."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(dtype) for _ in range(2))
+    torch.mm(a, b)  # warm-up: the first call pays for allocation and the library's setup
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def transformers_step(folder: Path, batches, dtype: torch.dtype) -> callable:
@@ -208,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--account", action="store_true",
                         help="also count the activations autograd keeps at the step's peak (saved-tensor hooks)")
+    parser.add_argument("--peak-size", type=int, default=4096, help="matrix size of the matmul peak's torch.mm")
+    parser.add_argument("--peak-repeats", type=int, default=3)
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,40 +253,55 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_side(args.side, args)))
         return
 
+    torch.set_num_threads(args.threads)
+    peaks = {name: matmul_peak(getattr(torch, name), args.peak_size, args.peak_repeats)
+             for name in ("float32", "bfloat16")}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         folder = Path(tmp)
-        write_checkpoint(folder, args.hidden, args.layers, args.vocab)
+        vocab = write_checkpoint(folder, args.hidden, args.layers, args.vocab)  # the config's
         rows = []
         for n in args.response_tokens:
             one = argparse.Namespace(**{**vars(args), "response_tokens": n})
+            flops = step_flops(folder, make_batches(vocab, args.prompt_tokens, n))
             results = {}
             for side in args.sides:
-                results[side] = measure(side, folder, one)
-                r = results[side]
-                print(f"  {side:12s} {n:5d} tokens: " + (r.get("error") or f"{r['seconds']:.2f} s, "
-                                                         f"{r['peak_mib']:.0f} MiB"), file=sys.stderr)
-            rows.append((n, results))
+                results[side] = with_rate(measure(side, folder, one), flops, peaks[args.dtype])
+                print(f"  {side:12s} {n:5d} tokens: {cell(results[side])}", file=sys.stderr)
+            rows.append((n, flops, results))
     print(f"\none unlearning step, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, batch 2 per term, "
           f"prompt {args.prompt_tokens}, NF4 + LoRA r=8, {args.dtype}, {args.threads} threads; peak = the step's "
-          f"resident-set growth\n")
-    print("| response tokens | " + " | ".join(args.sides) + " |")
-    print("|---" * (len(args.sides) + 1) + "|")
-    for n, results in rows:
-        print(f"| {n} | " + " | ".join(cell(results[s]) for s in args.sides) + " |")
+          f"resident-set growth; GFLOP/s = the step's FLOPs (ref.losses.batch_flops) / its time, and its share of "
+          f"the {args.dtype} matmul (mm) peak\n")
+    print(f"matmul peak, one ({args.peak_size} x {args.peak_size}) torch.mm, best of {args.peak_repeats}, "
+          f"{args.threads} threads: " + ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in peaks.items())
+          + "\n")
+    print("| response tokens | step GFLOP | " + " | ".join(args.sides) + " |")
+    print("|---" * (len(args.sides) + 2) + "|")
+    for n, flops, results in rows:
+        print(f"| {n} | {flops / 1e9:.1f} | " + " | ".join(cell(results[s]) for s in args.sides) + " |")
     if "transformers" in args.sides:
         print("\nratios to transformers + peft (time, memory):")
-        for n, results in rows:
+        for n, _, results in rows:
             anchor = results["transformers"]
             parts = [f"{s} {r['seconds'] / anchor['seconds']:.2f}x, {r['peak_mib'] / anchor['peak_mib']:.2f}x"
                      for s, r in results.items() if s != "transformers" and "error" not in r and "error" not in anchor]
             print(f"  {n} tokens: " + "; ".join(parts))
 
 
+def with_rate(result: dict, flops: float, peak: float) -> dict:
+    """A side's result with its achieved FLOP/s and that rate's share of the matmul peak."""
+    if "error" in result:
+        return result
+    rate = flops / result["seconds"]
+    return {**result, "gflop_per_s": rate / 1e9, "of_peak": rate / peak}
+
+
 def cell(r: dict) -> str:
     if "error" in r:
         return r["error"]
     saved = f" ({r['saved_mib']:.0f} saved)" if "saved_mib" in r else ""
-    return f"{r['seconds']:.2f} s, {r['peak_mib']:.0f} MiB{saved}"
+    return (f"{r['seconds']:.2f} s, {r['peak_mib']:.0f} MiB{saved}, {r['gflop_per_s']:.1f} GFLOP/s "
+            f"({100 * r['of_peak']:.0f}% of mm peak)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Linear + cross entropy over response tokens: the NLL terms of the unlearning loss, lm_head included.
 
-    logits = hidden @ weight^T                              (N, V), in float32 whatever the input dtype
+    logits = hidden @ weight^T                              (N, V), reduced in float32 (dtypes: see below)
     loss   = sum_{i: t_i != ignore} (logsumexp(logits_i) - logits_i[t_i])  /  n_valid     ("mean")
              sum_{i: t_i != ignore} (...)                                                     ("sum")
 
@@ -26,9 +26,28 @@ Two implementations:
   (N x D x V) matmul, i.e. ~1.33x the compute of the reference; storing keeps the matmul count at three, the same as
   the reference's forward + backward. The gradients are only computed when autograd will need them (grad mode on and
   the input requires grad), so evaluation under no_grad pays for the loss alone.
+
+Dtypes. `reference` upcasts hidden and weight to float32 before its matmul and stays in float32 throughout, whatever
+the inputs' dtype. `chunked` (like the chunked KL, through the shared `chunked_linear_loss`) takes Liger-Kernel's
+policy for its fused linear cross entropy: the matmuls run in the inputs' dtype, everything that sums over the
+vocabulary or over tokens runs in float32.
+    logits (C, V)      xc @ W^T in the input dtype, then upcast to float32
+    logsumexp, softmax, the loss sum, d loss / d logits (C, V): float32
+    d/d hidden (C, D)  (d/d logits cast to the input dtype) @ W, in the input dtype (each row is written once)
+    d/d weight (V, D)  += (d/d logits)^T @ xc, each chunk's product in the input dtype, accumulated in float32
+                       (Liger's accum_dtype=float32) and cast to the weight's dtype once at the end
+Why: a bfloat16 model's lm_head is its largest matmul, and multiplied in float32 it runs at float32's speed (a
+bfloat16 (261 x 512) @ (512 x 32064) took 41 ms against float32's 138 ms on 2 cores of an AVX512-BF16 CPU; tensor
+cores widen the gap), besides costing a (V, D) float32 copy of the weight. The price is the logits' rounding to the input dtype (relative
+2**-9 for bfloat16), the precision the model's own matmuls already have; the float32 reductions keep the softmax from
+losing more. For float32 inputs the two agree bit for bit with the float32 computation, and hidden and weight of
+different dtypes (a float32 lm_head over bfloat16 hidden states) are both upcast to float32. float16 follows the same
+rule; on a CPU without AVX512-FP16 its matmuls are slower than float32's, as are the model's own.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +107,56 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return total / n_valid.clamp(min=1)
 
 
+def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the chunked ops' matmuls: the inputs' own when both are the same 16-bit type, else float32."""
+    if hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return torch.float32
+
+
+def chunk_logits(xc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A chunk's logits (C, V) in float32, from a matmul in the operands' dtype (for float32, the product itself)."""
+    return (xc @ w.T).float()  # (C, V)
+
+
 def add_chunk_gradients(grad_logits: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, start: int,
                         grad_x: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
-    """From one chunk's d loss / d logits (C, V): its rows of d/d hidden = g W, and d/d weight += g^T x."""
+    """From one chunk's d loss / d logits (C, V), float32: its rows of d/d hidden = g W, and d/d weight += g^T x, the
+    matmuls in the operands' dtype and d/d weight accumulated in float32."""
+    g = grad_logits.to(w.dtype)  # (C, V); the same tensor for float32
     if grad_x is not None:
-        grad_x[start:start + len(xc)] = grad_logits @ w  # (C, D)
-    if grad_w is not None:
-        grad_w.addmm_(grad_logits.T, xc)  # (V, D) += (V, C) @ (C, D)
+        grad_x[start:start + len(xc)] = g @ w  # (C, D)
+    if grad_w is None:
+        return
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.T, xc)  # (V, D) += (V, C) @ (C, D), float32 in place
+    else:
+        grad_w += g.T @ xc  # (V, D): a 16-bit product (addmm_ cannot mix dtypes) added to the float32 sum
+
+
+def chunked_linear_loss(x: torch.Tensor, per_row: torch.Tensor, w: torch.Tensor, chunk_loss: Callable,
+                        chunk_size: int, reduction: str, need_x_grad: bool, need_w_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk loop shared by the chunked loss ops: walk over the M rows of x (M, D) in chunks of `chunk_size`.
+
+    `chunk_loss(xc, pc, w, want_grad)` gets a chunk's rows of x (C, D) and of `per_row` (C, ...), the op's other
+    per-row input (targets, or the original model's hidden states), and returns the chunk's loss summed over its rows
+    (a float32 scalar) and, when want_grad, d (that sum) / d logits (C, V), or None. The loop scales the gradient by
+    s = 1/M ("mean", 1 for M = 0) or 1 ("sum"), turns it into the chunk's rows of d/d x and its share of d/d w, and
+    returns (s * total, grad_x (M, D) or None, grad_w (V, D) or None).
+    """
+    scale = 1.0 / max(x.shape[0], 1) if reduction == "mean" else 1.0
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x = torch.zeros_like(x) if need_x_grad else None  # (M, D)
+    grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w_grad else None  # (V, D)
+    for start in range(0, x.shape[0], chunk_size):
+        xc, pc = x[start:start + chunk_size], per_row[start:start + chunk_size]  # (C, D), (C, ...)
+        loss_sum, grad_logits = chunk_loss(xc, pc, w, need_x_grad or need_w_grad)
+        total += loss_sum
+        if grad_logits is not None:
+            add_chunk_gradients(grad_logits.mul_(scale), xc, w, start, grad_x, grad_w)
+            del grad_logits  # free this chunk's (C, V) block before the next chunk builds its own
+    return total * scale, grad_x, grad_w
 
 
 def stored_gradients(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, grad_x: torch.Tensor | None,
@@ -114,36 +176,33 @@ def scaled_by_upstream(saved: tuple, grad_loss: torch.Tensor) -> tuple[torch.Ten
     return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in saved)
 
 
+def cross_entropy_chunk(xc: torch.Tensor, tc: torch.Tensor, w: torch.Tensor, want_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: sum_i (logsumexp(z_i) - z_i[t_i]) and, when asked, its gradient softmax(z_i) - onehot(t_i)."""
+    logits = chunk_logits(xc, w)  # (C, V) float32
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    loss_sum = (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+    if not want_grad:
+        return loss_sum, None
+    grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax, built in place in the logits buffer
+    grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+    return loss_sum, grad_logits
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, when asked, d loss / d hidden and d loss / d weight chunk by chunk."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, need_hidden_grad, need_weight_grad):
         valid_rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,) rows that count
-        x = hidden[valid_rows].float()  # (M, D) float32 copy of the valid rows only
+        dtype = matmul_dtype(hidden, weight)
+        x = hidden[valid_rows].to(dtype)  # (M, D) a copy of the valid rows only
         t = targets[valid_rows].long()  # (M,)
-        w = weight.float()  # (V, D): a float32 copy once for 16-bit weights, the tensor itself for float32
-        n_valid = x.shape[0]
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_x = torch.zeros_like(x) if need_hidden_grad else None  # (M, D)
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_weight_grad else None  # (V, D)
-        for start in range(0, n_valid, chunk_size):
-            xc, tc = x[start:start + chunk_size], t[start:start + chunk_size]  # (C, D), (C,)
-            logits = xc @ w.T  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if grad_x is None and grad_w is None:
-                continue
-            # d loss / d logits = (softmax - onehot) * scale, built in place in the logits buffer.
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax
-            grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
-            grad_logits.mul_(scale)
-            add_chunk_gradients(grad_logits, xc, w, start, grad_x, grad_w)
-
+        w = weight.to(dtype)  # (V, D): the tensor itself, or a float32 copy for mixed dtypes
+        loss, grad_x, grad_w = chunked_linear_loss(x, t, w, cross_entropy_chunk, chunk_size, reduction,
+                                                   need_hidden_grad, need_weight_grad)
         ctx.save_for_backward(*stored_gradients(hidden, weight, valid_rows, grad_x, grad_w))
-        return total * scale
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -156,7 +215,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  ignore_index: int = -100, reduction: str = "mean",
                                  chunk_size: int | None = None) -> torch.Tensor:
-    """Same contract as `linear_cross_entropy`; never builds more than (chunk_size, V) logits at a time."""
+    """Same contract as `linear_cross_entropy`; never builds more than (chunk_size, V) logits at a time. 16-bit
+    inputs: matmuls in their dtype, reductions in float32 (Liger-Kernel's policy, module docstring)."""
     check_linear_inputs("linear_cross_entropy", hidden, weight, reduction)
     check_targets(hidden, weight, targets, ignore_index)
     chunk_size = chunk_size or default_chunk_rows(weight.shape[0])

@@ -2,6 +2,7 @@
 
     log p_orig = log_softmax(ref_hidden @ weight^T)           (N, V), float32; the original model, a constant
     log p_cur  = log_softmax(hidden @ weight^T)               (N, V), float32; the model being trained
+    (the matmuls: float32 in `reference`, the inputs' dtype in `chunked`; see Dtypes below)
     kl_i       = sum_v p_orig(v) (log p_orig(v) - log p_cur(v))
     loss       = sum_{i: mask_i} kl_i / n_masked   ("mean")    or    sum_{i: mask_i} kl_i   ("sum")
 
@@ -15,22 +16,28 @@ Averaging: "mean" is per token, over all masked tokens of the batch, the same ru
 `cross_entropy.py`; an empty mask gives 0 with zero gradients.
 
 Exactly 0 at identical inputs: both log-softmaxes are computed by the same code on logits from the same matmul of
-same-shaped float32 operands, so equal hidden states give bitwise-equal log-probabilities and every term
-p * (a - a) is exactly 0 (what "KL = 0 at step 0" of training relies on).
+same-shaped operands of the same dtype, so equal hidden states give bitwise-equal log-probabilities and every term
+p * (a - a) is exactly 0 (what "KL = 0 at step 0" of training relies on), in float32 and in bfloat16 alike.
 
 Gradient with respect to the current logits z_i (p_orig fixed, sum_v p_orig = 1):
     d kl_i / d z_i = softmax(z_i) - p_orig_i
 The `chunked` implementation computes that, and from it d/d hidden and d/d weight, in the forward pass chunk by chunk
-(the same store-gradients design as `linear_cross_entropy_chunked`, see there for why); backward scales by the
-upstream scalar.
+(the same store-gradients design as `linear_cross_entropy_chunked`, see there for why, and the same chunk loop,
+`chunked_linear_loss`); backward scales by the upstream scalar.
+
+Dtypes: as for the cross entropy (cross_entropy.py's docstring), `reference` computes in float32 throughout and
+`chunked` takes Liger-Kernel's policy: both models' (C, V) logits come from matmuls in the inputs' dtype (bfloat16's
+fast path: the lm_head is a bfloat16 model's largest matmul), and are upcast to float32 for the log-softmaxes, the KL
+and its sum; d/d logits = p_cur - p_orig is formed in float32 and cast back to the input dtype for the two gradient
+matmuls, d/d weight accumulating in float32 across chunks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ref.kernels.cross_entropy import (LossInputError, add_chunk_gradients, check_linear_inputs, default_chunk_rows,
-                                       scaled_by_upstream, stored_gradients)
+from ref.kernels.cross_entropy import (LossInputError, check_linear_inputs, chunk_logits, chunked_linear_loss,
+                                       default_chunk_rows, matmul_dtype, scaled_by_upstream, stored_gradients)
 from ref.kernels.registry import register
 
 
@@ -60,6 +67,19 @@ def linear_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tens
     return total if reduction == "sum" else total / max(hidden.shape[0], 1)
 
 
+def kl_chunk(xc: torch.Tensor, rc: torch.Tensor, w: torch.Tensor, want_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: sum_i KL(p_orig_i || p_cur_i) and, when asked, its gradient p_cur - p_orig."""
+    ref_logprobs = torch.log_softmax(chunk_logits(rc, w), dim=-1)  # (C, V) float32
+    cur_logprobs = torch.log_softmax(chunk_logits(xc, w), dim=-1)  # (C, V) float32
+    ref_probs = ref_logprobs.exp()  # (C, V)
+    # p_orig * (log p_orig - log p_cur), in place in the ref_logprobs buffer: no further (C, V) block
+    loss_sum = ref_logprobs.sub_(cur_logprobs).mul_(ref_probs).sum()
+    if not want_grad:
+        return loss_sum, None
+    return loss_sum, cur_logprobs.exp_().sub_(ref_probs)  # (C, V) p_cur - p_orig
+
+
 class ChunkedLinearKL(torch.autograd.Function):
     """Forward computes the KL and, when asked, d/d hidden and d/d weight chunk by chunk."""
 
@@ -67,29 +87,14 @@ class ChunkedLinearKL(torch.autograd.Function):
     def forward(ctx, hidden, ref_hidden, weight, mask, reduction, chunk_size, need_hidden_grad, need_weight_grad):
         n = hidden.shape[0]
         rows = torch.arange(n, device=hidden.device) if mask is None else mask.nonzero().squeeze(1)  # (M,)
-        x = hidden[rows].float()  # (M, D) current
-        r = ref_hidden[rows].float()  # (M, D) original; a fresh copy like x, so both matmuls see alike operands
-        w = weight.detach().float()  # (V, D)
-        n_valid = x.shape[0]
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_x = torch.zeros_like(x) if need_hidden_grad else None  # (M, D)
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_weight_grad else None  # (V, D)
-        for start in range(0, n_valid, chunk_size):
-            xc, rc = x[start:start + chunk_size], r[start:start + chunk_size]  # (C, D) each
-            ref_logprobs = torch.log_softmax(rc @ w.T, dim=-1)  # (C, V)
-            cur_logprobs = torch.log_softmax(xc @ w.T, dim=-1)  # (C, V)
-            ref_probs = ref_logprobs.exp()  # (C, V)
-            # p_orig * (log p_orig - log p_cur), in place in the ref_logprobs buffer: no further (C, V) block
-            total += ref_logprobs.sub_(cur_logprobs).mul_(ref_probs).sum()
-            if grad_x is None and grad_w is None:
-                continue
-            grad_logits = cur_logprobs.exp_().sub_(ref_probs).mul_(scale)  # (C, V) (p_cur - p_orig) * scale
-            add_chunk_gradients(grad_logits, xc, w, start, grad_x, grad_w)
-
+        dtype = matmul_dtype(hidden, weight)
+        x = hidden[rows].to(dtype)  # (M, D) current
+        r = ref_hidden[rows].to(dtype)  # (M, D) original; a fresh copy like x, so both matmuls see alike operands
+        w = weight.detach().to(dtype)  # (V, D)
+        loss, grad_x, grad_w = chunked_linear_loss(x, r, w, kl_chunk, chunk_size, reduction, need_hidden_grad,
+                                                   need_weight_grad)
         ctx.save_for_backward(*stored_gradients(hidden, weight, rows, grad_x, grad_w))
-        return total * scale
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -102,7 +107,8 @@ class ChunkedLinearKL(torch.autograd.Function):
 def linear_kl_chunked(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor,
                       mask: torch.Tensor | None = None, reduction: str = "mean",
                       chunk_size: int | None = None) -> torch.Tensor:
-    """Same contract as `linear_kl`; never builds more than (chunk_size, V) logits of either model at a time."""
+    """Same contract as `linear_kl`; never builds more than (chunk_size, V) logits of either model at a time. 16-bit
+    inputs: matmuls in their dtype, reductions in float32 (Liger-Kernel's policy, module docstring)."""
     check_kl_inputs(hidden, ref_hidden, weight, mask, reduction)
     chunk_size = chunk_size or default_chunk_rows(weight.shape[0])
     grad_on = torch.is_grad_enabled()  # ctx.needs_input_grad ignores grad mode
