@@ -56,3 +56,31 @@ def provenance(files: dict[str, str | Path | None], device: str | None = None, r
     made["sha256"] = {name: sha256_file(path) if path is not None and Path(path).is_file() else None
                       for name, path in files.items()}
     return made
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a run started from, compared on resume: a resumed run must read the same bytes it began with
+
+
+def model_files(folder: str | Path, prefix: str = "model") -> dict[str, Path]:
+    """The files of a model or adapter folder that decide what it computes, by a name for the record
+    ("model/config.json", "model/model-00001-of-00002.safetensors", ...): its JSON files and its safetensors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+    return {f"{prefix}/{p.name}": p for p in files}
+
+
+def fingerprints(files: dict[str, str | Path | None]) -> dict[str, str | None]:
+    """{name: sha256} of each file (None where a name has no file)."""
+    return {name: sha256_file(path) if path is not None and Path(path).is_file() else None
+            for name, path in files.items()}
+
+
+def changed_inputs(recorded: dict[str, str | None], files: dict[str, str | Path | None]) -> list[str]:
+    """The names whose file is not the one recorded: changed, gone, or new (sorted). A run whose inputs changed under
+    the same paths would continue on other data or another model, half and half: the caller refuses it, listing
+    these."""
+    now = fingerprints(files)
+    return sorted(name for name in set(recorded) | set(now) if recorded.get(name) != now.get(name))
