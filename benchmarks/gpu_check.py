@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere
 import train  # noqa: E402
 from benchmarks.bench_generate import write_checkpoint  # noqa: E402
 from benchmarks.bench_step_vs_peft import make_batches  # noqa: E402
+from benchmarks.host_syncs import HostSyncCounter  # noqa: E402
 from harness.devices import default_dtype  # noqa: E402
 from harness.signals import StopRequest  # noqa: E402
 from ref.kernels import resolve  # noqa: E402
@@ -111,8 +112,9 @@ class World:
         return path
 
     def batches(self, model, response_tokens: int) -> list[Batch]:
-        vocab = model.config.text.vocab_size
-        return [Batch(ids, torch.ones_like(ids), labels).to(self.device)
+        """Made on the host, as train.py's are (positions and image tokens counted there), then moved."""
+        vocab, image_token = model.config.text.vocab_size, model.config.image_token_index
+        return [Batch(ids, torch.ones_like(ids), labels, image_tokens=int((ids == image_token).sum())).to(self.device)
                 for ids, labels in make_batches(vocab, 64, response_tokens)]
 
 
@@ -207,6 +209,40 @@ def check_host_syncs(world: World):
     return verdict(syncs / 3 < 100), {"syncs_per_step": syncs / 3}
 
 
+@contextlib.contextmanager
+def cuda_sync_warnings(device: torch.device):
+    """The synchronisations CUDA's sync debug mode warns of inside the block, in a list (left empty off CUDA)."""
+    if device.type != "cuda":
+        yield []
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def check_step_host_syncs(world: World):
+    """One unlearning_backward call (all three terms) under the reference and the fast preset: the ops that force a
+    host-device synchronisation, counted by benchmarks/host_syncs.py on any device (on a CPU: what they would force on
+    a GPU), and on CUDA also the synchronisations CUDA's sync debug mode reports. One each: the read of the term means
+    the call returns for the log."""
+    details, ok = {}, True
+    for preset in ("reference", "fast"):
+        model = world.model(preset)
+        batches = world.batches(model, 64)
+        off = lambda: adapters_disabled(model)  # noqa: E731
+        with HostSyncCounter() as counter, cuda_sync_warnings(world.device) as caught:
+            unlearning_backward(model, *batches, LossWeights(), model.kernels, off)
+        cuda = sum("synchroniz" in str(w.message) for w in caught) if world.device.type == "cuda" else None
+        details[preset] = {"syncing_ops": counter.ops, "cuda_sync_debug": cuda}
+        ok = ok and counter.count == 1 and cuda in (None, 1)
+    return verdict(ok), details
+
+
 def check_peak_memory_per_step(world: World):
     """Each log record's peak is its own step's (reset every step), and reserved memory is logged."""
     if (skip := needs_cuda(world.device)):
@@ -299,6 +335,8 @@ CHECKS = [
     ("flash_attention", "the fast preset's attention runs FlashAttention on training batches", check_flash_attention),
     ("default_dtype", "bfloat16 by default on a GPU", check_default_dtype),
     ("host_syncs", "fewer than 100 host-device synchronisations per training step", check_host_syncs),
+    ("step_host_syncs", "one host-device synchronisation per unlearning_backward call (the logged means' read)",
+     check_step_host_syncs),
     ("peak_memory_per_step", "per-step peak memory (reset each step) and reserved memory in the log",
      check_peak_memory_per_step),
     ("kl_zero_at_step_zero", "KL exactly 0 at step 0 with the fused LoRA op over bitsandbytes' kernels",

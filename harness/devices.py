@@ -1,7 +1,11 @@
-"""The device policy of the programs: which --device this torch can use, and the compute dtype when none is asked
-for. The method itself (ref/) runs on whatever device and dtype it is given."""
+"""The device policy of the programs: which --device this torch can use, the compute dtype when none is asked for,
+and whether this CPU computes bfloat16 natively (`cpu_has_native_bf16`; default_dtype does not consult it yet). The
+method itself (ref/) runs on whatever device and dtype it is given."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 
@@ -13,9 +17,44 @@ class DeviceError(ValueError):
 def default_dtype(device: str) -> str:
     """The compute dtype of a model other than the toy when none is asked for: bfloat16 on a GPU (LLaVA-1.5's own;
     float32 would double the memory and leave the tensor cores idle), float32 on a CPU (where bfloat16 pays only on
-    CPUs with bfloat16 instructions, and the loss kernels compute their logits in float32 anyway: README,
-    "Performance, side by side"; --dtype bfloat16 asks for it)."""
+    CPUs with bfloat16 instructions, `cpu_has_native_bf16`: README, "Performance, side by side"; --dtype bfloat16
+    asks for it)."""
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+# The feature flags of native bfloat16 matrix arithmetic, by the /proc/cpuinfo line that lists them:
+# x86 AVX512-BF16 dot products (Cooper Lake, Zen 4 on) or AMX tiles (Sapphire Rapids on); ARM's ARMv8.6 BF16
+# instructions (Neoverse V1 and N2: Graviton3 on).
+BF16_FLAGS = {"flags": {"avx512_bf16", "amx_bf16"}, "Features": {"bf16"}}
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """Whether a /proc/cpuinfo text says every processor has native bfloat16 matrix instructions: each `flags` line
+    (x86) holds avx512_bf16 or amx_bf16, each `Features` line (ARM) holds bf16. No such line at all: False."""
+    listed = []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in BF16_FLAGS:
+            listed.append(bool(BF16_FLAGS[key.strip()] & set(value.split())))
+    return bool(listed) and all(listed)
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware, where bfloat16 computes faster than float32.
+
+    How: the feature flags the Linux kernel lists in /proc/cpuinfo (`cpuinfo_has_bf16`), the instructions oneDNN's
+    bfloat16 matmul kernels need; without them torch emulates bfloat16 through float32 conversions, slower than
+    float32 itself. Elsewhere (macOS, Windows, no readable /proc/cpuinfo): False, the safe answer, as float32 is never
+    slower than emulated bfloat16. Why not a timing: a matmul race costs seconds at every start, its result depends on
+    the load of the moment (cores shared with other processes) and on a size and a margin to choose, and it can
+    differ between two runs on one machine; the flags are a fixed property of the CPU, read in a millisecond.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return cpuinfo_has_bf16(cpuinfo.read_text(errors="replace"))
+    except OSError:
+        return False
 
 
 def check_device(device: str) -> None:

@@ -124,7 +124,8 @@ class BatchMaker:
         if not pairs:
             return None
         examples = [self.example(*pair) for pair in pairs]
-        return Batch(**collate_for_training(examples, self.processor.tokenizer.pad_id))
+        tokenizer = self.processor.tokenizer
+        return Batch(**collate_for_training(examples, tokenizer.pad_id, tokenizer.image_token_id))
 
     def term_batches(self, harm_idx: list[int], normal_idx: list[int], step: int, position: int = 0) -> TermBatches:
         """The batches of the three terms from these records; `position` is the first harmful record's place in the

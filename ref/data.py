@@ -351,9 +351,12 @@ def _mask(rows: Sequence[Sequence[int]], side: str) -> torch.Tensor:
     return _pad([[1] * len(row) for row in rows], 0, side)  # (B, T)
 
 
-def collate_for_training(examples: Sequence[TrainingExample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_for_training(examples: Sequence[TrainingExample], pad_id: int,
+                         image_token_id: int | None = None) -> dict[str, torch.Tensor | int]:
     """Right padding: real tokens keep positions 0..n-1 (position ids need no correction), padding gets
-    attention_mask 0 and label IGNORE_INDEX. `pixel_values` (all images, in example order) only when there are any."""
+    attention_mask 0 and label IGNORE_INDEX. `pixel_values` (all images, in example order) only when there are any.
+    With `image_token_id`, "image_tokens" counts them, here on the host, where it costs nothing: the model then need
+    not count them on its device (ref.llava.Llava.embed)."""
     if not examples:
         raise DataError("collate_for_training: empty batch")
     batch = {
@@ -361,6 +364,8 @@ def collate_for_training(examples: Sequence[TrainingExample], pad_id: int) -> di
         "labels": _pad([e.labels for e in examples], IGNORE_INDEX, "right"),  # (B, T)
         "attention_mask": _mask([e.input_ids for e in examples], "right"),  # (B, T)
     }
+    if image_token_id is not None:
+        batch["image_tokens"] = sum(e.input_ids.count(image_token_id) for e in examples)
     images = [e.pixel_values for e in examples if e.pixel_values is not None and len(e.pixel_values)]
     if images:
         batch["pixel_values"] = torch.cat(images)  # (N_images, 3, S, S)

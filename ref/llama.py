@@ -85,7 +85,8 @@ def causal_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """Every row's real tokens come first (1s, then only 0s): then each real query's keys are exactly those at or
-    before it, the causal pattern, and the padding keys matter only to padding queries (training batches)."""
+    before it, the causal pattern, and the padding keys matter only to padding queries (training batches). Reads the
+    mask: on an accelerator, a host-device synchronisation (the decoder skips it when told `right_padded`)."""
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
@@ -161,8 +162,15 @@ class LlamaDecoder(nn.Module):
         self.gradient_checkpointing = False  # recompute each layer in backward instead of keeping its activations
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """inputs_embeds (B, T, D); attention_mask (B, T_past + T), 1 = real token; returns normed hidden (B, T, D)."""
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                right_padded: bool | None = None) -> torch.Tensor:
+        """inputs_embeds (B, T, D); attention_mask (B, T_past + T), 1 = real token; returns normed hidden (B, T, D).
+
+        right_padded: whether the mask is right padded (`is_right_padded`), when the caller knows it without reading
+        the mask (a training batch: ref.losses.Positions found it on the host); None: checked here, which on an
+        accelerator makes the host wait for the device once per forward. True with a mask that is not right padded
+        is a broken promise: kernels that take the causal shortcut (sdpa) would let real queries see padding keys.
+        """
         b, t, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         if attention_mask is None:
@@ -179,7 +187,9 @@ class LlamaDecoder(nn.Module):
                              f"(max_position_embeddings)")
         cos, sin = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, t, inputs_embeds.dtype)  # (B, 1, T, T_past + T)
-        causal = past == 0 and is_right_padded(attention_mask)  # the mask is plain causal for every real query
+        if past == 0 and right_padded is None:
+            right_padded = is_right_padded(attention_mask)
+        causal = past == 0 and right_padded  # the mask is plain causal for every real query
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -73,10 +73,13 @@ class Llava(nn.Module):
         return self.multi_modal_projector(features)  # (N, P, D)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+              image_features: torch.Tensor | None = None, image_tokens: int | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with the image tokens' rows replaced by image features, in order.
 
         Pass `image_features` (from `image_features()`) to reuse them between two passes over the same images.
+        `image_tokens`: how many image tokens input_ids hold, when the caller counted them on the host (a training
+        batch: ref.data.collate_for_training); None: counted here, which on an accelerator makes the host wait for the
+        device once per call.
         """
         if self.config.image_token_index is None:  # text only
             if pixel_values is not None or image_features is not None:
@@ -86,7 +89,7 @@ class Llava(nn.Module):
         # The image token may lie outside the embedding table (the original release's 32000-row vocabulary); its row is
         # replaced anyway, so look up token 0 there.
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
-        n_image_tokens = int(is_image.sum())
+        n_image_tokens = int(is_image.sum()) if image_tokens is None else image_tokens
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values)
         if image_features is None:
@@ -105,10 +108,12 @@ class Llava(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      cache: KVCache | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's final-normed hidden states (B, T, D), before the lm_head."""
-        embeds = self.embed(input_ids, pixel_values, image_features)
-        return self.language_model(embeds, attention_mask, position_ids, cache)
+                      cache: KVCache | None = None, image_features: torch.Tensor | None = None,
+                      right_padded: bool | None = None, image_tokens: int | None = None) -> torch.Tensor:
+        """The decoder's final-normed hidden states (B, T, D), before the lm_head. `right_padded` and `image_tokens`:
+        what the caller knows of the batch on the host (LlamaDecoder.forward, embed); None: found from the tensors."""
+        embeds = self.embed(input_ids, pixel_values, image_features, image_tokens)
+        return self.language_model(embeds, attention_mask, position_ids, cache, right_padded)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

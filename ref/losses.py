@@ -14,12 +14,15 @@ ranks) takes each term's mean over all its response tokens in the step (`step_sh
 the step is split the gradient is the same.
 
 The lm_head and the vocabulary-sized softmax run through the kernel table (`linear_cross_entropy`, `linear_kl`), and
-only on hidden states gathered at response positions: prompt and image tokens never produce logits. `batch_flops`
-counts what each term costs, the measure behind the paper's compute comparison of textual and multimodal unlearning.
+only on hidden states gathered at response positions: prompt and image tokens never produce logits. Those positions,
+the batch's padding and its token counts are found on the host when the batch is made (`Positions`), so a step reads
+nothing back from its device but the term means it returns for the log. `batch_flops` counts what each term costs,
+the measure behind the paper's compute comparison of textual and multimodal unlearning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable
@@ -28,24 +31,79 @@ import torch
 
 from ref.data import IGNORE_INDEX
 from ref.kernels import Kernels
+from ref.kernels.cross_entropy import LossInputError
 
 
-@dataclass
+@dataclass(frozen=True)
+class Positions:
+    """Where a batch's tokens are, found on the host from CPU tensors when the batch is made (`Positions.of`).
+
+    The training step needs these facts as Python values and index tensors: read from the batch's device tensors in
+    the step, each would make the host wait for the device (a synchronisation: the queue of kernels runs dry). Found
+    once on the host, where the collated batch is made, they move to the device with it (`Batch.to`), and the step
+    reads nothing back (tests/test_host_syncs.py counts). Flat position p = b * T + t indexes the (B, T) grid.
+    """
+
+    right_padded: bool  # every row's real tokens come first: causal attention without the mask is exact (ref.llama)
+    tokens: int  # real tokens (attention_mask == 1)
+    target_range: tuple[int, int] | None  # smallest and largest response token id; None without response tokens
+    response: torch.Tensor  # (N,) int64: flat positions that predict a response token (t predicts t + 1)
+    targets: torch.Tensor  # (N,) int64: the response token each of them predicts
+
+    @property
+    def response_tokens(self) -> int:
+        return self.response.shape[0]
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, labels: torch.Tensor) -> Positions:
+        """From a batch's (B, T) mask and labels, on the CPU (device tensors are copied to the host first, once)."""
+        mask, labels = attention_mask.cpu(), labels.cpu()
+        width = labels.shape[1]
+        rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each, in reading order
+        targets = labels[rows, cols + 1].long()  # (N,)
+        target_range = (int(targets.min()), int(targets.max())) if len(targets) else None
+        return cls(right_padded=bool((mask[:, 1:] <= mask[:, :-1]).all()), tokens=int(mask.sum()),
+                   target_range=target_range, response=rows * width + cols, targets=targets)
+
+    def to(self, device: torch.device) -> Positions:
+        return dataclasses.replace(self, response=self.response.to(device), targets=self.targets.to(device))
+
+
+@dataclass(frozen=True)
 class Batch:
-    """A training batch: right-padded token ids with response-only labels (see ref.data.collate_for_training)."""
+    """A training batch: right-padded token ids with response-only labels (see ref.data.collate_for_training).
+
+    Frozen: `positions` is found from the tensors once, when the batch is made (on the host for a batch made from CPU
+    tensors, as collate_for_training's are), and must stay theirs."""
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T), 1 = real token
     labels: torch.Tensor  # (B, T), the token id at response positions, IGNORE_INDEX elsewhere
     pixel_values: torch.Tensor | None = None  # (N, 3, S, S) for the image tokens in input_ids, in order
+    image_tokens: int | None = None  # image tokens in input_ids, counted on the host; None: counted when needed
+    positions: Positions | None = None  # None: found from attention_mask and labels here
+
+    def __post_init__(self):
+        if self.positions is None:
+            object.__setattr__(self, "positions", Positions.of(self.attention_mask, self.labels))
 
     def to(self, device: torch.device) -> "Batch":
+        """The batch on `device`, with its positions: what the host knows about it moves, nothing is read back."""
         pixels = None if self.pixel_values is None else self.pixel_values.to(device)
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), pixels)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), pixels,
+                     self.image_tokens, self.positions.to(device))
 
     @property
     def response_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+        return self.positions.response_tokens
+
+    def count_image_tokens(self, image_token_index: int | None) -> int:
+        """Image tokens in input_ids: the host's count when the batch has one, else counted (a synchronisation)."""
+        if image_token_index is None:
+            return 0
+        if self.image_tokens is not None:
+            return self.image_tokens
+        return int((self.input_ids == image_token_index).sum())
 
 
 TERMS = ("harm_nll", "helpful_nll", "utility_kl")  # the log's names of L_harm, L_helpful, L_utility
@@ -71,16 +129,17 @@ class TermBatches:
 def response_hidden(model, batch: Batch, image_features: torch.Tensor | None = None):
     """Final hidden states at the positions that predict response tokens, and those tokens.
 
-    The hidden state at position t predicts token t + 1, so labels shift left by one. Returns hidden (N, D) and
-    targets (N,), N = number of response tokens in the batch.
+    The hidden state at position t predicts token t + 1 (`Positions.of` pairs them). Returns hidden (N, D) and
+    targets (N,), N = number of response tokens in the batch, in reading order. What the host knows of the batch
+    (its padding, its image tokens, its response positions) goes with the call, so nothing is read from the device.
     """
     if image_features is None and batch.pixel_values is not None:
         image_features = frozen_image_features(model, batch.pixel_values)
-    hidden = model.hidden_states(batch.input_ids, attention_mask=batch.attention_mask,
-                                 image_features=image_features)  # (B, T, D)
-    targets = batch.labels[:, 1:]  # (B, T-1): what each position must predict
-    keep = targets != IGNORE_INDEX
-    return hidden[:, :-1][keep], targets[keep]  # (N, D), (N,)
+    positions = batch.positions
+    hidden = model.hidden_states(batch.input_ids, attention_mask=batch.attention_mask, image_features=image_features,
+                                 right_padded=positions.right_padded, image_tokens=batch.image_tokens)  # (B, T, D)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B * T, D)
+    return flat.index_select(0, positions.response), positions.targets  # (N, D), (N,)
 
 
 def frozen_image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -91,8 +150,18 @@ def frozen_image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def nll(model, batch: Batch, kernels: Kernels) -> torch.Tensor:
     """Mean per-token negative log-likelihood of the batch's response tokens."""
+    check_vocabulary(batch, model.lm_head.weight.shape[0])
     hidden, targets = response_hidden(model, batch)
-    return kernels.linear_cross_entropy(hidden, model.lm_head.weight, targets)
+    return kernels.linear_cross_entropy(hidden, model.lm_head.weight, targets, all_valid=True)
+
+
+def check_vocabulary(batch: Batch, vocab_size: int) -> None:
+    """The response tokens are ids of the vocabulary, checked on the host (the range was found with the positions):
+    the loss op is then told so, and does not check them on the device (`all_valid`)."""
+    span = batch.positions.target_range
+    if span is not None and (span[0] < 0 or span[1] >= vocab_size):
+        bad = span[0] if span[0] < 0 else span[1]
+        raise LossInputError(f"linear_cross_entropy: target id {bad} outside the vocabulary [0, {vocab_size})")
 
 
 def kl_to_original(model, batch: Batch, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager],
@@ -274,7 +343,7 @@ def batch_flops(model, batch: Batch | None, backward: bool, reference_pass: bool
     if batch is None:
         return 0.0
     t = model.config.text
-    tokens, responses = int(batch.attention_mask.sum()), batch.response_tokens
+    tokens, responses = batch.positions.tokens, batch.response_tokens
     forward = 2 * decoder_params(model) * tokens + 2 * t.hidden_size * t.vocab_size * responses
     passes = 1 + (1 if backward else 0) + (1 if reference_pass else 0)
     vision = 0.0
@@ -295,9 +364,8 @@ class StepCounts:
     def add(self, model, batches: TermBatches) -> None:
         for batch, reference_pass in ((batches.harmful, False), (batches.helpful, False), (batches.normal, True)):
             if batch is not None:
-                self.tokens += int(batch.attention_mask.sum())
-                if model.config.image_token_index is not None:  # a text-only model has no image token
-                    self.image_tokens += int((batch.input_ids == model.config.image_token_index).sum())
+                self.tokens += batch.positions.tokens
+                self.image_tokens += batch.count_image_tokens(model.config.image_token_index)
                 self.flops += batch_flops(model, batch, backward=True, reference_pass=reference_pass)
 
     def over_ranks(self, sum_over_ranks: SumOverRanks = one_process) -> StepCounts:

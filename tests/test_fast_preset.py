@@ -121,6 +121,30 @@ def test_the_decoder_gives_the_causal_promise_on_right_padded_batches_only(state
     assert calls == [False] * 6  # the left-padded prompt, then two cached steps, per layer
 
 
+def test_the_decoder_takes_the_callers_word_on_padding_and_checks_without_it(state):
+    """right_padded=True or False is what the attention is told (a training batch's padding, found on the host by
+    ref.losses.Positions); None: the decoder checks the mask itself, right padding causal, left padding not."""
+    calls = []
+    kernels = kernel_registry.resolve("fast")
+
+    def spy(q, k, v, mask, scale, causal=False):
+        calls.append(causal)
+        return attention_sdpa(q, k, v, mask, scale, causal)
+
+    kernels.attention = spy
+    model = Llava(tiny_config(build_tokenizer(), text_layers=2), kernels)
+    model.load_state_dict(state)
+    batch = right_padded(model)
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    cases = ((batch.attention_mask, None, True), (batch.attention_mask, False, False),
+             (batch.attention_mask, True, True), (left, None, False))
+    with torch.no_grad():
+        for mask, told, causal in cases:
+            calls.clear()
+            model.hidden_states(torch.full(mask.shape, 5), attention_mask=mask, right_padded=told)
+            assert calls == [causal, causal], (told, mask)
+
+
 def test_right_padding_is_recognised_and_left_padding_is_not():
     assert is_right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
     assert not is_right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding: the mask is needed

@@ -22,12 +22,12 @@ def load_script():
 def test_cpu_run_reports_every_check_as_one_json_line(capsys):
     gpu_check = load_script()
     names = ["default_dtype", "kl_zero_at_step_zero", "kv_cache_in_place", "lora_keeps_one_input", "flash_attention",
-             "host_syncs", "memory_plan", "deterministic_resume"]
+             "host_syncs", "memory_plan", "deterministic_resume", "step_host_syncs"]
     lines = gpu_check.main(["--device", "cpu", "--quick", "--only", *names])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == lines and [line["check"] for line in lines] == [n for n, _, _ in gpu_check.CHECKS if n in names]
     results = {line["check"]: line["result"] for line in lines}
     assert results["flash_attention"] == results["host_syncs"] == results["memory_plan"] == "skipped"
     for name in ("default_dtype", "kl_zero_at_step_zero", "kv_cache_in_place", "lora_keeps_one_input",
-                 "deterministic_resume"):
+                 "deterministic_resume", "step_host_syncs"):
         assert results[name] == "confirmed", lines

@@ -212,6 +212,27 @@ def test_chunked_cross_entropy_frozen_weight_computes_no_weight_gradient():
     assert grad_hidden.shape == hidden.shape and grad_weight is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl_id,fn", CE_IMPLS, ids=[i for i, _ in CE_IMPLS])
+def test_linear_cross_entropy_told_all_targets_count_computes_the_same_without_reading_them(impl_id, fn, dtype):
+    """all_valid=True (the caller checked the ids on the host, none ignored): loss and both gradients bit for bit
+    those of the checking mode, and no op that would make the host wait for an accelerator (the checking mode has
+    some: it reads the ids to check them and, chunked, to find the rows that count)."""
+    from benchmarks.host_syncs import HostSyncCounter
+
+    hidden, _, weight, _, _ = make_inputs(37, 1009, 24, dtype)
+    targets = torch.randint(0, 1009, (37,), generator=torch.Generator().manual_seed(1))  # none ignored
+    results = []
+    for all_valid in (False, True):
+        with HostSyncCounter() as counter:
+            loss = fn(hidden, weight, targets, all_valid=all_valid)
+            grads = torch.autograd.grad(loss, (hidden, weight))
+        results.append((loss, grads, counter.count))
+    (want, want_grads, checking_syncs), (got, got_grads, syncs) = results
+    assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    assert syncs == 0 and checking_syncs > 0
+
+
 @pytest.mark.parametrize("impl_id,fn", CE_IMPLS, ids=[i for i, _ in CE_IMPLS])
 def test_linear_cross_entropy_rejects_bad_inputs(impl_id, fn):
     hidden, _, weight, targets, _ = make_inputs(5, 50, 24, torch.float32)

@@ -6,7 +6,10 @@
 
 hidden (N, D) holds the final-normed hidden states ALREADY GATHERED at response positions (the caller gathers before
 the lm_head, so prompt, image and padding tokens never produce vocabulary-sized logits); rows whose target is
-`ignore_index` are still allowed and contribute nothing. weight (V, D) is the lm_head weight.
+`ignore_index` are still allowed and contribute nothing. weight (V, D) is the lm_head weight. `all_valid=True` is the
+caller's word that no target is `ignore_index` and every one is a vocabulary id, checked on the host: the op then reads
+no value of `targets` (reading them to check, or to find the rows that count, makes the host wait for an accelerator;
+ref.losses gathers the response tokens and checks them before the batch reaches the device).
 
 Averaging: "mean" is per token, over all non-ignored tokens of the batch (every response token weighs the same, long
 responses weigh more than short ones). With no valid token at all the mean is 0 (sum over an empty set divided by
@@ -80,12 +83,17 @@ def check_linear_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, red
         raise LossInputError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_targets(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+def check_targets(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  all_valid: bool = False) -> None:
+    """Shape and dtype always; the ids' range only when the caller has not checked it (`all_valid`): reading the
+    targets' values makes the host wait for an accelerator, three times here."""
     op = "linear_cross_entropy"
     if targets.shape != hidden.shape[:1]:
         raise LossInputError(f"{op}: targets must be (N={hidden.shape[0]},), got shape {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise LossInputError(f"{op}: targets must be int64 or int32 token ids, got {targets.dtype}")
+    if all_valid:
+        return
     valid = targets[targets != ignore_index]
     if valid.numel() and (valid.min() < 0 or valid.max() >= weight.shape[0]):
         bad = valid[(valid < 0) | (valid >= weight.shape[0])][0].item()
@@ -95,10 +103,11 @@ def check_targets(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 @register("linear_cross_entropy", "reference")
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """hidden (N, D), weight (V, D), targets (N,) -> scalar float32 loss (see the module docstring)."""
+                         ignore_index: int = -100, reduction: str = "mean", all_valid: bool = False) -> torch.Tensor:
+    """hidden (N, D), weight (V, D), targets (N,) -> scalar float32 loss (see the module docstring; `all_valid`
+    there too)."""
     check_linear_inputs("linear_cross_entropy", hidden, weight, reduction)
-    check_targets(hidden, weight, targets, ignore_index)
+    check_targets(hidden, weight, targets, ignore_index, all_valid)
     logits = hidden.float() @ weight.float().T  # (N, V) float32
     total = F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction="sum")
     if reduction == "sum":
@@ -193,8 +202,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, when asked, d loss / d hidden and d loss / d weight chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, need_hidden_grad, need_weight_grad):
-        valid_rows = (targets != ignore_index).nonzero().squeeze(1)  # (M,) rows that count
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, need_hidden_grad, need_weight_grad,
+                all_valid):
+        valid_rows = valid_target_rows(targets, ignore_index, all_valid)  # (M,) rows that count
         dtype = matmul_dtype(hidden, weight)
         x = hidden[valid_rows].to(dtype)  # (M, D) a copy of the valid rows only
         t = targets[valid_rows].long()  # (M,)
@@ -208,19 +218,28 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = scaled_by_upstream(ctx.saved_tensors, grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def valid_target_rows(targets: torch.Tensor, ignore_index: int, all_valid: bool) -> torch.Tensor:
+    """(M,) the rows whose target counts: every row when the caller says so (`all_valid`), else those whose target is
+    not ignore_index (a nonzero: the host waits for the device to learn M)."""
+    if all_valid:
+        return torch.arange(targets.shape[0], device=targets.device)
+    return (targets != ignore_index).nonzero().squeeze(1)
 
 
 @register("linear_cross_entropy", "chunked")
 def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  ignore_index: int = -100, reduction: str = "mean",
-                                 chunk_size: int | None = None) -> torch.Tensor:
+                                 chunk_size: int | None = None, all_valid: bool = False) -> torch.Tensor:
     """Same contract as `linear_cross_entropy`; never builds more than (chunk_size, V) logits at a time. 16-bit
     inputs: matmuls in their dtype, reductions in float32 (Liger-Kernel's policy, module docstring)."""
     check_linear_inputs("linear_cross_entropy", hidden, weight, reduction)
-    check_targets(hidden, weight, targets, ignore_index)
+    check_targets(hidden, weight, targets, ignore_index, all_valid)
     chunk_size = chunk_size or default_chunk_rows(weight.shape[0])
     # ctx.needs_input_grad ignores grad mode, so decide here what autograd will actually ask for.
     grad_on = torch.is_grad_enabled()
     return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, chunk_size,
-                                           grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+                                           grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                                           all_valid)
