@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -273,11 +274,12 @@ def parse_command_line(argv: list[str] | None, catalog: Catalog, description: st
                           "64)")
     gen.add_argument("--batch-size", type=count, default=16, help="prompts per generation / utility batch (default 16)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float_in(MIN_TEMPERATURE, MAX_TEMPERATURE), default=1.0,
-                     help="sampling temperature (with --sample)")
-    gen.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0,
-                     help="nucleus sampling mass, in (0, 1] (with --sample)")
-    gen.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="sampling seed; batch k uses seed + k")
+    gen.add_argument("--temperature", type=float_in(MIN_TEMPERATURE, MAX_TEMPERATURE), default=None,
+                     help="sampling temperature; with --sample only (default 1)")
+    gen.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=None,
+                     help="nucleus sampling mass, in (0, 1]; with --sample only (default 1)")
+    gen.add_argument("--seed", type=int_in(0, MAX_SEED), default=None,
+                     help="sampling seed, batch k uses seed + k; with --sample only (default 0)")
 
     attack = p.add_argument_group("visual adversarial examples (pgd suites; evals/pgd.py)")
     attack.add_argument("--pgd-targets", default=None, metavar="FILE",
@@ -349,7 +351,7 @@ def resolve_options(command: argparse.Namespace, catalog: Catalog, distributed: 
     adapter_runs = adapter_run_args(adapters)
     out = Path(command.out) if command.out else default_out(root)
     check_out(out, [command.model, *([command.vision_dir] if command.vision_dir else []),
-                    *(folder for _, folder in adapters)])
+                    *(folder for _, folder in adapters), *data_paths(command, suites, catalog)])
     # An interrupted run in --out keeps the dtype and kernels it was started with unless they are given: repeating its
     # command resumes it even where these defaults have changed since (float32 and reference before bfloat16 and fast)
     started = recorded_settings(out) if command.out else {}
@@ -389,13 +391,30 @@ def world_and_suites(command: argparse.Namespace, catalog: Catalog) -> tuple[Any
     return world, suites
 
 
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "seed": 0}
+
+
+def data_paths(command: argparse.Namespace, suites: tuple[str, ...], catalog: Catalog) -> list[Path]:
+    """The suites', the normal data's and the pgd targets' paths that exist: --out never lies inside one (a run folder
+    inside a suite's folder would become part of the suite, its files read as the suite's or changing its sha256)."""
+    paths = [Path(parse_suite_spec(spec, catalog.suite_readers)[2]) for spec in suites]
+    paths += [Path(command.normal.partition(":")[2])] if command.normal and ":" in command.normal else []
+    paths += [Path(command.pgd_targets)] if command.pgd_targets else []
+    return [path for path in paths if str(path) not in ("", ".") and os.path.lexists(path)]
+
+
 def as_parsed(command: argparse.Namespace) -> dict:
-    """The options that the command line gives as they are used."""
+    """The options that the command line gives as they are used. The sampling options need --sample: greedy decoding
+    would ignore them, and run.json and the report would show a temperature that decided nothing."""
+    given = [f"--{key.replace('_', '-')}" for key in SAMPLING_DEFAULTS if getattr(command, key) is not None]
+    if given and not command.sample:
+        raise EvalError(f"{', '.join(given)}: sampling options, and decoding is greedy; add --sample, or drop them")
     return {"model": command.model, "vision_dir": command.vision_dir, "prompt_format": command.prompt_format,
             "max_samples": command.max_samples, "prompt_column": command.prompt_column,
             "piece_column": command.piece_column, "judge_quantize": command.judge_quantize,
             "max_new_tokens": command.max_new_tokens, "batch_size": command.batch_size, "sample": command.sample,
-            "temperature": command.temperature, "top_p": command.top_p, "seed": command.seed}
+            **{key: default if getattr(command, key) is None else getattr(command, key)
+               for key, default in SAMPLING_DEFAULTS.items()}}
 
 
 def started_as(settings: dict, key: str, known) -> str | None:
@@ -526,6 +545,9 @@ def resolve_pgd(command: argparse.Namespace, suites: tuple[str, ...], catalog: C
              for key, default in PGD_DEFAULTS.items()}
     world = catalog.default_world
     if command.pgd_targets is not None:
+        if Path(command.pgd_targets).exists() and not Path(command.pgd_targets).is_file():
+            raise EvalError(f"--pgd-targets: {command.pgd_targets}: not a regular file (a folder; a device or pipe is "
+                            f"read without end)")
         try:
             targets = pgd.read_targets(command.pgd_targets)
         except pgd.PGDError as err:
