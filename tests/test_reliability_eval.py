@@ -652,6 +652,29 @@ def test_a_runs_damaged_report_is_reported_and_the_other_runs_still_counted(tmp_
     assert "Not finished: full/seed0:" in (out / "sweep.md").read_text()
 
 
+def test_behaved_an_eval_option_eval_refuses_fails_each_run_late_and_the_corrected_spec_redoes_no_training(tmp_path):
+    """Late, not fixed (extra): the sweep cannot check a spec's eval options with eval.py's parser before training
+    (evals/ may not import eval.py or a world: benchmarks/layout.py), so `--max-new-tokens 0` fails each run's eval
+    once its training is done. Nothing is lost: eval.py refuses it before writing its folder, and the corrected spec
+    evaluates the trained runs without training them again."""
+    launches = []
+
+    def runner(argv: list[str], log: Path) -> int:
+        launches.append(argv[1])
+        folder = Path(argv[argv.index("--out") + 1])
+        if argv[1] == "eval.py" and "0" in argv:
+            return 2  # eval.py: error: argument --max-new-tokens: must be an integer in [1, 1000000000], got '0'
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ("summary.json" if argv[1] == "train.py" else "report.json")).write_text("{}")
+        return 0
+
+    out = tmp_path / "s"
+    failures = sweep.sweep(write_spec(tmp_path, {**SPEC, "eval": ["--max-new-tokens", "0"]}), out, runner=runner)
+    assert list(failures) == ["full/seed0"] and launches == ["train.py", "eval.py"]
+    sweep.sweep(write_spec(tmp_path, {**SPEC, "eval": ["--max-new-tokens", "4"]}), out, runner=runner)
+    assert launches == ["train.py", "eval.py", "eval.py"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--judge", "gcgg"], "argument --judge: invalid choice: 'gcgg'"),
     (["--suite", "text:{advbench}", "--suite", "text:{advbench}"], "suite name(s) ['advbench'] used twice"),
