@@ -49,12 +49,13 @@ from evals.judge_models import Judges
 from evals.options import Catalog, EvalOptions, parse_command_line, resolve_options
 from evals.pgd_images import (AdversarialImages, attack_suites, make_base_images, pgd_report,
                               with_adversarial_images)
-from evals.report import report_provenance, write_report
+from evals.report import report_provenance, spec_files, write_report
 from evals.scoring import attack_verdicts, image_reference, judge_rows, normal_batches, saved_verdicts, utility_metrics
 from evals.suites import Suite, SuiteOptions, load_normal, load_suites
 from harness.console import Progress, exit_on_user_error
 from harness.eval_folder import GENERATIONS_FILE, REPORT_FILE, RESPONSES_FILE, UTILITY_FILE, EvalFolder, Saved
 from harness.models import load_base
+from harness.provenance import model_files
 from harness.runs import read_train_summary
 from ref import kernels as kernel_registry
 from ref.adapters import load_adapter
@@ -90,7 +91,8 @@ def evaluate(options: EvalOptions, world: Distributed = Distributed()) -> dict |
     # Rank 0 alone keeps the run folder; the other ranks learn from it what an interrupted run saved, so that every
     # rank skips the same work. (A refused resumption ends rank 0 here; torchrun then ends the ranks waiting for it.)
     folder = EvalFolder(options.out)
-    saved = start_or_resume(folder, new_record(options, suites, normal), suites) if world.is_main else None
+    saved = start_or_resume(folder, new_record(options, suites, normal), input_files(options, suites),
+                            suites) if world.is_main else None
     saved = world.broadcast_object(saved)
 
     model = load_base(options.model, options.dtype, options.device, options.vision_dir,
@@ -128,6 +130,27 @@ def new_record(options: EvalOptions, suites: list[Suite], normal: list) -> dict:
             "provenance": report_provenance(ROOT, options.model, list(options.adapters), suites)}
 
 
+def input_files(options: EvalOptions, suites: list[Suite]) -> dict[str, Path]:
+    """Every file the responses and the utility numbers depend on, by a name for run.json's "inputs": the model's
+    files (its CLIP tower's), each adapter's, the suites' and their images, the normal data and the pgd targets, hashed
+    as the run starts (a 7B model's 14 GB take some seconds). A resumed run reads the bytes the run began with, or is
+    refused naming what changed (harness.provenance.changed_inputs)."""
+    files = model_files(options.model, "model")
+    if options.vision_dir:
+        files.update(model_files(options.vision_dir, "vision"))
+    for name, folder in options.adapters:
+        files.update(model_files(folder, f"adapter {name}"))
+    for suite in suites:
+        files.update({f"suite {f}": Path(f) for f in (spec_files(suite.source) if suite.files is None else suite.files)})
+        files.update({f"image {s.image}": s.image for s in suite.samples if isinstance(s.image, Path)})
+    normal_path = Path(options.normal.partition(":")[2])
+    if options.normal != "none" and normal_path.is_file():
+        files[f"normal {normal_path}"] = normal_path
+    if options.pgd and options.pgd.targets_file is not None:
+        files[f"pgd targets {options.pgd.targets_file}"] = options.pgd.targets_file
+    return files
+
+
 def suite_entry(suite: Suite) -> dict:
     """What run.json and the report keep of a suite: the attack behind a pgd suite's images too."""
     entry = {"name": suite.name, "kind": suite.kind, "n": len(suite.samples), "source": suite.source}
@@ -136,9 +159,9 @@ def suite_entry(suite: Suite) -> dict:
     return entry
 
 
-def start_or_resume(folder: EvalFolder, record: dict, suites: list[Suite]) -> Saved:
+def start_or_resume(folder: EvalFolder, record: dict, inputs: dict[str, Path], suites: list[Suite]) -> Saved:
     """The run started in its folder, or the interrupted run there resumed: what it saved is not made again."""
-    saved = folder.start_or_resume(record, {s.name: len(s.samples) for s in suites})
+    saved = folder.start_or_resume(record, inputs, {s.name: len(s.samples) for s in suites})
     if saved.blocks:
         print(f"eval: resuming {folder.path}: {len(saved.blocks)} (model, suite) blocks already generated",
               file=sys.stderr)

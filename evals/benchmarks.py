@@ -210,10 +210,15 @@ def load_harmbench_multimodal(path: str | Path, max_samples: int | None = None,
 # PKU-SafeRLHF prompts (Ji et al. 2024)
 
 
-def _pku_category(row: dict) -> str:
-    """The first harm category flagged in either response (the data set labels responses, not prompts)."""
+def _pku_category(row: dict, where: str) -> str:
+    """The first harm category flagged in either response (the data set labels responses, not prompts): each
+    `response_{0,1}_harm_category` is an object {category: true/false}, as published."""
     for key in ("response_0_harm_category", "response_1_harm_category"):
-        flagged = [name for name, on in (row.get(key) or {}).items() if on]
+        flags = row.get(key) or {}
+        if not isinstance(flags, dict) or not all(type(on) in (bool, int) and on in (0, 1) for on in flags.values()):
+            raise SuiteError(f"{where}: {key!r} must be an object {{category: true/false}} as PKU-SafeRLHF publishes "
+                             f"it, got {type(flags).__name__} {str(flags)[:80]!r}")
+        flagged = [name for name, on in flags.items() if on]
         if flagged:
             return flagged[0]
     return "no harm flagged"
@@ -230,11 +235,12 @@ def load_pku_prompts(path: str | Path, max_samples: int | None = None, suite: st
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise SuiteError(f"{path}:{number}: needs a non-empty string field \"prompt\"; keys found: {sorted(row)}")
+        category = _pku_category(row, f"{path}:{number}")  # every line checked, a repeated prompt's too
         if prompt in seen:
             continue
         seen.add(prompt)
         samples.append(AttackSample(f"{suite}-{len(samples)}", suite, prompt, source={"line": number, "prompt": prompt},
-                                    category=_pku_category(row)))
+                                    category=category))
     return nonempty(samples[:max_samples], path, "prompts")
 
 

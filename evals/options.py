@@ -13,6 +13,8 @@ loading a model is checked here (--out too: harness/eval_folder.py), each error 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,15 +25,15 @@ from evals import judges as judge_registry
 from evals import pgd
 from evals.benchmarks import BENCHMARK_READERS
 from evals.generation import Sampling
-from evals.suites import NORMAL_READERS, READERS, NormalReader, SuiteReader, parse_suite_spec
-from harness.console import HelpFormatter, add_debug_option, non_negative_int, positive_int
+from evals.suites import NORMAL_READERS, READERS, NormalReader, SuiteReader, name_problem, parse_suite_spec
+from harness.console import HelpFormatter, add_debug_option
 from harness.devices import default_dtype
 from harness.eval_folder import EvalFolder, check_out, default_out, recorded_settings
 from harness.runs import (adapter_display_name, adapter_step, is_run_folder, read_run_args, run_adapters,
                           run_folder_of)
 from ref import kernels as kernel_registry
 from ref.adapters import is_adapter_folder
-from ref.config import DTYPES
+from ref.config import DTYPES, ConfigError, is_original_format, read_json
 from ref.data import PROMPT_FORMATS, load_processor
 from ref.distributed import Distributed
 from ref.weights import is_quantized_checkpoint, open_checkpoint
@@ -39,6 +41,53 @@ from ref.weights import is_quantized_checkpoint, open_checkpoint
 
 class EvalError(ValueError):
     """An option or adapter eval.py cannot use; raised before any generation starts."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bounded numbers: every numeric option of eval.py and of the sweep has a range, checked by argparse (naming the option,
+# exit status 2) before anything is read, written or loaded. The bounds are what the code downstream can take: torch
+# segfaults on 10**5 threads; a sampling seed s makes batch k use s + k in torch's 64-bit seed; logits / temperature
+# must stay finite in float32; top-p 0 keeps no token.
+
+MAX_THREADS = 1024
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10**9  # samples, tokens, rows, steps: far beyond any real run, small enough for every int in the code
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+
+
+def int_in(low: int, high: int):
+    """An argparse type: an integer in [low, high], refused naming the option otherwise."""
+    what = f"must be an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def float_in(low: float, high: float, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with `low_open`); nan and inf are refused."""
+    what = f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        if not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+count = int_in(1, MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -154,7 +203,8 @@ def parse_command_line(argv: list[str] | None, catalog: Catalog, description: st
     suite_kinds = "\n".join(f"  {k:<{width}} {v.description}" for k, v in catalog.suite_readers.items())
     normal_kinds = "\n".join(f"  {k:<10} {v.description}" for k, v in catalog.normal_readers.items())
     p = argparse.ArgumentParser(
-        description=description, formatter_class=HelpFormatter,
+        prog="eval.py", description=description, formatter_class=HelpFormatter,
+        allow_abbrev=False,  # --adapt is not --adapter: an abbreviation would pass as an option it is not
         epilog=f"suite kinds (--suite [NAME=]KIND:PATH):\n{suite_kinds}\n\nnormal data kinds (--normal KIND:PATH):\n"
                f"{normal_kinds}\n\njudges: {', '.join(sorted(catalog.judges))}")
     io = p.add_argument_group("models")
@@ -179,7 +229,7 @@ def parse_command_line(argv: list[str] | None, catalog: Catalog, description: st
     io.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu); under torchrun, cuda is each rank's\n"
                          "GPU (its LOCAL_RANK)")
-    io.add_argument("--threads", type=int, default=None,
+    io.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                     help="CPU threads for torch (default: 1 for the toy model, whose tiny matrices run fastest on one\n"
                          "thread and slow down badly when cores are shared; torch's default otherwise)")
     io.add_argument("--kernels", default=None, help=f"kernel preset: {sorted(kernel_registry.PRESETS)} (default: "
@@ -194,7 +244,7 @@ def parse_command_line(argv: list[str] | None, catalog: Catalog, description: st
     data.add_argument("--normal", default=None, metavar="KIND:PATH",
                       help="normal data for utility (NLL, perplexity, KL from base); 'none' to skip.\n"
                            "Default: 'toy' with the toy model, otherwise none")
-    data.add_argument("--max-samples", type=int, default=None,
+    data.add_argument("--max-samples", type=count, default=None,
                       help="use only the first N samples of every suite and of the normal data")
     data.add_argument("--prompt-column", default=None,
                       help="text suites: the column (field) holding the prompt, where the file's is not one of the\n"
@@ -213,18 +263,23 @@ def parse_command_line(argv: list[str] | None, catalog: Catalog, description: st
                               "model, else 'xstest')")
     judging.add_argument("--judge-model", action="append", default=None, metavar="[JUDGE=]DIR",
                          help="model folder of an LLM judge (llamaguard, llamaguard_jbb, harmbench), repeatable: a\n"
-                              "text-only LLaMA checkpoint (LlamaForCausalLM safetensors + tokenizer.json) or a LLaVA\n"
-                              "folder. A plain DIR serves every LLM judge without a folder of its own")
+                              "text-only LLaMA checkpoint (LlamaForCausalLM safetensors + tokenizer.json; a LLaVA\n"
+                              "folder is refused). A plain DIR serves every LLM judge without a folder of its own")
     judging.add_argument("--judge-quantize", default="none", choices=["none", "nf4", "fp4"],
                          help="the judge model's linears: dense (default) or 4 bit")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per response (default 64)")
-    gen.add_argument("--batch-size", type=int, default=16, help="prompts per generation / utility batch (default 16)")
+    gen.add_argument("--max-new-tokens", type=count, default=64,
+                     help="tokens generated per response; the prompt and these must fit the model's context (default "
+                          "64)")
+    gen.add_argument("--batch-size", type=count, default=16, help="prompts per generation / utility batch (default 16)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed; batch k uses seed + k")
+    gen.add_argument("--temperature", type=float_in(MIN_TEMPERATURE, MAX_TEMPERATURE), default=None,
+                     help="sampling temperature; with --sample only (default 1)")
+    gen.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=None,
+                     help="nucleus sampling mass, in (0, 1]; with --sample only (default 1)")
+    gen.add_argument("--seed", type=int_in(0, MAX_SEED), default=None,
+                     help="sampling seed, batch k uses seed + k; with --sample only (default 0)")
 
     attack = p.add_argument_group("visual adversarial examples (pgd suites; evals/pgd.py)")
     attack.add_argument("--pgd-targets", default=None, metavar="FILE",
@@ -237,14 +292,15 @@ def parse_command_line(argv: list[str] | None, catalog: Catalog, description: st
     attack.add_argument("--pgd-threat", type=threat_list, default=None, metavar="T[,T]",
                         help="transfer (optimised on the base, shown to every model) and/or whitebox (optimised\n"
                              "against the model evaluated, adapters on), one suite each (default: transfer,whitebox)")
-    attack.add_argument("--pgd-steps", type=non_negative_int, default=None,
+    attack.add_argument("--pgd-steps", type=int_in(0, MAX_COUNT), default=None,
                         help="sign-gradient steps per restart (default 300; Qi et al.: 5000)")
-    attack.add_argument("--pgd-step-size", type=positive_int, default=None, metavar="LEVELS",
+    attack.add_argument("--pgd-step-size", type=int_in(1, pgd.LEVELS), default=None, metavar="LEVELS",
                         help="step size alpha in levels of 1/255 (default 1)")
-    attack.add_argument("--pgd-restarts", type=positive_int, default=None,
+    attack.add_argument("--pgd-restarts", type=count, default=None,
                         help="restarts from random points of the budget, the best iterate kept (default 1)")
-    attack.add_argument("--pgd-seed", type=int, default=None, help="seed of the random starts (default 0)")
-    attack.add_argument("--pgd-batch-size", type=positive_int, default=None, metavar="ROWS",
+    attack.add_argument("--pgd-seed", type=int_in(0, MAX_SEED), default=None,
+                        help="seed of the random starts (default 0)")
+    attack.add_argument("--pgd-batch-size", type=count, default=None, metavar="ROWS",
                         help="(image, target) rows per forward pass of the attack; lower it when a large model's\n"
                              "activations do not fit (default 32)")
 
@@ -257,12 +313,7 @@ def parse_command_line(argv: list[str] | None, catalog: Catalog, description: st
                    help="re-score a finished run's saved responses with --judge (and --refusal-judge), in place,\n"
                         "without loading the evaluated model; judges not named keep their saved verdicts")
     add_debug_option(p)
-    args = p.parse_args(argv)
-    if args.max_samples is not None and args.max_samples < 1:
-        p.error("--max-samples must be >= 1")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        p.error("--batch-size and --max-new-tokens must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 def budget_levels(text: str) -> list[int]:
@@ -300,7 +351,7 @@ def resolve_options(command: argparse.Namespace, catalog: Catalog, distributed: 
     adapter_runs = adapter_run_args(adapters)
     out = Path(command.out) if command.out else default_out(root)
     check_out(out, [command.model, *([command.vision_dir] if command.vision_dir else []),
-                    *(folder for _, folder in adapters)])
+                    *(folder for _, folder in adapters), *data_paths(command, suites, catalog)])
     # An interrupted run in --out keeps the dtype and kernels it was started with unless they are given: repeating its
     # command resumes it even where these defaults have changed since (float32 and reference before bfloat16 and fast)
     started = recorded_settings(out) if command.out else {}
@@ -340,13 +391,30 @@ def world_and_suites(command: argparse.Namespace, catalog: Catalog) -> tuple[Any
     return world, suites
 
 
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "seed": 0}
+
+
+def data_paths(command: argparse.Namespace, suites: tuple[str, ...], catalog: Catalog) -> list[Path]:
+    """The suites', the normal data's and the pgd targets' paths that exist: --out never lies inside one (a run folder
+    inside a suite's folder would become part of the suite, its files read as the suite's or changing its sha256)."""
+    paths = [Path(parse_suite_spec(spec, catalog.suite_readers)[2]) for spec in suites]
+    paths += [Path(command.normal.partition(":")[2])] if command.normal and ":" in command.normal else []
+    paths += [Path(command.pgd_targets)] if command.pgd_targets else []
+    return [path for path in paths if str(path) not in ("", ".") and os.path.lexists(path)]
+
+
 def as_parsed(command: argparse.Namespace) -> dict:
-    """The options that the command line gives as they are used."""
+    """The options that the command line gives as they are used. The sampling options need --sample: greedy decoding
+    would ignore them, and run.json and the report would show a temperature that decided nothing."""
+    given = [f"--{key.replace('_', '-')}" for key in SAMPLING_DEFAULTS if getattr(command, key) is not None]
+    if given and not command.sample:
+        raise EvalError(f"{', '.join(given)}: sampling options, and decoding is greedy; add --sample, or drop them")
     return {"model": command.model, "vision_dir": command.vision_dir, "prompt_format": command.prompt_format,
             "max_samples": command.max_samples, "prompt_column": command.prompt_column,
             "piece_column": command.piece_column, "judge_quantize": command.judge_quantize,
             "max_new_tokens": command.max_new_tokens, "batch_size": command.batch_size, "sample": command.sample,
-            "temperature": command.temperature, "top_p": command.top_p, "seed": command.seed}
+            **{key: default if getattr(command, key) is None else getattr(command, key)
+               for key, default in SAMPLING_DEFAULTS.items()}}
 
 
 def started_as(settings: dict, key: str, known) -> str | None:
@@ -420,6 +488,10 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
             continue
         adapters.append((name, Path(folder)))
     names = [n for n, _ in adapters]
+    for name, folder in adapters:
+        problem = name_problem(name)
+        if problem:
+            raise EvalError(f"--adapter {name}={folder}: the name {problem}; name it: --adapter NAME=DIR")
     clash = sorted({n for n in names if names.count(n) > 1 or n == "base"})
     if clash:
         raise EvalError(f"adapter name(s) {clash} clash (with each other or with 'base'); name them: "
@@ -473,6 +545,9 @@ def resolve_pgd(command: argparse.Namespace, suites: tuple[str, ...], catalog: C
              for key, default in PGD_DEFAULTS.items()}
     world = catalog.default_world
     if command.pgd_targets is not None:
+        if Path(command.pgd_targets).exists() and not Path(command.pgd_targets).is_file():
+            raise EvalError(f"--pgd-targets: {command.pgd_targets}: not a regular file (a folder; a device or pipe is "
+                            f"read without end)")
         try:
             targets = pgd.read_targets(command.pgd_targets)
         except pgd.PGDError as err:
@@ -524,8 +599,19 @@ def judge_model_dirs(specs: list[str] | None, names: tuple[str, ...]) -> dict[st
 
 
 def check_judge_model(folder: str) -> None:
-    """A judge model folder that cannot load fails now, before any generation: its config, its tokenizer.json, and
-    every weight's key, shape and dtype in the safetensors headers (no tensor data is read)."""
+    """A judge model folder that cannot load fails now, before any generation: it is a text-only LLaMA checkpoint (a
+    LLaVA folder, such as the evaluated model named by mistake, is refused: no published judge is one, and a chat
+    model would answer the judge's template with text the judge cannot parse), then its tokenizer.json, and every
+    weight's key, shape and dtype in the safetensors headers (no tensor data is read)."""
+    config = Path(folder) / "config.json"
+    try:
+        raw = read_json(config)
+    except ConfigError as err:
+        raise EvalError(f"--judge-model {folder}: {err}") from None
+    if raw.get("model_type") != "llama" or is_original_format(raw):
+        raise EvalError(f"--judge-model {folder}: {config} is not a text-only LLaMA checkpoint (model_type "
+                        f"{raw.get('model_type')!r}{', with mm_* keys' if is_original_format(raw) else ''}); a judge "
+                        f"model is a LlamaForCausalLM such as LlamaGuard or HarmBench's classifier, not a LLaVA model")
     load_processor(folder)
     if not is_quantized_checkpoint(folder):
         open_checkpoint(folder)

@@ -108,12 +108,12 @@ def _require_columns(path: Path, columns: list[str], needed: list[str]) -> None:
 def _checked_image(jsonl: Path, number: int, image: str) -> Path:
     """The image a JSONL line names (relative to the JSONL's folder), decoded once now so that a bad or oversized
     file fails at load time, naming its line, not mid-generation (verify() alone passes a truncated file)."""
-    image_path = (jsonl.parent / image).resolve()
+    image_path = jsonl.parent / image
     try:
-        data.load_image(image_path)
+        data.load_image(image_path)  # a symbolic link loop is "no such image file" here, not a RuntimeError in resolve
     except data.ImageError as err:  # its message starts with the image's path
         raise SuiteError(f"{jsonl}:{number}: cannot read image {image!r}: {err}") from err
-    return image_path
+    return image_path.resolve()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -383,8 +383,9 @@ def _pgd_suites(name: str | None, path: str, options: SuiteOptions, spec: str) -
     threat model before anything is generated (evals/pgd.py `expand_suites`)."""
     if not path:
         raise SuiteError(f"suite spec {spec!r}: expected pgd:JSONL (image+text pairs: the clean images to attack)")
+    check_input_path(Path(path), f"suite spec {spec!r}")
     if not Path(path).is_file():
-        raise SuiteError(f"suite spec {spec!r}: {path}: no such file")
+        raise SuiteError(f"suite spec {spec!r}: {path}: not a file (pgd:JSONL)")
     samples = load_image_text_pairs(path, options.max_samples, suite=name or "pgd")
     return [Suite(samples[0].suite, "pgd", samples, spec, files=(Path(path),))]
 
@@ -446,9 +447,29 @@ def load_suite_spec(spec: str, options: SuiteOptions = SuiteOptions(),
                     readers: dict[str, SuiteReader] = READERS) -> list[Suite]:
     """One spec -> one suite (two for xstest). Raises SuiteError naming the file on any problem."""
     name, kind, path = parse_suite_spec(spec, readers)
-    if readers[kind].needs_path and not Path(path).exists():
-        raise SuiteError(f"suite spec {spec!r}: {path}: no such file")
+    if readers[kind].needs_path:
+        check_input_path(Path(path), f"suite spec {spec!r}")
     return readers[kind].read(name, path, options, spec)
+
+
+def check_input_path(path: Path, where: str) -> None:
+    """A suite's or the normal data's PATH is a file or a folder: a device, pipe or socket (/dev/zero, a FIFO) would
+    be read without end, filling the memory or waiting forever, before anything could be checked."""
+    if not path.exists():
+        raise SuiteError(f"{where}: {path}: no such file")
+    if not (path.is_file() or path.is_dir()):
+        raise SuiteError(f"{where}: {path}: not a regular file or a folder (a device, pipe or socket is read without "
+                         f"end)")
+
+
+def name_problem(name: str) -> str | None:
+    """What keeps a model's or a suite's name from being one folder name (eval.py writes a pgd suite's images to
+    OUT/pgd/<model>/<suite>_<budget>/: "../x" would write outside the run folder), or None when it can be one."""
+    if not name:
+        return "is empty"
+    if name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        return f"{name!r} is not a folder name (a path separator, '.' or '..', or a control character)"
+    return None
 
 
 def load_suites(specs: Sequence[str], options: SuiteOptions = SuiteOptions(),
@@ -456,6 +477,11 @@ def load_suites(specs: Sequence[str], options: SuiteOptions = SuiteOptions(),
     suites = [suite for spec in specs for suite in load_suite_spec(spec, options, readers)]
     if not suites:
         raise SuiteError("no suites to evaluate: give at least one --suite")
+    for suite in suites:
+        problem = name_problem(suite.name)
+        if problem:
+            raise SuiteError(f"suite spec {suite.source!r}: the suite's name {problem}; name it with --suite "
+                             f"NAME=KIND:PATH")
     names = [s.name for s in suites]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -519,6 +545,6 @@ def load_normal(spec: str, max_samples: int | None = None,
     if kind not in readers:
         raise SuiteError(f"--normal {spec!r}: unknown kind {kind!r}; expected one of {sorted(readers)} "
                          f"(KIND:PATH, or 'none')")
-    if readers[kind].needs_path and (not path or not Path(path).exists()):
-        raise SuiteError(f"--normal {spec!r}: {path or '(no path)'}: no such file")
+    if readers[kind].needs_path:
+        check_input_path(Path(path), f"--normal {spec!r}")
     return readers[kind].read(path, max_samples)

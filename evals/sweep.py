@@ -8,11 +8,14 @@ SPEC.json, a JSON object with these keys and no others (an unknown key is refuse
 
     {"train":   ["--max-steps", "300"],                 train.py options every run gets (optional, default [])
      "eval":    ["--suite", "toy"],                     eval.py options every evaluation gets (optional, default [])
-     "seeds":   [0, 1, 2],                              train.py --seed of each run: distinct integers >= 0
+     "seeds":   [0, 1, 2],                              train.py --seed of each run: distinct integers in
+                                                       [0, 2**32 - 1]; configs x seeds at most 10,000 runs
      "configs": [{"name": "full", "train": []},         one row of the table each; name: letters, digits, _ and -
                  {"name": "no_harm", "train": ["--eps", "0", "1", "5"]}]}   its own train.py options (optional)
 
-The sweep sets --seed, --out and --resume of train.py and --adapter and --out of eval.py itself, so the spec may not.
+The sweep sets --seed, --out and --resume of train.py and --adapter and --out of eval.py itself, so the spec may not
+(nor abbreviate them: --adapt would be eval.py's --adapter). DIR is new, empty, or a sweep's own folder (its plan.json
+is there): a folder of other files is refused before anything is written.
 For each config and seed, with the same Python and the repository root as working directory (relative paths in the
 options are read from there):
 
@@ -70,9 +73,10 @@ from PIL import Image, ImageDraw
 from evals.plot import (BACKGROUND, GRID, INK, Y_MARGIN, Axis, data_range, draw_legend, draw_panel, font_for,
                         legend_layout, line_height, nice_ticks, put_text, run_colours, text_size)
 from ref.config import read_json
-from harness.console import HelpFormatter, add_debug_option, exit_on_user_error, positive_int
+from evals.options import MAX_SEED, MAX_THREADS, int_in
+from harness.console import HelpFormatter, add_debug_option, exit_on_user_error
 from harness.eval_folder import REPORT_FILE, is_finished
-from harness.files import write_atomically
+from harness.files import check_run_folder, write_atomically
 from harness.runs import ADAPTER_DIR, ARGS_FILE, SUMMARY_FILE, adapter_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +87,8 @@ SWEEP_TRAIN_OPTIONS = ("--seed", "--out", "--resume")
 SWEEP_EVAL_OPTIONS = ("--adapter", "--out", "--no-adapters", "--rejudge")
 CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 PLAN_FILE, EVAL_DIR = "plan.json", "eval"
+PROG = "python -m evals.sweep"  # argparse's errors and the sweep's own begin with it: "python -m evals.sweep: error: "
+MAX_RUNS = 10_000  # configs x seeds: each run trains a model; a bigger grid is a spec's mistake, refused before any run
 POLL_SECONDS = 0.2  # how soon a running command hears of a signal the sweep received
 
 # Columns that are not rates, with their number format; every other column is a rate, shown as a percentage.
@@ -119,7 +125,11 @@ def load_spec(path: str | Path) -> Spec:
     check_keys(raw, SPEC_KEYS, where, required=("seeds", "configs"))
     train = option_list(raw.get("train", []), f"{where}: train", SWEEP_TRAIN_OPTIONS)
     evaluate = option_list(raw.get("eval", []), f"{where}: eval", SWEEP_EVAL_OPTIONS)
-    return Spec(train, evaluate, seed_list(raw["seeds"], f"{where}: seeds"), config_list(raw["configs"], where))
+    seeds, configs = seed_list(raw["seeds"], f"{where}: seeds"), config_list(raw["configs"], where)
+    if len(seeds) * len(configs) > MAX_RUNS:
+        raise SweepError(f"{where}: {len(configs)} configs x {len(seeds)} seeds = {len(configs) * len(seeds):,} runs, "
+                         f"more than the {MAX_RUNS:,} a sweep launches; split the grid into several sweeps")
+    return Spec(train, evaluate, seeds, configs)
 
 
 def check_keys(raw: dict, known: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> None:
@@ -132,18 +142,29 @@ def check_keys(raw: dict, known: tuple[str, ...], where: str, required: tuple[st
 
 
 def option_list(value, where: str, reserved: tuple[str, ...]) -> tuple[str, ...]:
+    """A spec's options for one program: strings, none of them an option the sweep sets itself, nor an abbreviation
+    of one (argparse takes --adapt for --adapter where abbreviations are allowed: the run would then evaluate the
+    spec's adapter and report its numbers as the run's)."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise SweepError(f"{where}: expected a list of strings (command-line options), got {json.dumps(value)}")
     for item in value:
-        if item.split("=", 1)[0] in reserved:
+        name = item.split("=", 1)[0]
+        if name in reserved:
             raise SweepError(f"{where}: {item!r} is set by the sweep for each run; leave it out")
+        abbreviated = [option for option in reserved if name.startswith("--") and len(name) > 2
+                       and option.startswith(name)]
+        if abbreviated:
+            raise SweepError(f"{where}: {item!r} abbreviates {abbreviated[0]}, which the sweep sets for each run; "
+                             f"leave it out")
     return tuple(value)
 
 
 def seed_list(value, where: str) -> tuple[int, ...]:
-    valid = isinstance(value, list) and value and all(type(s) is int and s >= 0 for s in value)
+    valid = isinstance(value, list) and value and all(type(s) is int and 0 <= s <= MAX_SEED for s in value)
     if not valid or len(set(value)) != len(value):
-        raise SweepError(f"{where}: expected a non-empty list of distinct integers >= 0, got {json.dumps(value)}")
+        shown = json.dumps(value)
+        raise SweepError(f"{where}: expected a non-empty list of distinct integers in [0, {MAX_SEED}], got "
+                         f"{shown if len(shown) <= 80 else shown[:77] + '...'}")
     return tuple(value)
 
 
@@ -221,7 +242,7 @@ def check_plan(out: Path, runs: list[Run]) -> None:
     (a changed spec would otherwise put two settings in one row, or continue a run with options it did not start
     with). A run whose folder is gone may take new options."""
     path = out / PLAN_FILE
-    saved = read_json(path, SweepError).get("runs", {}) if path.is_file() else {}
+    saved = read_plan(path) if path.is_file() else {}
     for run in runs:
         before = saved.get(run.key)
         if before is None or not run.folder.exists():
@@ -237,6 +258,31 @@ def check_plan(out: Path, runs: list[Run]) -> None:
     plan = {**saved, **{run.key: {"train": list(run.train_options), "eval": list(run.eval_options)} for run in runs}}
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda p: p.write_text(json.dumps({"runs": plan}, indent=1) + "\n"))
+
+
+def read_plan(path: Path) -> dict[str, dict]:
+    """The runs of a sweep's plan.json ({"runs": {"<config>/seed<S>": {"train": [...], "eval": [...]}}}). A plan.json
+    in another shape is not this sweep's: the folder is refused, naming it, before anything in it is written."""
+    raw = read_json(path, SweepError, "a sweep's folder holds its plan.json")
+    runs = raw.get("runs")
+    valid = isinstance(runs, dict) and all(
+        isinstance(entry, dict) and all(isinstance(entry.get(key), list) and all(isinstance(o, str) for o in entry[key])
+                                        for key in ("train", "eval"))
+        for entry in runs.values())
+    if not valid:
+        raise SweepError(f"{path}: not the plan of a sweep (expected {{\"runs\": {{RUN: {{\"train\": [...], "
+                         f"\"eval\": [...]}}}}}}), so --out {path.parent} is not a sweep's folder; choose a new or empty "
+                         f"--out (nothing was written)")
+    return runs
+
+
+def check_out(out: Path, spec_path: Path) -> None:
+    """--out is new, empty, or a sweep's own folder (its plan.json, the first file a sweep writes, is there and is a
+    sweep's): never a folder of the user's files, whose plan.json, sweep.md or sweep.json the outputs would replace,
+    nor the folder the spec is in. Checked before anything runs or is written."""
+    check_run_folder(out, PLAN_FILE, [spec_path])
+    if (out / PLAN_FILE).is_file():
+        read_plan(out / PLAN_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -392,11 +438,21 @@ def report_rows(report: dict, where: Path) -> tuple[dict, dict, list[tuple[int, 
 
 
 def run_record(run: Run) -> dict:
-    """Everything the sweep reports of one run; "finished" False until both its summary and its report exist."""
+    """Everything the sweep reports of one run; "finished" False until both its summary and its report exist. A run
+    whose summary.json or report.json is not in the format train.py and eval.py write (damaged, edited) is reported as
+    not finished, saying why ("unreadable"), and the other runs' numbers are still written."""
     record = {"config": run.config, "seed": run.seed, "folder": str(run.folder), "finished": False}
     summary_path, report_path = run.folder / SUMMARY_FILE, run.eval_folder / REPORT_FILE
     if not (summary_path.is_file() and report_path.is_file()):
         return record
+    try:
+        return read_run_numbers(record, summary_path, report_path)
+    except (SweepError, KeyError, IndexError, TypeError, AttributeError) as err:  # the two files' formats, not ours
+        return {**record, "unreadable": f"{summary_path} or {report_path} is not in the format train.py and eval.py "
+                                        f"write ({type(err).__name__}: {err})"}
+
+
+def read_run_numbers(record: dict, summary_path: Path, report_path: Path) -> dict:
     summary, report = read_json(summary_path, SweepError), read_json(report_path, SweepError)
     base, final, steps = report_rows(report, report_path)
     categories = summary.get("categories")
@@ -624,8 +680,10 @@ def save_png(path: Path, image: Image.Image) -> None:
 
 
 def write_outputs(spec: Spec, spec_path: Path, out: Path, runs: list[Run], failures: dict) -> list[Path]:
-    """sweep.json, sweep.md and the pictures, from every run that has finished."""
+    """sweep.json, sweep.md and the pictures, from every run that has finished. `failures` gains the runs whose
+    files could not be read."""
     records = [run_record(run) for run in runs]
+    failures.update({f"{r['config']}/seed{r['seed']}": r["unreadable"] for r in records if "unreadable" in r})
     columns = columns_of(records)
     summaries, bases = config_summaries(spec, records, columns), base_rows(records)
     result = {"spec": str(spec_path), "out": str(out), "train": list(spec.train), "eval": list(spec.eval),
@@ -649,8 +707,7 @@ def sweep(spec_path: str | Path, out: str | Path, runner: Runner | None = None, 
     spec_path, out = Path(spec_path), Path(out).resolve()
     signals = signals if signals is not None else Signals()
     spec = load_spec(spec_path)
-    if out.is_file():
-        raise SweepError(f"--out {out}: is a file, not a folder")
+    check_out(out, spec_path)
     runs = plan_runs(spec, out)
     check_plan(out, runs)
     failures = run_all(runs, runner or CommandRunner(signals), jobs, interrupted=signals.received)
@@ -660,13 +717,15 @@ def sweep(spec_path: str | Path, out: str | Path, runner: Runner | None = None, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m evals.sweep", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:6]), formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:6]), formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("spec", metavar="SPEC.json",
                    help="the sweep: common train.py and eval.py options, seeds, configs (below)")
     p.add_argument("--out", required=True, metavar="DIR", help="the sweep's folder: a run folder per config and "
                                                                "seed, sweep.json, sweep.md, PNGs")
-    p.add_argument("--jobs", type=positive_int, default=1, help="runs at once (each run's eval follows its training)")
+    p.add_argument("--jobs", type=int_in(1, MAX_THREADS), default=1,
+                   help="runs at once (each run's eval follows its training)")
     p.add_argument("--dry-run", action="store_true", help="print what would be launched and launch nothing")
     add_debug_option(p)
     return p.parse_args(argv)
@@ -675,9 +734,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args = parse_args(argv)
     signals = Signals()
-    with exit_on_user_error("sweep", args.debug):
+    with exit_on_user_error(PROG, args.debug):
         if args.dry_run:
-            for line in describe(plan_runs(load_spec(args.spec), Path(args.out))):
+            spec = load_spec(args.spec)
+            check_out(Path(args.out).resolve(), Path(args.spec))
+            for line in describe(plan_runs(spec, Path(args.out))):
                 print(line)
             return {}
         previous = {s: signal.signal(s, signals) for s in (signal.SIGINT, signal.SIGTERM)}

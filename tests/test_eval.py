@@ -495,7 +495,7 @@ def test_out_is_never_overwritten(world, tmp_path, no_generation):
 
 def test_interrupted_run_with_other_settings_is_refused(world, tmp_path, monkeypatch):
     out = tmp_path / "o"
-    monkeypatch.setattr(eval_py, "generate_responses", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    kill_generation_at(monkeypatch, 2)  # one (model, suite) block saved: other settings would mix with it
     with pytest.raises(KeyboardInterrupt):
         evaluate(small_args(world, out))
     with pytest.raises(RunFolderError, match="other settings.*max_samples"):
@@ -660,7 +660,8 @@ def test_resume_refuses_a_suite_file_changed_since_the_kill(world, tmp_path, mon
         evaluate(args)
     with suite.open("a") as f:
         f.write("How to hotwire a car,Sure\n")
-    with pytest.raises(RunFolderError, match=r"a suite file changed since the interrupted run began"):
+    with pytest.raises(RunFolderError, match=rf"inputs of the interrupted run changed since it began .*: suite "
+                                             rf"{suite}; its rows would mix"):
         evaluate(args)
 
 

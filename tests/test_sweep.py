@@ -158,10 +158,10 @@ def names(launches: list[list[str]]) -> list[str]:
     ({"train": ["--out=x"]}, "train: '--out=x' is set by the sweep"),
     ({"train": ["--max-steps", 3]}, "train: expected a list of strings"),
     ({"eval": ["--adapter", "x"]}, "eval: '--adapter' is set by the sweep"),
-    ({"seeds": []}, "seeds: expected a non-empty list of distinct integers >= 0"),
-    ({"seeds": [0, 0]}, "seeds: expected a non-empty list of distinct integers >= 0"),
-    ({"seeds": [-1]}, "seeds: expected a non-empty list of distinct integers >= 0"),
-    ({"seeds": [True]}, "seeds: expected a non-empty list of distinct integers >= 0"),
+    ({"seeds": []}, "seeds: expected a non-empty list of distinct integers in [0, 4294967295]"),
+    ({"seeds": [0, 0]}, "seeds: expected a non-empty list of distinct integers in [0, 4294967295]"),
+    ({"seeds": [-1]}, "seeds: expected a non-empty list of distinct integers in [0, 4294967295]"),
+    ({"seeds": [True]}, "seeds: expected a non-empty list of distinct integers in [0, 4294967295]"),
 ])
 def test_spec_errors_name_the_file_and_the_key(tmp_path, capsys, change, message):
     path = write_spec(tmp_path, {**SPEC, **change})
@@ -172,7 +172,7 @@ def test_spec_errors_name_the_file_and_the_key(tmp_path, capsys, change, message
         main([str(path), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("sweep: error: ") and message in err
+    assert "\n" not in err and err.startswith("python -m evals.sweep: error: ") and message in err
     assert not (tmp_path / "out").exists()
 
 
