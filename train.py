@@ -22,33 +22,38 @@ projector run every step, frozen) and `sft` (the supervised baseline: NLL on the
 
 from __future__ import annotations
 
-import math
-import os
-import random
-import signal
-import sys
-import time
+from harness.console import exit_quietly_on_interrupt  # the standard library only: the imports below take seconds
 
-import torch
+with exit_quietly_on_interrupt("train.py"):  # a Ctrl-C during them: one line, exit status 130
+    import math
+    import os
+    import random
+    import signal
+    import sys
+    import time
 
-from ref import kernels as kernel_registry
-from ref.batches import BatchMaker, Streams
-from ref.data import load_processor
-from ref.distributed import Distributed, close_process_group, full_tensor, shard_decoder_layers
-from ref.lora import LoraConfig, add_lora, adapters_disabled
-from ref.losses import (LossWeights, StepCounts, add_token_sums, step_shares, step_terms, tokens_in_step,
-                        unlearning_backward)
-from ref.unlearning_data import HarmfulRecord, NormalRecord, split_records
-from harness.console import exit_on_user_error
-from harness.memory import start_step_memory
-from harness.models import load_base
-from harness.runs import trainable_tensors
-from harness.signals import StopRequest
-from harness.train_console import announce, progress_info, say_stopped, step_progress
-from harness.train_options import RunStart, TrainOptions, Worlds, parse_command_line, resolve_command_line
-from harness.train_run import LoopState, RunFolder
-from harness.unlearning_data import read_unlearning_jsonl
-from worlds.embedded import DEFAULT_WORLD, world_of
+    import torch
+
+    from ref import kernels as kernel_registry
+    from ref.batches import BatchMaker, Streams
+    from ref.config import load_config
+    from ref.data import load_processor
+    from ref.distributed import Distributed, close_process_group, full_tensor, shard_decoder_layers
+    from ref.lora import LoraConfig, add_lora, adapters_disabled
+    from ref.losses import (LossWeights, StepCounts, add_token_sums, step_shares, step_terms, tokens_in_step,
+                            unlearning_backward)
+    from ref.unlearning_data import HarmfulRecord, NormalRecord, split_records
+    from ref.weights import expected_shapes
+    from harness.console import exit_on_user_error
+    from harness.memory import start_step_memory
+    from harness.models import load_base
+    from harness.runs import trainable_tensors
+    from harness.signals import StopRequest
+    from harness.train_console import announce, progress_info, say_stopped, step_progress
+    from harness.train_options import RunStart, TrainOptions, Worlds, parse_command_line, resolve_command_line
+    from harness.train_run import LoopState, RunFolder
+    from harness.unlearning_data import read_unlearning_jsonl
+    from worlds.embedded import DEFAULT_WORLD, world_of
 
 WORLDS = Worlds(default=DEFAULT_WORLD, of=world_of)  # what the options learn of the embedded worlds
 
@@ -368,7 +373,8 @@ def stopping_rule(state: LoopState, harm_nll: float | None, options: TrainOption
 
 
 def main(argv: list[str] | None = None) -> None:
-    command = parse_command_line(argv, WORLDS)  # a bad option: argparse's one line, exit status 2
+    with exit_quietly_on_interrupt("train.py"):  # a Ctrl-C while the command line is read
+        command = parse_command_line(argv, WORLDS)  # a bad option: argparse's one line, exit status 2
     with exit_on_user_error("train.py", command.debug):
         try:
             result = train(*resolve_command_line(command, WORLDS))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import signal
 import sys
 import time
 
@@ -79,6 +80,19 @@ def exit_on_user_error(prog: str, debug: bool = False):
         message = " ".join(str(err).split())  # one line, whatever the message held
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def exit_quietly_on_interrupt(prog: str):
+    """Ctrl-C inside the block ends the program with one line and exit status 130 (128 + SIGINT, what a shell reports
+    for a program Ctrl-C stopped), not a KeyboardInterrupt traceback. A program wraps its imports in it: an interrupt
+    can arrive while `import torch` runs, before any function of the program does. (A program started with SIGINT
+    ignored, as a shell starts a background job, never sees one.)"""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
