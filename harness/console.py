@@ -112,7 +112,8 @@ def _number(kind: type, low: float | None, low_open: bool, high: float | None = 
             raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
-        if not math.isfinite(value) or too_low or too_high:
+        # an int's isfinite would turn it into a float: 10**400 raises OverflowError, which argparse does not catch
+        if (isinstance(value, float) and not math.isfinite(value)) or too_low or too_high:
             raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
         return value
     parse.__name__ = what  # argparse names the type in some messages
@@ -125,6 +126,12 @@ positive_float = _number(float, 0.0, True, what="must be a finite number > 0")
 non_negative_float = _number(float, 0.0, False, what="must be a finite number >= 0")
 finite_float = _number(float, None, False, what="must be a finite number")
 probability = _number(float, 0.0, False, 1.0, True, what="must be a number in [0, 1)")
+fraction = _number(float, 0.0, True, 1.0, False, what="must be a number in (0, 1]")
+
+
+def int_in(low: int, high: int):
+    """An integer option in [low, high], both included: what the code downstream (torch, a buffer, a loop) can take."""
+    return _number(int, low, False, high, False, what=f"must be an integer in [{low}, {high}]")
 
 
 class HelpFormatter(argparse.RawTextHelpFormatter):

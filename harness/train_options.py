@@ -25,8 +25,8 @@ import torch
 from ref import kernels as kernel_registry
 from ref.data import PROMPT_FORMATS
 from ref.lora import LoraConfig
-from harness.console import (HelpFormatter, add_debug_option, finite_float, non_negative_float, non_negative_int,
-                             positive_float, positive_int, probability)
+from harness.console import (HelpFormatter, add_debug_option, finite_float, fraction, int_in, non_negative_float,
+                             positive_float, probability)
 from harness.devices import check_device, default_dtype
 from harness.files import check_run_folder
 from harness.runs import ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, RunError, read_run_args
@@ -35,6 +35,12 @@ DESCRIPTION = ("Textual unlearning of a LLaVA model (Chakraborty et al. 2024, \"
                "textual unlearning\nall you need?\"): QLoRA on the decoder, text-only data, three losses.")
 RUNS = Path(__file__).resolve().parent.parent / "runs"  # --out's default: runs/<mode> in this checkout
 TRAIN_DTYPES = ["bfloat16", "float32"]
+# The ranges of the integer options: what the code downstream takes, refused by argparse before anything runs.
+SEED_MAX = 2**64 - 1         # torch.manual_seed's largest seed (ref.batches reduces the streams' seeds into it too)
+STEPS_MAX = 10**9            # step counts: a billion steps is centuries of training
+STEP_RECORDS_MAX = 65536     # records of each kind one rank tokenizes for a step: --batch-size x --grad-accum
+LORA_R_MAX = 65536           # an adapter's rank (and at most the target linears' smaller side: train.py checks it)
+THREADS_MAX = 1024           # CPU threads torch starts
 
 
 class OptionError(ValueError):
@@ -209,9 +215,9 @@ def build_parser(world: World) -> argparse.ArgumentParser:
                              "\"categories\": the toy's are its topics, PKU-SafeRLHF's its harm categories)")
     method.add_argument("--exclude-categories", nargs="+", default=DEFAULT.exclude_categories, metavar="CATEGORY",
                         help="drop the harmful records of these categories")
-    method.add_argument("--category-fraction", type=positive_float, default=DEFAULT.category_fraction,
-                        help="keep this fraction of the (remaining) categories, drawn with --category-seed")
-    method.add_argument("--category-seed", type=non_negative_int, default=DEFAULT.category_seed,
+    method.add_argument("--category-fraction", type=fraction, default=DEFAULT.category_fraction,
+                        help="keep this fraction (0, 1] of the (remaining) categories, drawn with --category-seed")
+    method.add_argument("--category-seed", type=int_in(0, SEED_MAX), default=DEFAULT.category_seed,
                         help="draws --category-fraction's choice (default: --seed)")
     method.add_argument("--mismatch", default=DEFAULT.mismatch, choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
@@ -222,13 +228,15 @@ def build_parser(world: World) -> argparse.ArgumentParser:
     model.add_argument("--dtype", default=None, choices=TRAIN_DTYPES,
                        help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU and for the toy)")
     model.add_argument("--device", default=DEFAULT.device, help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--lora-r", type=positive_int, default=DEFAULT.lora_r, help="LoRA rank")
+    model.add_argument("--lora-r", type=int_in(1, LORA_R_MAX), default=DEFAULT.lora_r,
+                       help="LoRA rank (at most the target linears' smaller side)")
     model.add_argument("--lora-alpha", type=positive_float, default=DEFAULT.lora_alpha,
                        help="LoRA scale alpha (the update is alpha/r B A x)")
     model.add_argument("--lora-dropout", type=probability, default=DEFAULT.lora_dropout,
                        help="dropout on the adapters' input")
-    model.add_argument("--lora-targets", nargs="+", default=DEFAULT.lora_targets,
-                       help="decoder linears that get adapters, by name")
+    model.add_argument("--lora-targets", nargs="+", default=DEFAULT.lora_targets, choices=LoraConfig().targets,
+                       metavar="LINEAR", help="decoder linears that get adapters, by name: "
+                                              f"{' '.join(LoraConfig().targets)}")
     model.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
     model.add_argument("--full-parameter", action="store_true",
                        help="train the decoder layers themselves, no LoRA (a dense base: --quantize none); the KL\n"
@@ -249,12 +257,14 @@ def build_parser(world: World) -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=positive_float, default=None, help="peak learning rate " + model_default("lr", world))
     opt.add_argument("--weight-decay", type=non_negative_float, default=DEFAULT.weight_decay,
                      help="AdamW's decoupled weight decay")
-    opt.add_argument("--batch-size", type=positive_int, default=None,
+    opt.add_argument("--batch-size", type=int_in(1, STEP_RECORDS_MAX), default=None,
                      help="records per batch, for each of the three terms " + model_default("batch_size", world))
-    opt.add_argument("--grad-accum", type=positive_int, default=DEFAULT.grad_accum, help="batches per optimizer step")
-    opt.add_argument("--max-steps", type=positive_int, default=None,
+    opt.add_argument("--grad-accum", type=int_in(1, STEP_RECORDS_MAX), default=DEFAULT.grad_accum,
+                     help="batches per optimizer step")
+    opt.add_argument("--max-steps", type=int_in(1, STEPS_MAX), default=None,
                      help="optimizer steps " + model_default("max_steps", world))
-    opt.add_argument("--warmup", type=non_negative_int, default=DEFAULT.warmup, help="linear warm-up steps")
+    opt.add_argument("--warmup", type=int_in(0, STEPS_MAX), default=DEFAULT.warmup,
+                     help="linear warm-up steps (at most --max-steps)")
     opt.add_argument("--schedule", default=DEFAULT.schedule, choices=["constant", "linear", "cosine"],
                      help="learning rate after warm-up: constant, or decaying to 0 at --max-steps")
     opt.add_argument("--clip", type=non_negative_float, default=DEFAULT.clip,
@@ -262,23 +272,24 @@ def build_parser(world: World) -> argparse.ArgumentParser:
     opt.add_argument("--divergence-factor", type=non_negative_float, default=DEFAULT.divergence_factor,
                      help="stop, keeping the last good adapter, when the gradient norm passes this many times the\n"
                           "largest before it, or the adapters' norm this many times the untrained adapters' (0: off)")
-    opt.add_argument("--seed", type=non_negative_int, default=DEFAULT.seed,
+    opt.add_argument("--seed", type=int_in(0, SEED_MAX), default=DEFAULT.seed,
                      help="seeds the data order, the adapters' init and dropout")
     opt.add_argument("--stop-harm-nll", type=finite_float, default=None,
                      help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps,\n"
                           "then stop; a negative value turns the rule off " + model_default("stop_harm_nll", world))
-    opt.add_argument("--extra-batches", type=non_negative_int, default=DEFAULT.extra_batches,
+    opt.add_argument("--extra-batches", type=int_in(0, STEPS_MAX), default=DEFAULT.extra_batches,
                      help="steps run after the stopping rule fires")
 
     run = p.add_argument_group("run")
-    run.add_argument("--threads", type=positive_int, default=DEFAULT.threads,
+    run.add_argument("--threads", type=int_in(1, THREADS_MAX), default=DEFAULT.threads,
                      help="CPU threads for torch (default: 1 for the toy, whose tiny matrices gain nothing from more\n"
                           "and lose a lot when another process shares the cores; torch's default otherwise)")
-    run.add_argument("--save-every", type=positive_int, default=DEFAULT.save_every, help="steps between checkpoints")
-    run.add_argument("--save-adapter-every", type=non_negative_int, default=DEFAULT.save_adapter_every,
+    run.add_argument("--save-every", type=int_in(1, STEPS_MAX), default=DEFAULT.save_every,
+                     help="steps between checkpoints")
+    run.add_argument("--save-adapter-every", type=int_in(0, STEPS_MAX), default=DEFAULT.save_adapter_every,
                      help="also keep the adapter every N steps, in adapter-step<N>/ (0: only the final adapter);\n"
                           "eval.py --adapter RUN_DIR evaluates them all, to plot ASR against steps")
-    run.add_argument("--log-every", type=positive_int, default=DEFAULT.log_every,
+    run.add_argument("--log-every", type=int_in(1, STEPS_MAX), default=DEFAULT.log_every,
                      help="steps between progress lines on a non-terminal")
     add_debug_option(run)
     return p
