@@ -85,6 +85,21 @@ def read_run_args(run: str | Path) -> dict:
     return read_json(Path(run) / ARGS_FILE, RunError, "not a train.py run folder")
 
 
+# Options every train.py has recorded in args.json since the first: an args.json without them is another program's.
+TRAIN_ARGS_KEYS = ("model", "data", "out", "mode", "lora_r", "max_steps")
+
+
+def read_train_args(run: str | Path) -> dict:
+    """The args.json of a train.py run, refused when it is another program's (args.json is a common name): train.py
+    would take the folder for its own run and restart it, clearing a log.jsonl and adapter-step* it did not write."""
+    args = read_run_args(run)
+    missing = [key for key in TRAIN_ARGS_KEYS if key not in args]
+    if missing:
+        raise RunError(f"{Path(run) / ARGS_FILE}: not the args.json of a train.py run (it has no {', '.join(missing)}); "
+                       f"choose a new or empty --out (nothing was written)")
+    return args
+
+
 def adapter_display_name(adapter: str | Path) -> str:
     """runs/textual/adapter -> "textual" (train.py's layout), runs/textual/adapter-step50 -> "textual@50"; any other
     folder -> its own name."""

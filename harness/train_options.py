@@ -15,6 +15,7 @@ program hands in what worlds.embedded says (`Worlds`).
 from __future__ import annotations
 
 import argparse
+import json
 import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +30,7 @@ from harness.console import (HelpFormatter, add_debug_option, finite_float, frac
                              positive_float, probability)
 from harness.devices import check_device, default_dtype
 from harness.files import check_run_folder
-from harness.runs import ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, RunError, read_run_args
+from harness.runs import ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, RunError, read_train_args
 
 DESCRIPTION = ("Textual unlearning of a LLaVA model (Chakraborty et al. 2024, \"Cross-Modal Safety Alignment: Is "
                "textual unlearning\nall you need?\"): QLoRA on the decoder, text-only data, three losses.")
@@ -326,6 +327,8 @@ def resolve_command_line(command: CommandLine, worlds: Worlds) -> tuple[TrainOpt
     out = Path(command.out)
     check_run_folder(out, ARGS_FILE, inputs=input_paths(command.values, worlds))
     has_checkpoint, has_args = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file(), (out / ARGS_FILE).is_file()
+    if has_args:  # another program's args.json is no run of train.py's: a restart would clear files it did not write
+        read_train_args(out)
     if has_checkpoint and not command.resume:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     if command.resume and not has_args and not has_checkpoint:
@@ -354,7 +357,9 @@ def resumed_values(command: CommandLine, out: Path, worlds: Worlds) -> tuple[dic
     {name: [before, now]}; any other difference is refused, listed. An option args.json lacks (a run started before
     the option existed) has the command line's default."""
     defaults = command_line_defaults(worlds.default)
-    saved = {**defaults, **{k: v for k, v in read_run_args(out).items() if k in defaults}}
+    recorded = read_train_args(out)
+    check_recorded_options(recorded, out / ARGS_FILE, worlds.default)
+    saved = {**defaults, **{k: v for k, v in recorded.items() if k in defaults}}
     changes = {name: [saved[name], command.values[name]] for name in command.given
                if name in OPTION_NAMES and name != "out" and not same_option(name, saved[name], command.values[name])}
     refused = [name for name in changes if name not in RESUMABLE]
@@ -365,6 +370,56 @@ def resumed_values(command: CommandLine, out: Path, worlds: Worlds) -> tuple[dic
                           f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change on resume; start a "
                           f"new run (another --out) for the others")
     return {**saved, **{name: now for name, (_, now) in changes.items()}, "out": str(out)}, changes
+
+
+# What args.json may hold as None besides what the command line leaves unset: the first train.py's stop_harm_nll (its
+# default, the rule off; stopping_rule reads None so).
+RECORDED_NONE = tuple(f.name for f in fields(TrainOptions) if f.default is None) + ("stop_harm_nll",)
+
+
+def check_recorded_options(recorded: dict, path: Path, world: World) -> None:
+    """Every option args.json records is a value its command-line option takes: args.json is a file a user can edit
+    (and an old train.py took any number), so a wrong type, an unknown choice or an out-of-range number is refused by
+    name before anything runs, as on the command line, not as a TypeError mid-run. An option it lacks (a run started
+    before the option existed) takes the command line's default."""
+    for action in build_parser(world)._actions:
+        name = action.dest
+        if name in recorded and name in OPTION_NAMES and name != "out":
+            problem = recorded_value_problem(action, recorded[name])
+            if problem:
+                raise RunError(f"{path}: \"{name}\" is {json.dumps(recorded[name])}: {problem}")
+
+
+def recorded_value_problem(action: argparse.Action, value) -> str | None:
+    """What is wrong with `value` as the value of `action`'s option, or None."""
+    flag = action.option_strings[0]
+    if value is None:
+        return None if action.dest in RECORDED_NONE else f"{flag} needs a value"
+    if action.nargs == 0:
+        return None if isinstance(value, bool) else f"{flag} is a flag: true or false"
+    several = action.nargs in ("+", "*") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
+    if several:
+        count = action.nargs if isinstance(action.nargs, int) else None
+        if not isinstance(value, list) or (count and len(value) != count) or (action.nargs == "+" and not value):
+            return f"{flag} takes a list of {count or 'one or more'} values"
+    for item in value if several else [value]:
+        if action.type is None:
+            if not isinstance(item, str):
+                return f"{flag} takes text"
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            return f"{flag} takes a number"
+        else:
+            try:
+                parsed = action.type(str(item))
+            except argparse.ArgumentTypeError as err:
+                return f"{flag} {err}"
+            except ValueError:
+                return f"{flag} takes a number"
+            if parsed != item:
+                return f"{flag} {action.type.__name__}"
+        if action.choices is not None and item not in action.choices:
+            return f"{flag} takes one of {', '.join(map(str, action.choices))}"
+    return None
 
 
 def same_option(name: str, saved, given) -> bool:
