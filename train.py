@@ -103,12 +103,14 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
             start_step_memory(device)
             lr = set_learning_rate(optimizer, state.step, options)
             optimizer.zero_grad(set_to_none=True)
-            # this rank's share of the step: --grad-accum micro-batches, each a (batch_size, T) batch per term
-            micro_batches = [maker.term_batches(harm, normal, state.step, position).to(device)
+            # this rank's share of the step: --grad-accum micro-batches, each a (batch_size, T) batch per term, on
+            # the CPU until its turn (the step's token counts come first; one micro-batch at a time on the device)
+            micro_batches = [maker.term_batches(harm, normal, state.step, position)
                              for harm, normal, position in streams.next_step(world.rank)]
             step_tokens = tokens_in_step(micro_batches, world.sum_floats)
             sums, counts = {}, StepCounts()
             for batches in micro_batches:
+                batches = batches.to(device)
                 # L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility, each term the mean over all its
                 # response tokens in the step: this batch's mean counts with its share of them. The gradient is
                 # accumulated one term at a time, so only one term's graph is alive          (ref/losses.py)
@@ -193,6 +195,8 @@ def build_model(options: TrainOptions, kernels: kernel_registry.Kernels, world: 
     original the KL term compares with. Under torchrun with --parallel fsdp the decoder layers are sharded across
     the ranks; under ddp every rank holds the whole model and the gradients are averaged after each step.
     Returns (model, the LoRA settings or None, the frozen original or None)."""
+    if not options.full_parameter:
+        check_lora_rank(options)
     model = load_base_on_rank(options, kernels, world)
     lora, original = None, None
     if options.full_parameter:
@@ -210,6 +214,20 @@ def build_model(options: TrainOptions, kernels: kernel_registry.Kernels, world: 
     model.language_model.gradient_checkpointing = options.activation_checkpointing
     model.train()  # dropout in the adapters; nothing else in the model behaves differently
     return model, lora, original
+
+
+def check_lora_rank(options: TrainOptions) -> None:
+    """--lora-r against the target linears, from config.json before the model loads: B A has rank at most a linear's
+    smaller side, so a larger r adds memory (r x (in + out) per linear: a bomb for a large r) and nothing else."""
+    shapes = expected_shapes(load_config(options.model, options.vision_dir))  # built on the meta device: no memory
+    sides = {name.split(".")[-2]: min(shape) for name, shape in shapes.items()
+             if name.startswith("language_model.layers.") and name.split(".")[-2] in options.lora_targets
+             and name.endswith(".weight") and len(shape) == 2}
+    if sides and options.lora_r > min(sides.values()):
+        target, side = min(sides.items(), key=lambda item: item[1])
+        raise TrainError(f"--lora-r {options.lora_r} is more than {side}, the smaller side of the {target} linears "
+                         f"of {options.model}: an adapter's update B A has rank at most that; use --lora-r {side} "
+                         f"or less")
 
 
 def load_base_on_rank(options: TrainOptions, kernels: kernel_registry.Kernels, world: Distributed):

@@ -453,6 +453,21 @@ def check_options(options: TrainOptions, worlds: Worlds) -> None:
     if options.parallel == "fsdp" and options.quantize != "none":
         raise OptionError(f"--parallel fsdp shards dense weights; a {options.quantize} base runs under --parallel ddp "
                           f"(or train on a dense base: --quantize none)")
+    if options.warmup > options.max_steps:
+        raise OptionError(f"--warmup {options.warmup} is more than --max-steps {options.max_steps}: the learning rate "
+                          f"would never reach --lr {options.lr}; warm up over fewer steps")
+    weighted = options.eps[1:] if options.mode == "sft" else options.eps
+    if not any(weighted):
+        raise OptionError(f"--eps {' '.join(f'{e:g}' for e in options.eps)}: every term the {options.mode} mode trains on has "
+                          f"weight 0{' (sft ignores eps1)' if options.mode == 'sft' else ''}, so the run would learn "
+                          f"nothing; give a term a weight")
+    if options.batch_size * options.grad_accum > STEP_RECORDS_MAX:
+        raise OptionError(f"--batch-size {options.batch_size} x --grad-accum {options.grad_accum} is "
+                          f"{options.batch_size * options.grad_accum:,} records of each kind per step on each rank, "
+                          f"more than {STEP_RECORDS_MAX:,}; take fewer")
+    if options.data not in worlds.default.data and Path(options.data).exists() and not Path(options.data).is_file():
+        raise OptionError(f"--data {options.data}: is not a file (a folder, a device or a pipe); give the unlearning "
+                          f"JSONL file")
     check_device(options.device)
     if (world := worlds.of(options.model)) is not None:
         world.require_model(options.model)
