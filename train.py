@@ -79,6 +79,8 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
     kernels = set_up_torch(options)
     # 3 before 2: every input is read and checked before the (slow) model load
     harmful, normal, coverage, maker = read_data(options)
+    # the sha256 of the data, image and model files: a resumed run's must be those it began with
+    folder.check_inputs(start, images=sorted({r.image for r in (*harmful, *normal) if r.image}))
     # 2. the model, the optimizer over the adapters, the loss weights, the record streams; a resume puts back all four
     model, lora, original = build_model(options, kernels, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -148,7 +150,7 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
     # 5. the outputs
     state.stopped_by = state.stopped_by or "max_steps"
     folder.save_checkpoint(model, optimizer, state.checkpoint(streams))
-    folder.save_outputs(model, lora)
+    folder.save_outputs(model, lora, state.step)
     return folder.write_summary(state, device, kernels, coverage)
 
 
