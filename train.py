@@ -72,6 +72,7 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
     # 1. the run folder: a run stopped before its first checkpoint starts again; a finished one has nothing to do
     world = Distributed.from_environment(options.device)
     folder = RunFolder(options, world, data_file=None if options.data in DEFAULT_WORLD.data else options.data)
+    folder.hold()  # one train.py process at a time in a run folder
     if start.restart:
         folder.restart()
     if (finished := folder.finished(start)) is not None:

@@ -1,6 +1,7 @@
 """A training run in its folder, as train.py drives it: begun or resumed, logged, checkpointed, finished.
 
     folder = RunFolder(options, world, data_file)
+    folder.hold()                                     # one train.py process at a time in a run folder
     folder.restart()                                  # a run stopped before its first checkpoint starts again
     folder.finished(start)                            # a resumed run with nothing left to do: its summary
     folder.check_inputs(start, images)                # the sha256 of every input; a resumed run's must be the same
@@ -16,6 +17,7 @@ alone writes and prints. The files and their formats are harness/runs.py's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -40,6 +42,11 @@ from harness.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, KERNELS_FILE, 
                           RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state,
                           read_run_args, rng_state, save_checkpoint, step_adapter_dir, training_tensors)
 from harness.train_options import OptionError, RunStart, TrainOptions
+
+
+# The run folders this process holds: {resolved path: the open descriptor whose lock it is}. The lock lasts as long as
+# the process (a crash or a kill releases it); a process may run in a folder it holds again (tests, scripts).
+_HELD: dict[Path, int] = {}
 
 
 def new_totals() -> dict:
@@ -88,8 +95,32 @@ class RunFolder:
         self.path = Path(options.out)
         self.inputs: dict[str, str | None] | None = None  # {input file: sha256}, from check_inputs (rank 0)
         self.run_id: str | None = None  # args.json's provenance.run_id: this run, whose model/ it may replace
+        self.was_empty = not self.path.is_dir() or not any(self.path.iterdir())  # a new run's folder, at its start
 
     # -- starting ------------------------------------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Lock the run folder for this process (rank 0's), or refuse: two train.py processes in one folder, a job
+        started again while it still runs, would both append to the log and write over each other's checkpoint.
+        A folder that does not exist yet is locked when the run creates it (`begin`)."""
+        problem = self._lock() if self.world.is_main and self.path.is_dir() else None
+        problem = self.world.broadcast_object(problem)
+        if problem:
+            raise RunError(problem)
+
+    def _lock(self) -> str | None:
+        key = self.path.resolve()
+        if key in _HELD:
+            return None
+        descriptor = os.open(key, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: another process holds it
+            os.close(descriptor)
+            return (f"--out {self.path}: another train.py process is running in it; wait for it to end (or stop it: "
+                    f"Ctrl-C or SIGTERM checkpoints), or choose another --out (nothing was written)")
+        _HELD[key] = descriptor
+        return None
 
     def restart(self) -> None:
         """A run with no checkpoint trained nothing that can be kept: its log and step adapters go (its files only)."""
@@ -204,6 +235,12 @@ class RunFolder:
         divergence guard starts from the untrained adapters' norm."""
         if self.world.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+            problem = self._lock()
+            if problem is None and self.was_empty and any(self.path.iterdir()):  # another run started in it meanwhile
+                problem = (f"--out {self.path}: another train.py run started in it while this one was loading; "
+                           f"choose another --out (nothing was written)")
+            if problem:
+                raise RunError(problem)
             self.run_id = uuid.uuid4().hex
             self._write_args({**asdict(self.options), "provenance": {**self.provenance(), "run_id": self.run_id}})
         return LoopState(reference_norms={"adapter": adapter_norm, "grad": None})
