@@ -97,8 +97,8 @@ def read_train_args(run: str | Path) -> dict:
     args = read_run_args(run)
     missing = [key for key in TRAIN_ARGS_KEYS if key not in args]
     if missing:
-        raise RunError(f"{Path(run) / ARGS_FILE}: not the args.json of a train.py run (it has no {', '.join(missing)}); "
-                       f"choose a new or empty --out (nothing was written)")
+        raise RunError(f"{Path(run) / ARGS_FILE}: not the args.json of a train.py run (it has no "
+                       f"{', '.join(missing)}); choose a new or empty --out (nothing was written)")
     return args
 
 

@@ -458,9 +458,9 @@ def check_options(options: TrainOptions, worlds: Worlds) -> None:
                           f"would never reach --lr {options.lr}; warm up over fewer steps")
     weighted = options.eps[1:] if options.mode == "sft" else options.eps
     if not any(weighted):
-        raise OptionError(f"--eps {' '.join(f'{e:g}' for e in options.eps)}: every term the {options.mode} mode trains on has "
-                          f"weight 0{' (sft ignores eps1)' if options.mode == 'sft' else ''}, so the run would learn "
-                          f"nothing; give a term a weight")
+        eps, ignored = " ".join(f"{e:g}" for e in options.eps), " (sft ignores eps1)" if options.mode == "sft" else ""
+        raise OptionError(f"--eps {eps}: every term the {options.mode} mode trains on has weight 0{ignored}, so the "
+                          f"run would learn nothing; give a term a weight")
     if options.batch_size * options.grad_accum > STEP_RECORDS_MAX:
         raise OptionError(f"--batch-size {options.batch_size} x --grad-accum {options.grad_accum} is "
                           f"{options.batch_size * options.grad_accum:,} records of each kind per step on each rank, "
