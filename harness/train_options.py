@@ -37,7 +37,7 @@ DESCRIPTION = ("Textual unlearning of a LLaVA model (Chakraborty et al. 2024, \"
 RUNS = Path(__file__).resolve().parent.parent / "runs"  # --out's default: runs/<mode> in this checkout
 TRAIN_DTYPES = ["bfloat16", "float32"]
 # The ranges of the integer options: what the code downstream takes, refused by argparse before anything runs.
-SEED_MAX = 2**64 - 1         # torch.manual_seed's largest seed (ref.batches reduces the streams' seeds into it too)
+SEED_MAX = 2**63 - 1         # a signed 64-bit seed, as the tools' (worlds.toy.build): torch.manual_seed takes it
 STEPS_MAX = 10**9            # step counts: a billion steps is centuries of training
 STEP_RECORDS_MAX = 65536     # records of each kind one rank tokenizes for a step: --batch-size x --grad-accum
 LORA_R_MAX = 65536           # an adapter's rank (and at most the target linears' smaller side: train.py checks it)

@@ -34,7 +34,7 @@ class RecordStream:
 
     def _order(self) -> list[int]:
         if self._orders is None or self._orders[0] != self.epoch:
-            # torch seeds are 64-bit: any seed (train.py's go up to 2**64 - 1) and epoch map into them; below 2**64
+            # torch seeds are 64-bit: any seed (train.py's go up to 2**63 - 1) and epoch map into them; below 2**64
             # the value is unchanged, so the streams of every run made so far stay the same
             generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
             self._orders = (self.epoch, torch.randperm(self.size, generator=generator).tolist())

@@ -402,7 +402,7 @@ def test_options_that_would_quietly_do_nothing_are_refused(world, tmp_path, caps
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--seed", str(2**64), f"must be an integer in [0, {SEED_MAX}]"),
+    ("--seed", str(2**63), f"must be an integer in [0, {SEED_MAX}]"),
     ("--seed", "1e15", f"must be an integer in [0, {SEED_MAX}]"),
     ("--category-seed", "-1", f"must be an integer in [0, {SEED_MAX}]"),
     ("--threads", str(2**40), "must be an integer in [1, 1024]"),
@@ -424,9 +424,9 @@ def test_case20_numbers_out_of_range_are_refused_by_argparse(world, tmp_path, ca
 
 def test_case20_every_numeric_option_has_a_range():
     """The audit, kept: every option that takes a number has a type with a range. The integer ones are bounded both
-    ways (10**30 is refused; the seeds stop at 2**64 - 1, what torch.manual_seed takes); the others must be finite,
-    and what a large finite value does is caught by the run itself (a loss or adapter gone non-finite, or diverging,
-    stops the run with the last good adapter: tests/test_reliability.py's guard cases)."""
+    ways (10**30 is refused; the seeds stop at 2**63 - 1, a signed 64-bit integer torch.manual_seed takes); the
+    others must be finite, and what a large finite value does is caught by the run itself (a loss or adapter gone
+    non-finite, or diverging, stops the run with the last good adapter: tests/test_reliability.py's guard cases)."""
     numeric = [a for a in build_parser(embedded.DEFAULT_WORLD)._actions if a.type is not None]
     integers = {a.dest for a in numeric if a.type.__name__.startswith("must be an integer in [")}
     assert integers == {"seed", "category_seed", "lora_r", "batch_size", "grad_accum", "max_steps", "warmup",
@@ -441,7 +441,7 @@ def test_case20_every_numeric_option_has_a_range():
 
 
 def test_case20_the_largest_seed_trains(world, tmp_path):
-    """--seed 10**15 and 2**64 - 1 overflowed in the data streams after the model loaded (seed * 100003 + epoch)."""
+    """--seed 10**15 and 2**63 - 1 overflowed in the data streams after the model loaded (seed * 100003 + epoch)."""
     for seed in (10**15, SEED_MAX):
         summary = trained(train_argv(world, tmp_path / str(seed), "--max-steps", "1", "--seed", str(seed),
                                      "--category-fraction", "0.5", "--category-seed", str(SEED_MAX)))
