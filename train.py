@@ -22,33 +22,38 @@ projector run every step, frozen) and `sft` (the supervised baseline: NLL on the
 
 from __future__ import annotations
 
-import math
-import os
-import random
-import signal
-import sys
-import time
+from harness.console import exit_quietly_on_interrupt  # the standard library only: the imports below take seconds
 
-import torch
+with exit_quietly_on_interrupt("train.py"):  # a Ctrl-C during them: one line, exit status 130
+    import math
+    import os
+    import random
+    import signal
+    import sys
+    import time
 
-from ref import kernels as kernel_registry
-from ref.batches import BatchMaker, Streams
-from ref.data import load_processor
-from ref.distributed import Distributed, close_process_group, full_tensor, shard_decoder_layers
-from ref.lora import LoraConfig, add_lora, adapters_disabled
-from ref.losses import (LossWeights, StepCounts, add_token_sums, step_shares, step_terms, tokens_in_step,
-                        unlearning_backward)
-from ref.unlearning_data import HarmfulRecord, NormalRecord, split_records
-from harness.console import exit_on_user_error
-from harness.memory import start_step_memory
-from harness.models import load_base
-from harness.runs import trainable_tensors
-from harness.signals import StopRequest
-from harness.train_console import announce, progress_info, say_stopped, step_progress
-from harness.train_options import RunStart, TrainOptions, Worlds, parse_command_line, resolve_command_line
-from harness.train_run import LoopState, RunFolder
-from harness.unlearning_data import read_unlearning_jsonl
-from worlds.embedded import DEFAULT_WORLD, world_of
+    import torch
+
+    from ref import kernels as kernel_registry
+    from ref.batches import BatchMaker, Streams
+    from ref.config import load_config
+    from ref.data import load_processor
+    from ref.distributed import Distributed, close_process_group, full_tensor, shard_decoder_layers
+    from ref.lora import LoraConfig, add_lora, adapters_disabled
+    from ref.losses import (LossWeights, StepCounts, add_token_sums, step_shares, step_terms, tokens_in_step,
+                            unlearning_backward)
+    from ref.unlearning_data import HarmfulRecord, NormalRecord, split_records
+    from ref.weights import expected_shapes
+    from harness.console import exit_on_user_error
+    from harness.memory import start_step_memory
+    from harness.models import load_base
+    from harness.runs import trainable_tensors
+    from harness.signals import StopRequest
+    from harness.train_console import announce, progress_info, say_stopped, step_progress
+    from harness.train_options import RunStart, TrainOptions, Worlds, parse_command_line, resolve_command_line
+    from harness.train_run import LoopState, RunFolder
+    from harness.unlearning_data import read_unlearning_jsonl
+    from worlds.embedded import DEFAULT_WORLD, world_of
 
 WORLDS = Worlds(default=DEFAULT_WORLD, of=world_of)  # what the options learn of the embedded worlds
 
@@ -67,6 +72,7 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
     # 1. the run folder: a run stopped before its first checkpoint starts again; a finished one has nothing to do
     world = Distributed.from_environment(options.device)
     folder = RunFolder(options, world, data_file=None if options.data in DEFAULT_WORLD.data else options.data)
+    folder.hold()  # one train.py process at a time in a run folder
     if start.restart:
         folder.restart()
     if (finished := folder.finished(start)) is not None:
@@ -74,6 +80,8 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
     kernels = set_up_torch(options)
     # 3 before 2: every input is read and checked before the (slow) model load
     harmful, normal, coverage, maker = read_data(options)
+    # the sha256 of the data, image and model files: a resumed run's must be those it began with
+    folder.check_inputs(start, images=sorted({r.image for r in (*harmful, *normal) if r.image}))
     # 2. the model, the optimizer over the adapters, the loss weights, the record streams; a resume puts back all four
     model, lora, original = build_model(options, kernels, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -98,12 +106,14 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
             start_step_memory(device)
             lr = set_learning_rate(optimizer, state.step, options)
             optimizer.zero_grad(set_to_none=True)
-            # this rank's share of the step: --grad-accum micro-batches, each a (batch_size, T) batch per term
-            micro_batches = [maker.term_batches(harm, normal, state.step, position).to(device)
+            # this rank's share of the step: --grad-accum micro-batches, each a (batch_size, T) batch per term, on
+            # the CPU until its turn (the step's token counts come first; one micro-batch at a time on the device)
+            micro_batches = [maker.term_batches(harm, normal, state.step, position)
                              for harm, normal, position in streams.next_step(world.rank)]
             step_tokens = tokens_in_step(micro_batches, world.sum_floats)
             sums, counts = {}, StepCounts()
             for batches in micro_batches:
+                batches = batches.to(device)
                 # L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility, each term the mean over all its
                 # response tokens in the step: this batch's mean counts with its share of them. The gradient is
                 # accumulated one term at a time, so only one term's graph is alive          (ref/losses.py)
@@ -141,7 +151,7 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
     # 5. the outputs
     state.stopped_by = state.stopped_by or "max_steps"
     folder.save_checkpoint(model, optimizer, state.checkpoint(streams))
-    folder.save_outputs(model, lora)
+    folder.save_outputs(model, lora, state.step)
     return folder.write_summary(state, device, kernels, coverage)
 
 
@@ -188,6 +198,8 @@ def build_model(options: TrainOptions, kernels: kernel_registry.Kernels, world: 
     original the KL term compares with. Under torchrun with --parallel fsdp the decoder layers are sharded across
     the ranks; under ddp every rank holds the whole model and the gradients are averaged after each step.
     Returns (model, the LoRA settings or None, the frozen original or None)."""
+    if not options.full_parameter:
+        check_lora_rank(options)
     model = load_base_on_rank(options, kernels, world)
     lora, original = None, None
     if options.full_parameter:
@@ -205,6 +217,20 @@ def build_model(options: TrainOptions, kernels: kernel_registry.Kernels, world: 
     model.language_model.gradient_checkpointing = options.activation_checkpointing
     model.train()  # dropout in the adapters; nothing else in the model behaves differently
     return model, lora, original
+
+
+def check_lora_rank(options: TrainOptions) -> None:
+    """--lora-r against the target linears, from config.json before the model loads: B A has rank at most a linear's
+    smaller side, so a larger r adds memory (r x (in + out) per linear: a bomb for a large r) and nothing else."""
+    shapes = expected_shapes(load_config(options.model, options.vision_dir))  # built on the meta device: no memory
+    sides = {name.split(".")[-2]: min(shape) for name, shape in shapes.items()
+             if name.startswith("language_model.layers.") and name.split(".")[-2] in options.lora_targets
+             and name.endswith(".weight") and len(shape) == 2}
+    if sides and options.lora_r > min(sides.values()):
+        target, side = min(sides.items(), key=lambda item: item[1])
+        raise TrainError(f"--lora-r {options.lora_r} is more than {side}, the smaller side of the {target} linears "
+                         f"of {options.model}: an adapter's update B A has rank at most that; use --lora-r {side} "
+                         f"or less")
 
 
 def load_base_on_rank(options: TrainOptions, kernels: kernel_registry.Kernels, world: Distributed):
@@ -368,7 +394,8 @@ def stopping_rule(state: LoopState, harm_nll: float | None, options: TrainOption
 
 
 def main(argv: list[str] | None = None) -> None:
-    command = parse_command_line(argv, WORLDS)  # a bad option: argparse's one line, exit status 2
+    with exit_quietly_on_interrupt("train.py"):  # a Ctrl-C while the command line is read
+        command = parse_command_line(argv, WORLDS)  # a bad option: argparse's one line, exit status 2
     with exit_on_user_error("train.py", command.debug):
         try:
             result = train(*resolve_command_line(command, WORLDS))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import signal
 import sys
 import time
 
@@ -81,6 +82,19 @@ def exit_on_user_error(prog: str, debug: bool = False):
         raise SystemExit(2) from None
 
 
+@contextlib.contextmanager
+def exit_quietly_on_interrupt(prog: str):
+    """Ctrl-C inside the block ends the program with one line and exit status 130 (128 + SIGINT, what a shell reports
+    for a program Ctrl-C stopped), not a KeyboardInterrupt traceback. A program wraps its imports in it: an interrupt
+    can arrive while `import torch` runs, before any function of the program does. (A program started with SIGINT
+    ignored, as a shell starts a background job, never sees one.)"""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="on an error, show its traceback instead of one line")
 
@@ -98,7 +112,8 @@ def _number(kind: type, low: float | None, low_open: bool, high: float | None = 
             raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
-        if not math.isfinite(value) or too_low or too_high:
+        # an int's isfinite would turn it into a float: 10**400 raises OverflowError, which argparse does not catch
+        if (isinstance(value, float) and not math.isfinite(value)) or too_low or too_high:
             raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
         return value
     parse.__name__ = what  # argparse names the type in some messages
@@ -111,6 +126,12 @@ positive_float = _number(float, 0.0, True, what="must be a finite number > 0")
 non_negative_float = _number(float, 0.0, False, what="must be a finite number >= 0")
 finite_float = _number(float, None, False, what="must be a finite number")
 probability = _number(float, 0.0, False, 1.0, True, what="must be a number in [0, 1)")
+fraction = _number(float, 0.0, True, 1.0, False, what="must be a number in (0, 1]")
+
+
+def int_in(low: int, high: int):
+    """An integer option in [low, high], both included: what the code downstream (torch, a buffer, a loop) can take."""
+    return _number(int, low, False, high, False, what=f"must be an integer in [{low}, {high}]")
 
 
 class HelpFormatter(argparse.RawTextHelpFormatter):

@@ -6,7 +6,8 @@
                 checkpoint/state.safetensors adapter, AdamW moments, RNG states and the loop's position, in one file
                 adapter/                     the trained LoRA adapter, in peft's format (ref.adapters)
                 adapter-step<N>/             the adapter after step N (train.py --save-adapter-every)
-                model/                       instead of adapter/, after --full-parameter: a llava-hf checkpoint
+                model/                       instead of adapter/, after --full-parameter: a llava-hf checkpoint,
+                                             with train_run.json naming the run that wrote it
                 summary.json                 tokens, estimated FLOPs, wall time, peak memory, why the run stopped
 
 Every file but the log is written under a temporary name and renamed into place (harness/files.py), so a crash never
@@ -33,6 +34,7 @@ from harness.readers import read_jsonl
 ARGS_FILE, SUMMARY_FILE, LOG_FILE, KERNELS_FILE = "args.json", "summary.json", "log.jsonl", "kernels.txt"
 ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE = "adapter", "checkpoint", "state.safetensors"
 MODEL_DIR = "model"  # what full-parameter training writes instead of adapter/: a llava-hf checkpoint
+MODEL_MARK = "train_run.json"  # in model/: the run that wrote it ({"run_id", "step"}), which alone may replace it
 
 
 class RunError(ValueError):
@@ -83,6 +85,21 @@ def run_adapters(run: str | Path) -> list[Path]:
 def read_run_args(run: str | Path) -> dict:
     """The options a train.py run was started with (its args.json)."""
     return read_json(Path(run) / ARGS_FILE, RunError, "not a train.py run folder")
+
+
+# Options every train.py has recorded in args.json since the first: an args.json without them is another program's.
+TRAIN_ARGS_KEYS = ("model", "data", "out", "mode", "lora_r", "max_steps")
+
+
+def read_train_args(run: str | Path) -> dict:
+    """The args.json of a train.py run, refused when it is another program's (args.json is a common name): train.py
+    would take the folder for its own run and restart it, clearing a log.jsonl and adapter-step* it did not write."""
+    args = read_run_args(run)
+    missing = [key for key in TRAIN_ARGS_KEYS if key not in args]
+    if missing:
+        raise RunError(f"{Path(run) / ARGS_FILE}: not the args.json of a train.py run (it has no "
+                       f"{', '.join(missing)}); choose a new or empty --out (nothing was written)")
+    return args
 
 
 def adapter_display_name(adapter: str | Path) -> str:
@@ -225,7 +242,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
         torch.set_rng_state(tensors.get(f"rng/torch/rank{rank}", tensors["rng/torch"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise RunError(f"{path}: a damaged training checkpoint ({type(err).__name__}: {err})") from err
+        raise RunError(f"{path}: a damaged training checkpoint, or one of another model ({type(err).__name__}: "
+                       f"{err})") from err
     with torch.no_grad():
         for param, saved in adapter:
             param.copy_(shaped_like(param, saved.to(param.device)))
@@ -237,7 +255,14 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
 
 
 def _checked_state(tensors: dict, meta: dict, params: dict) -> tuple[list, dict]:
-    """[(parameter, saved tensor)] and AdamW's state by parameter index, each tensor checked against the model."""
+    """[(parameter, saved tensor)] and AdamW's state by parameter index, each tensor checked against the model, both
+    ways: every saved tensor has its place in the model, and every trainable tensor of the model is saved (a model
+    that gained a layer would otherwise train that layer's adapters from scratch, beside the others' trained ones)."""
+    trainable = [name for name, p in params.items() if p.requires_grad]
+    unsaved = sorted(set(trainable) - set(meta["param_names"]))
+    if unsaved:
+        raise ValueError(f"{len(unsaved)} of the model's {len(trainable)} trainable tensors are not in it (e.g. "
+                         f"{unsaved[0]!r}): it was saved from another model, or with other --lora-targets")
     adapter, moments = [], {}
     for index, name in enumerate(meta["param_names"]):
         saved = tensors.get(f"param/{name}")

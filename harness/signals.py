@@ -4,6 +4,10 @@ exits and `--resume` continues exactly; a second signal stops at once.
     stop = StopRequest()                 # or StopRequest(after_step=N): the same stop after step N (the tests')
     with stop.on_signals():
         ... if stop.requested(step): save a checkpoint, say stop.reason(), return
+
+A signal the program was started with ignored stays ignored (a shell starts a background job, `cmd &`, with SIGINT
+ignored, so that a Ctrl-C meant for the foreground does not reach it), and after the block every signal has the
+handler it had before, whatever that was.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
@@ -27,7 +33,8 @@ class StopRequest:
 
     @contextlib.contextmanager
     def on_signals(self):
-        """Catch SIGINT and SIGTERM inside the block (from the main thread only: Python delivers signals there)."""
+        """Catch SIGINT and SIGTERM inside the block (from the main thread only: Python delivers signals there),
+        except one that is ignored: it stays so."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -37,9 +44,13 @@ class StopRequest:
                 raise KeyboardInterrupt  # the second signal: stop now, without a checkpoint
             self.signal_name, self.signal_number = signal.Signals(signum).name, signum
 
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        found = {s: signal.getsignal(s) for s in SIGNALS}
+        caught = [s for s, handler in found.items() if handler is not signal.SIG_IGN]
+        for s in caught:
+            signal.signal(s, handle)
         try:
             yield self
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            for s in caught:
+                # None: a handler installed outside Python; SIG_DFL is the nearest Python can put back
+                signal.signal(s, signal.SIG_DFL if found[s] is None else found[s])

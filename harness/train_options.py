@@ -15,6 +15,7 @@ program hands in what worlds.embedded says (`Worlds`).
 from __future__ import annotations
 
 import argparse
+import json
 import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,16 +26,22 @@ import torch
 from ref import kernels as kernel_registry
 from ref.data import PROMPT_FORMATS
 from ref.lora import LoraConfig
-from harness.console import (HelpFormatter, add_debug_option, finite_float, non_negative_float, non_negative_int,
-                             positive_float, positive_int, probability)
+from harness.console import (HelpFormatter, add_debug_option, finite_float, fraction, int_in, non_negative_float,
+                             positive_float, probability)
 from harness.devices import check_device, default_dtype
 from harness.files import check_run_folder
-from harness.runs import ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, RunError, read_run_args
+from harness.runs import ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, RunError, read_train_args
 
 DESCRIPTION = ("Textual unlearning of a LLaVA model (Chakraborty et al. 2024, \"Cross-Modal Safety Alignment: Is "
                "textual unlearning\nall you need?\"): QLoRA on the decoder, text-only data, three losses.")
 RUNS = Path(__file__).resolve().parent.parent / "runs"  # --out's default: runs/<mode> in this checkout
 TRAIN_DTYPES = ["bfloat16", "float32"]
+# The ranges of the integer options: what the code downstream takes, refused by argparse before anything runs.
+SEED_MAX = 2**63 - 1         # a signed 64-bit seed, as the tools' (worlds.toy.build): torch.manual_seed takes it
+STEPS_MAX = 10**9            # step counts: a billion steps is centuries of training
+STEP_RECORDS_MAX = 65536     # records of each kind one rank tokenizes for a step: --batch-size x --grad-accum
+LORA_R_MAX = 65536           # an adapter's rank (and at most the target linears' smaller side: train.py checks it)
+THREADS_MAX = 1024           # CPU threads torch starts
 
 
 class OptionError(ValueError):
@@ -209,9 +216,9 @@ def build_parser(world: World) -> argparse.ArgumentParser:
                              "\"categories\": the toy's are its topics, PKU-SafeRLHF's its harm categories)")
     method.add_argument("--exclude-categories", nargs="+", default=DEFAULT.exclude_categories, metavar="CATEGORY",
                         help="drop the harmful records of these categories")
-    method.add_argument("--category-fraction", type=positive_float, default=DEFAULT.category_fraction,
-                        help="keep this fraction of the (remaining) categories, drawn with --category-seed")
-    method.add_argument("--category-seed", type=non_negative_int, default=DEFAULT.category_seed,
+    method.add_argument("--category-fraction", type=fraction, default=DEFAULT.category_fraction,
+                        help="keep this fraction (0, 1] of the (remaining) categories, drawn with --category-seed")
+    method.add_argument("--category-seed", type=int_in(0, SEED_MAX), default=DEFAULT.category_seed,
                         help="draws --category-fraction's choice (default: --seed)")
     method.add_argument("--mismatch", default=DEFAULT.mismatch, choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
@@ -222,13 +229,15 @@ def build_parser(world: World) -> argparse.ArgumentParser:
     model.add_argument("--dtype", default=None, choices=TRAIN_DTYPES,
                        help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU and for the toy)")
     model.add_argument("--device", default=DEFAULT.device, help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--lora-r", type=positive_int, default=DEFAULT.lora_r, help="LoRA rank")
+    model.add_argument("--lora-r", type=int_in(1, LORA_R_MAX), default=DEFAULT.lora_r,
+                       help="LoRA rank (at most the target linears' smaller side)")
     model.add_argument("--lora-alpha", type=positive_float, default=DEFAULT.lora_alpha,
                        help="LoRA scale alpha (the update is alpha/r B A x)")
     model.add_argument("--lora-dropout", type=probability, default=DEFAULT.lora_dropout,
                        help="dropout on the adapters' input")
-    model.add_argument("--lora-targets", nargs="+", default=DEFAULT.lora_targets,
-                       help="decoder linears that get adapters, by name")
+    model.add_argument("--lora-targets", nargs="+", default=DEFAULT.lora_targets, choices=LoraConfig().targets,
+                       metavar="LINEAR", help="decoder linears that get adapters, by name: "
+                                              f"{' '.join(LoraConfig().targets)}")
     model.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder layers in backward")
     model.add_argument("--full-parameter", action="store_true",
                        help="train the decoder layers themselves, no LoRA (a dense base: --quantize none); the KL\n"
@@ -249,12 +258,14 @@ def build_parser(world: World) -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=positive_float, default=None, help="peak learning rate " + model_default("lr", world))
     opt.add_argument("--weight-decay", type=non_negative_float, default=DEFAULT.weight_decay,
                      help="AdamW's decoupled weight decay")
-    opt.add_argument("--batch-size", type=positive_int, default=None,
+    opt.add_argument("--batch-size", type=int_in(1, STEP_RECORDS_MAX), default=None,
                      help="records per batch, for each of the three terms " + model_default("batch_size", world))
-    opt.add_argument("--grad-accum", type=positive_int, default=DEFAULT.grad_accum, help="batches per optimizer step")
-    opt.add_argument("--max-steps", type=positive_int, default=None,
+    opt.add_argument("--grad-accum", type=int_in(1, STEP_RECORDS_MAX), default=DEFAULT.grad_accum,
+                     help="batches per optimizer step")
+    opt.add_argument("--max-steps", type=int_in(1, STEPS_MAX), default=None,
                      help="optimizer steps " + model_default("max_steps", world))
-    opt.add_argument("--warmup", type=non_negative_int, default=DEFAULT.warmup, help="linear warm-up steps")
+    opt.add_argument("--warmup", type=int_in(0, STEPS_MAX), default=DEFAULT.warmup,
+                     help="linear warm-up steps (at most --max-steps)")
     opt.add_argument("--schedule", default=DEFAULT.schedule, choices=["constant", "linear", "cosine"],
                      help="learning rate after warm-up: constant, or decaying to 0 at --max-steps")
     opt.add_argument("--clip", type=non_negative_float, default=DEFAULT.clip,
@@ -262,23 +273,24 @@ def build_parser(world: World) -> argparse.ArgumentParser:
     opt.add_argument("--divergence-factor", type=non_negative_float, default=DEFAULT.divergence_factor,
                      help="stop, keeping the last good adapter, when the gradient norm passes this many times the\n"
                           "largest before it, or the adapters' norm this many times the untrained adapters' (0: off)")
-    opt.add_argument("--seed", type=non_negative_int, default=DEFAULT.seed,
+    opt.add_argument("--seed", type=int_in(0, SEED_MAX), default=DEFAULT.seed,
                      help="seeds the data order, the adapters' init and dropout")
     opt.add_argument("--stop-harm-nll", type=finite_float, default=None,
                      help="Yao et al.'s rule: once the harmful NLL exceeds this, run --extra-batches more steps,\n"
                           "then stop; a negative value turns the rule off " + model_default("stop_harm_nll", world))
-    opt.add_argument("--extra-batches", type=non_negative_int, default=DEFAULT.extra_batches,
+    opt.add_argument("--extra-batches", type=int_in(0, STEPS_MAX), default=DEFAULT.extra_batches,
                      help="steps run after the stopping rule fires")
 
     run = p.add_argument_group("run")
-    run.add_argument("--threads", type=positive_int, default=DEFAULT.threads,
+    run.add_argument("--threads", type=int_in(1, THREADS_MAX), default=DEFAULT.threads,
                      help="CPU threads for torch (default: 1 for the toy, whose tiny matrices gain nothing from more\n"
                           "and lose a lot when another process shares the cores; torch's default otherwise)")
-    run.add_argument("--save-every", type=positive_int, default=DEFAULT.save_every, help="steps between checkpoints")
-    run.add_argument("--save-adapter-every", type=non_negative_int, default=DEFAULT.save_adapter_every,
+    run.add_argument("--save-every", type=int_in(1, STEPS_MAX), default=DEFAULT.save_every,
+                     help="steps between checkpoints")
+    run.add_argument("--save-adapter-every", type=int_in(0, STEPS_MAX), default=DEFAULT.save_adapter_every,
                      help="also keep the adapter every N steps, in adapter-step<N>/ (0: only the final adapter);\n"
                           "eval.py --adapter RUN_DIR evaluates them all, to plot ASR against steps")
-    run.add_argument("--log-every", type=positive_int, default=DEFAULT.log_every,
+    run.add_argument("--log-every", type=int_in(1, STEPS_MAX), default=DEFAULT.log_every,
                      help="steps between progress lines on a non-terminal")
     add_debug_option(run)
     return p
@@ -315,6 +327,8 @@ def resolve_command_line(command: CommandLine, worlds: Worlds) -> tuple[TrainOpt
     out = Path(command.out)
     check_run_folder(out, ARGS_FILE, inputs=input_paths(command.values, worlds))
     has_checkpoint, has_args = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file(), (out / ARGS_FILE).is_file()
+    if has_args:  # another program's args.json is no run of train.py's: a restart would clear files it did not write
+        read_train_args(out)
     if has_checkpoint and not command.resume:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     if command.resume and not has_args and not has_checkpoint:
@@ -343,7 +357,9 @@ def resumed_values(command: CommandLine, out: Path, worlds: Worlds) -> tuple[dic
     {name: [before, now]}; any other difference is refused, listed. An option args.json lacks (a run started before
     the option existed) has the command line's default."""
     defaults = command_line_defaults(worlds.default)
-    saved = {**defaults, **{k: v for k, v in read_run_args(out).items() if k in defaults}}
+    recorded = read_train_args(out)
+    check_recorded_options(recorded, out / ARGS_FILE, worlds.default)
+    saved = {**defaults, **{k: v for k, v in recorded.items() if k in defaults}}
     changes = {name: [saved[name], command.values[name]] for name in command.given
                if name in OPTION_NAMES and name != "out" and not same_option(name, saved[name], command.values[name])}
     refused = [name for name in changes if name not in RESUMABLE]
@@ -354,6 +370,56 @@ def resumed_values(command: CommandLine, out: Path, worlds: Worlds) -> tuple[dic
                           f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change on resume; start a "
                           f"new run (another --out) for the others")
     return {**saved, **{name: now for name, (_, now) in changes.items()}, "out": str(out)}, changes
+
+
+# What args.json may hold as None besides what the command line leaves unset: the first train.py's stop_harm_nll (its
+# default, the rule off; stopping_rule reads None so).
+RECORDED_NONE = tuple(f.name for f in fields(TrainOptions) if f.default is None) + ("stop_harm_nll",)
+
+
+def check_recorded_options(recorded: dict, path: Path, world: World) -> None:
+    """Every option args.json records is a value its command-line option takes: args.json is a file a user can edit
+    (and an old train.py took any number), so a wrong type, an unknown choice or an out-of-range number is refused by
+    name before anything runs, as on the command line, not as a TypeError mid-run. An option it lacks (a run started
+    before the option existed) takes the command line's default."""
+    for action in build_parser(world)._actions:
+        name = action.dest
+        if name in recorded and name in OPTION_NAMES and name != "out":
+            problem = recorded_value_problem(action, recorded[name])
+            if problem:
+                raise RunError(f"{path}: \"{name}\" is {json.dumps(recorded[name])}: {problem}")
+
+
+def recorded_value_problem(action: argparse.Action, value) -> str | None:
+    """What is wrong with `value` as the value of `action`'s option, or None."""
+    flag = action.option_strings[0]
+    if value is None:
+        return None if action.dest in RECORDED_NONE else f"{flag} needs a value"
+    if action.nargs == 0:
+        return None if isinstance(value, bool) else f"{flag} is a flag: true or false"
+    several = action.nargs in ("+", "*") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
+    if several:
+        count = action.nargs if isinstance(action.nargs, int) else None
+        if not isinstance(value, list) or (count and len(value) != count) or (action.nargs == "+" and not value):
+            return f"{flag} takes a list of {count or 'one or more'} values"
+    for item in value if several else [value]:
+        if action.type is None:
+            if not isinstance(item, str):
+                return f"{flag} takes text"
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            return f"{flag} takes a number"
+        else:
+            try:
+                parsed = action.type(str(item))
+            except argparse.ArgumentTypeError as err:
+                return f"{flag} {err}"
+            except ValueError:
+                return f"{flag} takes a number"
+            if parsed != item:
+                return f"{flag} {action.type.__name__}"
+        if action.choices is not None and item not in action.choices:
+            return f"{flag} takes one of {', '.join(map(str, action.choices))}"
+    return None
 
 
 def same_option(name: str, saved, given) -> bool:
@@ -387,6 +453,21 @@ def check_options(options: TrainOptions, worlds: Worlds) -> None:
     if options.parallel == "fsdp" and options.quantize != "none":
         raise OptionError(f"--parallel fsdp shards dense weights; a {options.quantize} base runs under --parallel ddp "
                           f"(or train on a dense base: --quantize none)")
+    if options.warmup > options.max_steps:
+        raise OptionError(f"--warmup {options.warmup} is more than --max-steps {options.max_steps}: the learning rate "
+                          f"would never reach --lr {options.lr}; warm up over fewer steps")
+    weighted = options.eps[1:] if options.mode == "sft" else options.eps
+    if not any(weighted):
+        eps, ignored = " ".join(f"{e:g}" for e in options.eps), " (sft ignores eps1)" if options.mode == "sft" else ""
+        raise OptionError(f"--eps {eps}: every term the {options.mode} mode trains on has weight 0{ignored}, so the "
+                          f"run would learn nothing; give a term a weight")
+    if options.batch_size * options.grad_accum > STEP_RECORDS_MAX:
+        raise OptionError(f"--batch-size {options.batch_size} x --grad-accum {options.grad_accum} is "
+                          f"{options.batch_size * options.grad_accum:,} records of each kind per step on each rank, "
+                          f"more than {STEP_RECORDS_MAX:,}; take fewer")
+    if options.data not in worlds.default.data and Path(options.data).exists() and not Path(options.data).is_file():
+        raise OptionError(f"--data {options.data}: is not a file (a folder, a device or a pipe); give the unlearning "
+                          f"JSONL file")
     check_device(options.device)
     if (world := worlds.of(options.model)) is not None:
         world.require_model(options.model)

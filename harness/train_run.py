@@ -1,12 +1,14 @@
 """A training run in its folder, as train.py drives it: begun or resumed, logged, checkpointed, finished.
 
     folder = RunFolder(options, world, data_file)
+    folder.hold()                                     # one train.py process at a time in a run folder
     folder.restart()                                  # a run stopped before its first checkpoint starts again
     folder.finished(start)                            # a resumed run with nothing left to do: its summary
+    folder.check_inputs(start, images)                # the sha256 of every input; a resumed run's must be the same
     state = folder.resume(...) or folder.begin(...)   # the LoopState: where the loop stands
     with folder.step_log() as log_step: ...           # a JSON line per step
     folder.save_checkpoint(model, optimizer, state.checkpoint(streams))
-    folder.save_outputs(model, lora); folder.write_summary(state, ...)
+    folder.save_outputs(model, lora, step); folder.write_summary(state, ...)
 
 Under torchrun every rank calls every method (sharded tensors are gathered inside, and RNG states collected); rank 0
 alone writes and prints. The files and their formats are harness/runs.py's.
@@ -15,10 +17,12 @@ alone writes and prints. The files and their formats are harness/runs.py's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import sys
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,13 +34,19 @@ from ref.distributed import Distributed, full_state_dict
 from ref.lora import LoraConfig
 from ref.losses import StepCounts
 from ref.weights import copy_side_files, save_model
-from harness.files import new_folder, write_atomically
+from harness.files import write_atomically
 from harness.memory import memory_use
-from harness.provenance import provenance
-from harness.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, KERNELS_FILE, LOG_FILE, MODEL_DIR, SUMMARY_FILE,
+from harness.provenance import changed_inputs, fingerprints, model_files, provenance
+from harness.runs import (ADAPTER_DIR, ARGS_FILE, CHECKPOINT_DIR, KERNELS_FILE, LOG_FILE, MODEL_DIR, MODEL_MARK,
+                          SUMMARY_FILE,
                           RunError, adapter_step, keep_log_before, load_checkpoint, read_checkpoint_state,
                           read_run_args, rng_state, save_checkpoint, step_adapter_dir, training_tensors)
 from harness.train_options import OptionError, RunStart, TrainOptions
+
+
+# The run folders this process holds: {resolved path: the open descriptor whose lock it is}. The lock lasts as long as
+# the process (a crash or a kill releases it); a process may run in a folder it holds again (tests, scripts).
+_HELD: dict[Path, int] = {}
 
 
 def new_totals() -> dict:
@@ -83,8 +93,34 @@ class RunFolder:
     def __init__(self, options: TrainOptions, world: Distributed, data_file: str | None):
         self.options, self.world, self.data_file = options, world, data_file
         self.path = Path(options.out)
+        self.inputs: dict[str, str | None] | None = None  # {input file: sha256}, from check_inputs (rank 0)
+        self.run_id: str | None = None  # args.json's provenance.run_id: this run, whose model/ it may replace
+        self.was_empty = not self.path.is_dir() or not any(self.path.iterdir())  # a new run's folder, at its start
 
     # -- starting ------------------------------------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Lock the run folder for this process (rank 0's), or refuse: two train.py processes in one folder, a job
+        started again while it still runs, would both append to the log and write over each other's checkpoint.
+        A folder that does not exist yet is locked when the run creates it (`begin`)."""
+        problem = self._lock() if self.world.is_main and self.path.is_dir() else None
+        problem = self.world.broadcast_object(problem)
+        if problem:
+            raise RunError(problem)
+
+    def _lock(self) -> str | None:
+        key = self.path.resolve()
+        if key in _HELD:
+            return None
+        descriptor = os.open(key, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: another process holds it
+            os.close(descriptor)
+            return (f"--out {self.path}: another train.py process is running in it; wait for it to end (or stop it: "
+                    f"Ctrl-C or SIGTERM checkpoints), or choose another --out (nothing was written)")
+        _HELD[key] = descriptor
+        return None
 
     def restart(self) -> None:
         """A run with no checkpoint trained nothing that can be kept: its log and step adapters go (its files only)."""
@@ -120,12 +156,93 @@ class RunFolder:
                   f"N > {step} to train further", file=sys.stderr)
         return read_json(self.path / SUMMARY_FILE, RunError)
 
+    def input_files(self, images: list[str] = ()) -> dict[str, Path]:
+        """Every file the run reads, by a name for the record: the data file ("data"), the images its records show
+        ("image /path/a.png"), and the files of the model and the vision folder that decide what they compute
+        ("model/config.json", "model/model.safetensors", ...)."""
+        files = {} if self.data_file is None else {"data": Path(self.data_file)}
+        files.update({f"image {image}": Path(image) for image in images})
+        files.update(model_files(self.options.model, "model"))
+        if self.options.vision_dir:
+            files.update(model_files(self.options.vision_dir, "vision"))
+        return files
+
+    def check_inputs(self, start: RunStart, images: list[str] = ()) -> None:
+        """The sha256 of every input file (`images`: those of the records the run trains on), taken once the data is
+        read, before the model loads; a new run records them in args.json. A resumed run must read the very bytes it
+        started from: a data file, an image or a model changed under the same path would make it half one run, half
+        another, so a difference is refused, listing the files. A run folder from before the inputs were recorded has
+        only its data file's and config.json's: those are compared, and one line says the rest could not be. A
+        full-parameter run also checks its model/ output is its own. Rank 0 reads the files; every rank raises its
+        finding."""
+        problem = None
+        if self.world.is_main:
+            try:
+                problem = self._inputs_problem(start, images)
+            except (ValueError, OSError) as err:  # an args.json edited by hand, an unreadable file: said by every rank
+                problem = str(err)
+        problem = self.world.broadcast_object(problem)
+        if problem:
+            raise RunError(problem)
+
+    def _inputs_problem(self, start: RunStart, images: list[str]) -> str | None:
+        recorded = read_run_args(self.path).get("provenance") if start.resume else None
+        recorded = recorded if isinstance(recorded, dict) else {}
+        if not isinstance(recorded.get("inputs"), (dict, type(None))):
+            return f"{self.path / ARGS_FILE}: provenance.inputs is not a {{file: sha256}} object"
+        self.run_id = recorded.get("run_id")
+        files = self.input_files(images)
+        if start.resume and recorded.get("inputs") is not None:
+            changed = changed_inputs(recorded["inputs"], files)
+            self.inputs = recorded["inputs"]  # compared equal: what the run started from
+        else:
+            self.inputs = fingerprints(files)
+            sha256 = recorded.get("sha256") if isinstance(recorded.get("sha256"), dict) else {}
+            legacy = {name: sha256.get(key) for name, key in (("data", "data"), ("model/config.json", "model_config"))}
+            changed = sorted(name for name, sha in legacy.items() if sha is not None and self.inputs.get(name) != sha)
+            if start.resume and not changed:
+                print(f"{self.path / ARGS_FILE}: records no sha256 of the model's weights (a run started before "
+                      f"train.py kept them): resuming without checking they are the ones it started from",
+                      file=sys.stderr)
+        if changed:
+            return (f"--resume {self.path}: the run's inputs changed since it started: {', '.join(changed)} (sha256 "
+                    f"differs from {ARGS_FILE}, or the file is new or gone); resuming would train half on the old "
+                    f"inputs, half on the new. Put the original files back, or start a new run (another --out)")
+        return self.model_output_problem(before_start=True) if self.options.full_parameter else None
+
+    def model_output_problem(self, before_start: bool) -> str | None:
+        """Whether model/, where a full-parameter run writes its model, may be replaced: it is absent, or this run's
+        own (its train_run.json names this run; a run from before the mark: summary.json names it). Anything else is
+        a folder of the user's, never removed."""
+        target = self.path / MODEL_DIR
+        if not os.path.lexists(target):
+            return None
+        mark = target / MODEL_MARK
+        if mark.is_file():
+            ours = self.run_id is not None and read_json(mark, RunError).get("run_id") == self.run_id
+        else:  # no mark: a run from before train.py marked its model, whose summary names it, or not this run's
+            ours = (self.run_id is None and (self.path / SUMMARY_FILE).is_file()
+                    and read_json(self.path / SUMMARY_FILE, RunError).get("model") == str(target))
+        if ours:
+            return None
+        then = ("choose another --out (nothing was written)" if before_start else
+                f"then python train.py --resume --out {self.path} writes the model from the run's last checkpoint")
+        return (f"--out {self.path}: holds a {MODEL_DIR}/ this run did not write, where a full-parameter run writes "
+                f"its model; move that folder away, or {then}")
+
     def begin(self, adapter_norm: float) -> LoopState:
-        """A new run: args.json holds its options and provenance; the divergence guard starts from the untrained
-        adapters' norm."""
+        """A new run: args.json holds its options and provenance (with the sha256 of its inputs and the run's id); the
+        divergence guard starts from the untrained adapters' norm."""
         if self.world.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._write_args({**asdict(self.options), "provenance": self.provenance()})
+            problem = self._lock()
+            if problem is None and self.was_empty and any(self.path.iterdir()):  # another run started in it meanwhile
+                problem = (f"--out {self.path}: another train.py run started in it while this one was loading; "
+                           f"choose another --out (nothing was written)")
+            if problem:
+                raise RunError(problem)
+            self.run_id = uuid.uuid4().hex
+            self._write_args({**asdict(self.options), "provenance": {**self.provenance(), "run_id": self.run_id}})
         return LoopState(reference_norms={"adapter": adapter_norm, "grad": None})
 
     def resume(self, changes: dict, model, optimizer: torch.optim.Optimizer, streams) -> LoopState:
@@ -173,12 +290,14 @@ class RunFolder:
         write_atomically(self.path / ARGS_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
 
     def provenance(self) -> dict:
-        """Date, commit, versions, device (and ranks), and the sha256 of the data file and the model's config."""
+        """Date, commit, versions, device (and ranks), the sha256 of the data file and the model's config, and (once
+        check_inputs took them) of every input file."""
         device = self.options.device
         if self.world.enabled:
             device = f"{device} x {self.world.world_size} ranks"
-        return provenance({"data": self.data_file, "model_config": Path(self.options.model) / "config.json"},
+        made = provenance({"data": self.data_file, "model_config": Path(self.options.model) / "config.json"},
                           device=device)
+        return made if self.inputs is None else {**made, "inputs": self.inputs}
 
     # -- along the way -------------------------------------------------------------------------------------------------
 
@@ -207,7 +326,7 @@ class RunFolder:
 
     # -- the outputs ---------------------------------------------------------------------------------------------------
 
-    def save_outputs(self, model, lora: LoraConfig | None) -> None:
+    def save_outputs(self, model, lora: LoraConfig | None, step: int) -> None:
         """The adapter (peft's format), or after full-parameter training the whole model as a llava-hf checkpoint in
         model/."""
         if lora is not None:
@@ -215,10 +334,33 @@ class RunFolder:
             return
         state = full_state_dict(model, keep=self.world.is_main)
         if self.world.is_main:
-            shutil.rmtree(self.path / MODEL_DIR, ignore_errors=True)  # this run's own output, from before a resume
-            with new_folder(self.path / MODEL_DIR) as partial:
-                save_model(model, partial, state=state)
-                copy_side_files(self.options.model, partial)
+            self._replace_model(model, state, step)
+
+    def _replace_model(self, model, state: dict, step: int) -> None:
+        """model/ written whole in a temporary folder beside it, marked as this run's (train_run.json), then renamed
+        into place; a previous model/ is removed only when it is this run's own (from before a resume), so a failed
+        write keeps it, and a folder of the user's is never removed."""
+        problem = self.model_output_problem(before_start=False)
+        if problem:
+            raise RunError(problem)
+        target = self.path / MODEL_DIR
+        partial = target.with_name(f".{MODEL_DIR}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)  # left by an earlier process of the same pid that was killed
+        partial.mkdir()
+        try:
+            save_model(model, partial, state=state)
+            copy_side_files(self.options.model, partial)  # a model written by train.py brings its mark: replaced next
+            (partial / MODEL_MARK).write_text(json.dumps({"run_id": self.run_id, "step": step}) + "\n")
+            if os.path.lexists(target):
+                previous = target.with_name(f".{MODEL_DIR}.previous-{os.getpid()}")
+                os.replace(target, previous)
+                os.replace(partial, target)
+                shutil.rmtree(previous)
+            else:
+                os.replace(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
 
     def write_summary(self, state: LoopState, device: torch.device, kernels, coverage: dict | None = None) -> dict:
         """summary.json: the run's totals, where its result is, why it stopped; one line on stderr. Returned on every

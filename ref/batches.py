@@ -30,10 +30,15 @@ class RecordStream:
     def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, cursor: int = 0):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.epoch, self.cursor = epoch, cursor
+        self._orders: tuple[int, list[int]] | None = None  # (epoch, its order): drawn once per epoch
 
     def _order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
+        if self._orders is None or self._orders[0] != self.epoch:
+            # torch seeds are 64-bit: any seed (train.py's go up to 2**63 - 1) and epoch map into them; below 2**64
+            # the value is unchanged, so the streams of every run made so far stay the same
+            generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
+            self._orders = (self.epoch, torch.randperm(self.size, generator=generator).tolist())
+        return self._orders[1]
 
     def next_indices(self) -> list[int]:
         indices = []

@@ -456,7 +456,7 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_table_is_refused(world, tmp_p
 @pytest.mark.parametrize("option, value, message", [
     ("--lr", "nan", "argument --lr: must be a finite number > 0, got 'nan'"),
     ("--lr", "-1", "argument --lr: must be a finite number > 0, got '-1'"),
-    ("--batch-size", "0", "argument --batch-size: must be an integer > 0, got '0'"),
+    ("--batch-size", "0", "argument --batch-size: must be an integer in [1, 65536], got '0'"),
     ("--lora-dropout", "1", "argument --lora-dropout: must be a number in [0, 1), got '1'"),
     ("--stop-harm-nll", "inf", "argument --stop-harm-nll: must be a finite number, got 'inf'"),
 ])

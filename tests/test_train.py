@@ -320,7 +320,10 @@ def start_train_process(world, out, max_steps: int) -> subprocess.Popen:
     argv = [sys.executable, str(ROOT / "train.py"), "--model", world["model"], "--data", world["data"], "--out",
             str(out), "--lora-r", "4", "--lora-dropout", "0.2", "--max-steps", str(max_steps), "--save-every", "1000",
             "--threads", "1"]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default, as a terminal's foreground program has it: under a shell's background job (`cmd &`) the
+    # tests inherit it ignored, and train.py leaves an ignored signal ignored
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_steps(process: subprocess.Popen, log: Path, steps: int) -> None:
@@ -353,16 +356,25 @@ def test_sigint_writes_a_checkpoint_that_resumes_to_the_uninterrupted_adapter(wo
 
 def test_a_second_signal_stops_at_once_and_main_says_so_in_one_line(world, tmp_path, monkeypatch, capsys):
     """Two signals sent at once may reach Python as one, so the handler is driven in this process: the first asks
-    for a stop, the second raises KeyboardInterrupt, which main turns into one line and exit status 130."""
-    stop = StopRequest()
-    with pytest.raises(KeyboardInterrupt):
-        with stop.on_signals():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
-            assert stop.requested(0) and stop.reason() == "SIGINT"
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.01)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handlers are back
+    for a stop, the second raises KeyboardInterrupt, which main turns into one line and exit status 130. (SIGINT is
+    caught as an interactive Python has it: a shell starts a background job with it ignored, and then it stays so.)"""
+    found = {s: signal.signal(s, handler) for s, handler in ((signal.SIGINT, signal.default_int_handler),
+                                                              (signal.SIGTERM, signal.SIG_DFL))}
+    try:
+        stop = StopRequest()
+        with pytest.raises(KeyboardInterrupt):
+            with stop.on_signals():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
+                assert stop.requested(0) and stop.reason() == "SIGINT"
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)
+        # the handlers found are back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for s, handler in found.items():
+            signal.signal(s, handler)
 
     def interrupted(options, start, stop=None):
         raise KeyboardInterrupt
