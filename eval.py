@@ -34,35 +34,39 @@ keeps the run folder, prints, and judges (LLM judges included, on its own device
 
 from __future__ import annotations
 
-import sys
-import time
-import warnings
-from itertools import product
-from pathlib import Path
+from harness.console import exit_quietly_on_interrupt  # the standard library only: the imports below take seconds
 
-import torch
+with exit_quietly_on_interrupt("eval.py"):  # a Ctrl-C during them: one line, exit status 130
+    import sys
+    import time
+    import warnings
+    from itertools import product
+    from pathlib import Path
 
-from evals import judges as judge_registry
-from evals import pgd
-from evals.generation import chat_prompt, generate_responses, tokenize_samples
-from evals.judge_models import Judges
-from evals.options import Catalog, EvalOptions, parse_command_line, resolve_options
-from evals.pgd_images import (AdversarialImages, attack_suites, make_base_images, pgd_report,
-                              with_adversarial_images)
-from evals.report import report_provenance, spec_files, write_report
-from evals.scoring import attack_verdicts, image_reference, judge_rows, normal_batches, saved_verdicts, utility_metrics
-from evals.suites import Suite, SuiteOptions, load_normal, load_suites
-from harness.console import Progress, exit_on_user_error
-from harness.eval_folder import GENERATIONS_FILE, REPORT_FILE, RESPONSES_FILE, UTILITY_FILE, EvalFolder, Saved
-from harness.models import load_base
-from harness.provenance import model_files
-from harness.runs import read_train_summary
-from ref import kernels as kernel_registry
-from ref.adapters import load_adapter
-from ref.data import load_processor
-from ref.distributed import Distributed
-from ref.lora import remove_adapters
-from worlds.embedded import DEFAULT_WORLD, world_of
+    import torch
+
+    from evals import judges as judge_registry
+    from evals import pgd
+    from evals.generation import chat_prompt, generate_responses, tokenize_samples
+    from evals.judge_models import Judges
+    from evals.options import Catalog, EvalOptions, parse_command_line, resolve_options
+    from evals.pgd_images import (AdversarialImages, attack_suites, make_base_images, pgd_report,
+                                  with_adversarial_images)
+    from evals.report import report_provenance, spec_files, write_report
+    from evals.scoring import (attack_verdicts, image_reference, judge_rows, normal_batches, saved_verdicts,
+                               utility_metrics)
+    from evals.suites import Suite, SuiteOptions, load_normal, load_suites
+    from harness.console import Progress, exit_on_user_error
+    from harness.eval_folder import GENERATIONS_FILE, REPORT_FILE, RESPONSES_FILE, UTILITY_FILE, EvalFolder, Saved
+    from harness.models import load_base
+    from harness.provenance import model_files
+    from harness.runs import read_train_summary
+    from ref import kernels as kernel_registry
+    from ref.adapters import load_adapter
+    from ref.data import load_processor
+    from ref.distributed import Distributed
+    from ref.lora import remove_adapters
+    from worlds.embedded import DEFAULT_WORLD, world_of
 
 ROOT = Path(__file__).resolve().parent
 # eval.py knows every suite kind, normal-data kind and judge of evals/, and the toy's (its bare default).
@@ -141,7 +145,8 @@ def input_files(options: EvalOptions, suites: list[Suite]) -> dict[str, Path]:
     for name, folder in options.adapters:
         files.update(model_files(folder, f"adapter {name}"))
     for suite in suites:
-        files.update({f"suite {f}": Path(f) for f in (spec_files(suite.source) if suite.files is None else suite.files)})
+        listed = spec_files(suite.source) if suite.files is None else suite.files
+        files.update({f"suite {f}": Path(f) for f in listed})
         files.update({f"image {s.image}": s.image for s in suite.samples if isinstance(s.image, Path)})
     normal_path = Path(options.normal.partition(":")[2])
     if options.normal != "none" and normal_path.is_file():
@@ -341,7 +346,8 @@ def evaluate_or_rejudge(options: EvalOptions, world: Distributed = Distributed()
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    command = parse_command_line(argv, CATALOG, __doc__.split("\n\n")[0])  # a bad option: argparse's line, exit 2
+    with exit_quietly_on_interrupt("eval.py"):  # a Ctrl-C while the command line is read
+        command = parse_command_line(argv, CATALOG, __doc__.split("\n\n")[0])  # a bad option: argparse's line, exit 2
     with exit_on_user_error("eval.py", command.debug):
         world = Distributed.from_environment(command.device)
     # Every rank checks the same inputs, so a bad one usually fails on all of them: each line says whose it is.

@@ -27,9 +27,10 @@ from ref.weights import load_model
 
 class JudgeModelGenerate:
     """generate(prompts, max_new_tokens) -> texts over a judge model run by our decoder: a text-only LLaMA checkpoint
-    (LlamaGuard, HarmBench's classifier; evals.options refuses a LLaVA folder before any generation), greedy. Each prompt is sent as written (it carries the
-    judge's own template) after the BOS token, as LLaMA's tokenizer encodes a string: HarmBench's pipeline (vLLM on
-    the prompt string) and llama-recipes' LlamaGuard example (tokenizer([prompt])) both send BOS."""
+    (LlamaGuard, HarmBench's classifier; evals.options refuses a LLaVA folder before any generation), greedy. Each
+    prompt is sent as written (it carries the judge's own template) after the BOS token, as LLaMA's tokenizer encodes
+    a string: HarmBench's pipeline (vLLM on the prompt string) and llama-recipes' LlamaGuard example
+    (tokenizer([prompt])) both send BOS."""
 
     def __init__(self, judge_dir: str, device: str, dtype: str, quantize: str, batch_size: int,
                  kernels: kernel_registry.Kernels | None = None):

@@ -13,7 +13,6 @@ loading a model is checked here (--out too: harness/eval_folder.py), each error 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from evals import pgd
 from evals.benchmarks import BENCHMARK_READERS
 from evals.generation import Sampling
 from evals.suites import NORMAL_READERS, READERS, NormalReader, SuiteReader, name_problem, parse_suite_spec
-from harness.console import HelpFormatter, add_debug_option
+from harness.console import HelpFormatter, add_debug_option, float_in, int_in
 from harness.devices import default_dtype
 from harness.eval_folder import EvalFolder, check_out, default_out, recorded_settings
 from harness.runs import (adapter_display_name, adapter_step, is_run_folder, read_run_args, run_adapters,
@@ -53,38 +52,6 @@ MAX_THREADS = 1024
 MAX_SEED = 2**32 - 1
 MAX_COUNT = 10**9  # samples, tokens, rows, steps: far beyond any real run, small enough for every int in the code
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
-
-
-def int_in(low: int, high: int):
-    """An argparse type: an integer in [low, high], refused naming the option otherwise."""
-    what = f"must be an integer in [{low}, {high}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
-        return value
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
-
-
-def float_in(low: float, high: float, low_open: bool = False):
-    """An argparse type: a finite number in [low, high] (or (low, high] with `low_open`); nan and inf are refused."""
-    what = f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
-        if not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
-        return value
-    parse.__name__ = what
-    return parse
 
 
 count = int_in(1, MAX_COUNT)

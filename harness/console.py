@@ -134,6 +134,22 @@ def int_in(low: int, high: int):
     return _number(int, low, False, high, False, what=f"must be an integer in [{low}, {high}]")
 
 
+def float_in(low: float, high: float, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with `low_open`); nan and inf are refused."""
+    what = f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+        if not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
 class HelpFormatter(argparse.RawTextHelpFormatter):
     """Help as written (line breaks kept), each option's default stated after it unless its help already says it."""
 

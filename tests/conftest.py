@@ -4,6 +4,7 @@ and a tiny LLaVA built in memory. Test files import them by name (`from conftest
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -161,3 +162,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reliability catalogue's checks (tests/test_reliability*.py): user files unchanged, one-line errors
+
+
+def fingerprint(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under the given folders (or of the files given): what must not change."""
+    found = {}
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def error_of(main, argv: list[str], capsys) -> str:
+    """Run a program's main; it must exit with status 2 and one line `PROG: error: ...`, which is returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert ": error: " in err[-1], err
+    return err[-1]

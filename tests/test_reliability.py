@@ -8,7 +8,6 @@ generated here; a "bomb" is a small file whose decoded size would be large.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import error_of, fingerprint, write_jsonl
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -50,28 +49,6 @@ def trained(argv: list[str], stop: StopRequest | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def fingerprint(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under the given folders (or of the files given): what must not change."""
-    found = {}
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def error_of(main, argv: list[str], capsys) -> str:
-    """Run a program's main; it must exit with status 2 and one line `PROG: error: ...`, which is returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    assert ": error: " in err[-1], err
-    return err[-1]
 
 
 def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:

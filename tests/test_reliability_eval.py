@@ -19,7 +19,6 @@ whether it misbehaved before (and was fixed) or behaved.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import write_csv, write_jsonl, write_random_adapter, write_tiny_judge
+from conftest import error_of, fingerprint, write_csv, write_jsonl, write_random_adapter, write_tiny_judge
 from PIL import Image
 
 import eval as eval_py
@@ -42,28 +41,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers (as in tests/test_reliability.py)
-
-
-def fingerprint(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under the given folders (or of the files given): what must not change."""
-    found = {}
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def error_of(main, argv: list[str], capsys) -> str:
-    """Run a program's main; it must exit with status 2 and one line `PROG: error: ...`, which is returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    assert ": error: " in err[-1], err
-    return err[-1]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_llava, write_jsonl, write_random_adapter
+from conftest import error_of, fingerprint, randomize_adapters, tiny_llava, write_jsonl, write_random_adapter
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -48,28 +48,6 @@ COMMITTED_TOY = ROOT / "assets" / "toy_llava"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers (the same as tests/test_reliability.py's, copied so that this file does not import train.py and eval.py)
-
-
-def fingerprint(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under the given folders (or of the files given): what must not change."""
-    found = {}
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def error_of(main, argv: list[str], capsys) -> str:
-    """Run a program's main; it must exit with status 2 and one line `PROG: error: ...`, which is returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    assert ": error: " in err[-1], err
-    return err[-1]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ The rules behind the cases:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import error_of, fingerprint, write_jsonl
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -47,28 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers (as tests/test_reliability.py's)
-
-
-def fingerprint(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under the given folders (or of the files given): what must not change."""
-    found = {}
-    for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def error_of(main, argv: list[str], capsys) -> str:
-    """Run a program's main; it must exit with status 2 and one line `PROG: error: ...`, which is returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    assert ": error: " in err[-1], err
-    return err[-1]
 
 
 def trained(argv: list[str], stop: StopRequest | None = None) -> dict:
@@ -524,11 +501,12 @@ def test_behaved_cases_stay_one_line_before_the_model_loads(world, tmp_path, cap
     assert line == f"train.py: error: {message.format(**names)}"
 
 
-def test_case23_ctrl_c_while_train_py_imports_is_one_line_and_status_130(tmp_path):
-    """The interrupt arrives while `import torch` runs, before any function of train.py does: -X importtime prints a
-    line as each module's import ends, and the first of torch's (torch imports its own modules first) says the
+@pytest.mark.parametrize("program", ["train.py", "eval.py"])
+def test_case23_ctrl_c_while_a_program_imports_is_one_line_and_status_130(program):
+    """The interrupt arrives while `import torch` runs, before any function of the program does: -X importtime prints
+    a line as each module's import ends, and the first of torch's (torch imports its own modules first) says the
     program is inside `import torch`."""
-    process = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / "train.py"), "--help"], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / program), "--help"], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal runs it
     lines = []
@@ -540,7 +518,7 @@ def test_case23_ctrl_c_while_train_py_imports_is_one_line_and_status_130(tmp_pat
     lines += process.stderr.readlines()
     process.wait(timeout=60)
     said = [line.rstrip() for line in lines if not line.startswith("import time:")]
-    assert process.returncode == 130 and said == ["train.py: interrupted while starting; nothing was written"], said
+    assert process.returncode == 130 and said == [f"{program}: interrupted while starting; nothing was written"], said
 
 
 def test_case24_stop_request_restores_the_handlers_it_found_and_leaves_an_ignored_sigint_ignored():

@@ -27,7 +27,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ref.config import LlavaConfig, TextConfig, VisionConfig, parse_llama, parse_llava_hf
-from harness.console import add_debug_option, exit_on_user_error
+from harness.console import add_debug_option, exit_on_user_error, int_in
 from harness.files import check_new_folder, new_folder
 from ref.llava import Llava
 from ref.weights import save_model
@@ -52,22 +52,6 @@ SIZE_LIMITS = dict(
     text_kv_heads=64, max_position_embeddings=131072,
 )
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
-
-
-def int_in(low: int, high: int):
-    """An argparse type: an integer in [low, high], refused naming the option otherwise."""
-    what = f"must be an integer in [{low}, {high}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
-        return value
-    parse.__name__ = what
-    return parse
 
 
 def build_tokenizer(extra_words: tuple[str, ...] = ()) -> Tokenizer:

@@ -52,7 +52,8 @@ from harness.unlearning_data import write_unlearning_jsonl
 from ref.unlearning_data import HarmfulRecord, NormalRecord
 from ref.weights import load_model
 from worlds.smollm2.vision import CellPainter, layout_text, painter_for
-from worlds.toy.build import MAX_THREADS, int_in
+from harness.console import int_in
+from worlds.toy.build import MAX_THREADS
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SPLIT_SEED = 0

@@ -53,8 +53,8 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file, save_file
 
 from ref.config import LlavaConfig, VisionConfig, load_config, read_json
-from harness.console import (Progress, add_debug_option, exit_on_user_error, non_negative_float, non_negative_int,
-                             positive_float, positive_int)
+from harness.console import (Progress, add_debug_option, exit_on_user_error, int_in, non_negative_float,
+                             non_negative_int, positive_float, positive_int)
 from harness.readers import read_csv, require_columns
 from ref.data import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN
 from harness.files import check_new_folder, new_folder
@@ -63,7 +63,7 @@ from harness.provenance import sha256_file
 from harness.unlearning_data import read_unlearning_jsonl
 from ref.unlearning_data import HarmfulRecord
 from ref.weights import load_state_dict, open_checkpoint, save_model
-from worlds.toy.build import MAX_SEED, MAX_THREADS, alignment_loss, init_weights, int_in, learning_rate
+from worlds.toy.build import MAX_SEED, MAX_THREADS, alignment_loss, init_weights, learning_rate
 
 CELL = 36                      # px, one token per cell (= the tower's patch size)
 GRID = 8                       # cells per side: 64 image tokens

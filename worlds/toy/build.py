@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from evals.generation import Sampling, generate_responses, tokenize_samples
 from ref.config import LlavaConfig, TextConfig, VisionConfig
 from harness.console import (Progress, add_debug_option, exit_on_user_error, non_negative_float, non_negative_int,
-                             positive_float, positive_int)
+                             int_in, positive_float, positive_int)
 from harness.files import OutputError, check_new_folder, new_folder
 from ref.data import (IGNORE_INDEX, Processor, TextTokenizer, build_prompt, build_training_example,
                       collate_for_training, load_processor, preprocess_image)
@@ -316,22 +316,6 @@ def write_manifest(out: Path, args, data_hash: str, seconds: float, metrics: dic
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 MAX_THREADS = 1024
-
-
-def int_in(low: int, high: int):
-    """An argparse type: an integer in [low, high], refused naming the option otherwise."""
-    what = f"must be an integer in [{low}, {high}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
-        return value
-    parse.__name__ = what
-    return parse
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
