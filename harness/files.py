@@ -64,21 +64,30 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _overlapped_input(out: Path, inputs: Iterable[str | Path]) -> Path | None:
+    """The first input folder `out` is, lies in or holds (resolved), or None."""
+    return next((source for source in map(_resolve, inputs) if _overlaps(out, source)), None)
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists: where a new output's folders would be made, and so must be
+    writable."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_new_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """`out` may be written as a new folder: it is not a file, holds nothing, is no input folder (nor inside one or
     around one), and its parent can be written. Checked before any work, so that nothing is lost to a late refusal."""
     out = _resolve(out)
-    for source in inputs:
-        source = _resolve(source)
-        if _overlaps(out, source):
-            raise OutputError(f"{out}: the output folder overlaps the input {source}; write to another folder")
+    if (source := _overlapped_input(out, inputs)) is not None:
+        raise OutputError(f"{out}: the output folder overlaps the input {source}; write to another folder")
     if out.is_file():
         raise OutputError(f"{out}: is a file, not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()):
         raise OutputError(f"{out}: already holds files; choose a new or empty output folder (nothing was written)")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _nearest_existing(out.parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: {parent} is not writable; choose another output folder")
     return out
@@ -90,18 +99,14 @@ def check_run_folder(out: str | Path, marker: str, inputs: Iterable[str | Path] 
     other files is refused before anything is read or loaded: a run would write among, and clear, files it did not
     write. Returns `out` resolved; the caller decides what to do with a run that is there (resume it, or refuse)."""
     out = _resolve(out, f"--out {out}")
-    for source in inputs:
-        source = _resolve(source)
-        if _overlaps(out, source):
-            raise OutputError(f"--out {out}: overlaps the input {source}; write the run to another folder")
+    if (source := _overlapped_input(out, inputs)) is not None:
+        raise OutputError(f"--out {out}: overlaps the input {source}; write the run to another folder")
     if out.is_file():
         raise OutputError(f"--out {out}: is a file, not a run folder")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise OutputError(f"--out {out}: holds files but no {marker}, so it is not a run of this program; choose a "
                           f"new or empty --out (nothing was written)")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
+    existing = _nearest_existing(out)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"--out {out}: {existing} is not writable; choose another --out")
     return out
@@ -130,9 +135,7 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path] = (), replac
         raise OutputError(f"{shown}: is a folder, not a file; name the output file")
     if os.path.lexists(given) and not replace:
         raise OutputError(f"{shown}: already exists; remove it or choose another output file (nothing was written)")
-    existing = resolved.parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = _nearest_existing(resolved.parent)
     if not existing.is_dir():
         raise OutputError(f"{shown}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

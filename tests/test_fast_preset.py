@@ -99,9 +99,9 @@ def test_sdpa_with_causal_promise_matches_reference_with_mask_at_real_queries(dt
         torch.testing.assert_close(got_grad, want_grad, **tolerance)
 
 
-def test_the_decoder_gives_the_causal_promise_on_right_padded_batches_only(state):
-    """Every attention call of a training batch (right padded, no cache) is told `causal`; a left-padded prompt and
-    generation's cached steps are not. (A spy in this test's own kernel table records the flag.)"""
+def spied_model(state) -> tuple[Llava, list[bool]]:
+    """A two-layer fast model whose attention records the `causal` flag it is told (a spy in this test's own kernel
+    table), and the list it records into."""
     calls = []
     kernels = kernel_registry.resolve("fast")
 
@@ -112,8 +112,15 @@ def test_the_decoder_gives_the_causal_promise_on_right_padded_batches_only(state
     kernels.attention = spy
     model = Llava(tiny_config(build_tokenizer(), text_layers=2), kernels)
     model.load_state_dict(state)
+    return model, calls
+
+
+def test_the_decoder_gives_the_causal_promise_on_right_padded_batches_only(state):
+    """Every attention call of a training batch (right padded, no cache) is told `causal`; a left-padded prompt and
+    generation's cached steps are not. (A spy in this test's own kernel table records the flag.)"""
+    model, calls = spied_model(state)
     batch = right_padded(model)
-    nll(model, batch, kernels)
+    nll(model, batch, model.kernels)
     assert calls == [True, True]  # two decoder layers
     calls.clear()
     ids, mask = torch.tensor([[0, 0, 5, 9], [4, 8, 15, 16]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
@@ -124,16 +131,7 @@ def test_the_decoder_gives_the_causal_promise_on_right_padded_batches_only(state
 def test_the_decoder_takes_the_callers_word_on_padding_and_checks_without_it(state):
     """right_padded=True or False is what the attention is told (a training batch's padding, found on the host by
     ref.losses.Positions); None: the decoder checks the mask itself, right padding causal, left padding not."""
-    calls = []
-    kernels = kernel_registry.resolve("fast")
-
-    def spy(q, k, v, mask, scale, causal=False):
-        calls.append(causal)
-        return attention_sdpa(q, k, v, mask, scale, causal)
-
-    kernels.attention = spy
-    model = Llava(tiny_config(build_tokenizer(), text_layers=2), kernels)
-    model.load_state_dict(state)
+    model, calls = spied_model(state)
     batch = right_padded(model)
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     cases = ((batch.attention_mask, None, True), (batch.attention_mask, False, False),
