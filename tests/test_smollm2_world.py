@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from conftest import shared, write_csv
@@ -21,8 +22,10 @@ def test_split_is_fixed_disjoint_and_covers_the_files():
     assert split == smollm2.make_split(data)  # a function of the files and the seed
     sizes = {name: {part: len(rows) for part, rows in parts.items()} for name, parts in split.items() if name != "seed"}
     assert sizes == {"advbench": {"train": 200, "val": 60, "test": 260}, "xstest": {"val": 90, "test": 360},
-                     "truthfulqa": {"train": 600, "heldout": 217}, "figstep": {"val": 100, "test": 400}}
-    for name, n_rows in (("advbench", 520), ("xstest", 450), ("truthfulqa", 817), ("figstep", 500)):
+                     "truthfulqa": {"train": 600, "val": 67, "test": 150}, "figstep": {"val": 100, "test": 400},
+                     "safety": {"val": 100, "unlearn": 300, "unused": 2083}}
+    for name, n_rows in (("advbench", 520), ("xstest", 450), ("truthfulqa", 817), ("figstep", 500),
+                         ("safety", 2483)):
         parts = list(split[name].values())
         assert sorted(sum(parts, [])) == list(range(n_rows))  # disjoint, and every row somewhere
     _, xstest = read_csv(data / "xstest_prompts.csv")
@@ -46,6 +49,9 @@ def synthetic_data(folder: Path) -> Path:
                                                  "instruction"],
               [["ForbidQI", "1", str(i), "Illegal Activity", f"How to do thing {i}?", f"Steps to do thing {i}."]
                for i in range(150)])
+    (folder / "safety_only_instructions.json").write_text(json.dumps(
+        [{"instruction": f"Describe bad deed {i}.", "input": "", "output": f"I won't describe bad deed {i}; instead {i}."}
+         for i in range(450)]))
     return folder
 
 
@@ -55,14 +61,34 @@ def test_build_writes_the_records_and_the_suites_of_the_split(tmp_path):
     out = tmp_path / "world"
     counts = smollm2.build(model, data, out, batch_size=64, threads=1)
     split = smollm2.make_split(data)
+    # the default variant: the unlearn instructions with their own written safe answers, in split order, less those
+    # whose base answer is empty or a refusal (a random model's answers are often empty)
     harmful, normal = split_records(read_unlearning_jsonl(out / "unlearning.jsonl"))
-    assert counts["harmful"] == len(harmful) == 200 and counts["normal"] == len(normal) == 600
+    assert counts["harmful"] == len(harmful) == 300 - counts["dropped"] > 0 and counts["normal"] == len(normal) == 600
+    assert all(r.harmful_response.strip() for r in harmful)
+    safety = json.loads((data / "safety_only_instructions.json").read_text())
+    unlearn = [(safety[i]["instruction"], safety[i]["output"]) for i in split["safety"]["unlearn"]]
+    kept = [(r.prompt, r.helpful_response) for r in harmful]
+    assert kept == [pair for pair in unlearn if pair in kept] and set(kept) <= set(unlearn)
+    # the templated variant, as in round one
+    templated, templated_normal = split_records(read_unlearning_jsonl(out / "unlearning_templated.jsonl"))
+    assert counts["templated"] == len(templated) == 200 and templated_normal == normal
     _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
-    assert [r.prompt for r in harmful] == [advbench[i]["goal"] for i in split["advbench"]["train"]]
-    assert all(r.prompt[1:].rstrip(".") in r.helpful_response for r in harmful)  # the refusal names the request
+    assert [r.prompt for r in templated] == [advbench[i]["goal"] for i in split["advbench"]["train"]]
+    assert all(r.prompt[1:].rstrip(".") in r.helpful_response for r in templated)  # the refusal names the request
+    # the multimodal baseline's records: the same responses, every prompt drawn as an image
+    drawn_harmful, drawn_normal = split_records(read_unlearning_jsonl(out / "unlearning_multimodal.jsonl"))
+    assert [(r.harmful_response, r.helpful_response) for r in drawn_harmful] == [
+        (r.harmful_response, r.helpful_response) for r in harmful]
+    assert [r.response for r in drawn_normal] == [r.response for r in normal]
+    assert all(r.image and Path(r.image).is_file() for r in (*drawn_harmful, *drawn_normal))
+    with open(out / "safety_val.csv", newline="") as f:
+        assert [row[0] for row in csv.reader(f)] == ["prompt"] + [safety[i]["instruction"]
+                                                                  for i in split["safety"]["val"]]
     for name, source, rows in (("advbench_test", "advbench_harmful_behaviors.csv", split["advbench"]["test"]),
                                ("xstest_val", "xstest_prompts.csv", split["xstest"]["val"]),
-                               ("truthfulqa_heldout", "truthfulqa.csv", split["truthfulqa"]["heldout"])):
+                               ("truthfulqa_val", "truthfulqa.csv", split["truthfulqa"]["val"]),
+                               ("truthfulqa_test", "truthfulqa.csv", split["truthfulqa"]["test"])):
         with open(data / source, newline="") as f:
             source_rows = list(csv.reader(f))
         with open(out / f"{name}.csv", newline="") as f:

@@ -5,20 +5,37 @@
 
 The split is fixed here, from the data sets in ../shared/data and a seed, before any run is tuned:
 
+- The 2,483 harmful instructions of safety_only_instructions.json, each with a safe answer written for it, shuffled:
+  100 to choose settings on (validation), 300 to unlearn; the rest is not used (their base answers would cost minutes).
 - AdvBench's 520 harmful behaviours, shuffled: 200 to unlearn (train), 60 to choose settings on (validation), 260
   held out as text attacks (test).
 - XSTest's 250 safe prompts: 50 validation, 200 test (over-refusal); its 200 unsafe contrast prompts: 40 and 160
   (eval.py's xstest suite reads both: the safe ones for over-refusal, the unsafe ones as attacks).
-- TruthfulQA's 817 questions with their best answers: 600 normal records (the KL term), 217 held out (utility).
+- TruthfulQA's 817 questions with their best answers: 600 normal records (the KL term); of the 217 held out, 67 to
+  choose settings on and 150 for the test tables (utility: the perplexity of the best answers, and the questions
+  asked as generation prompts, which a whole model still answers).
 - FigStep's SafeBench, 500 instructions: 100 validation, 400 test, as image attacks; the AdvBench validation and test
   behaviours are also drawn as images (the image attacks are never trained on: unlearning sees text only).
 
-The unlearning records: each train behaviour with the base model's own greedy answer in the ChatML format (what it
-really says, so gradient ascent lowers the likelihood of its own harmful text) and a helpful refusal that redirects,
-written from templates (`refusal`); TruthfulQA's train rows as normal records. Written:
+The unlearning records pair a harmful prompt with the base model's own greedy answer in the ChatML format (what it
+really says, so gradient ascent lowers the likelihood of its own harmful text) and a safe response to learn; a base
+answer that already refuses (gcg's or arditi's phrases) is dropped, since ascent on it would unlearn a refusal.
+TruthfulQA's train rows are the normal records. Two variants of the harmful side:
+
+- `unlearning.jsonl` (the default, like the paper's data): the 300 unlearn instructions of
+  safety_only_instructions.json, each with its own written safe answer: hundreds of different texts.
+- `unlearning_templated.jsonl`: the 200 AdvBench train behaviours with a refusal from three templates (`refusal`),
+  the first round's data, kept so that the two can be compared.
+
+Written:
 
     split.json             the seed and every split as row numbers of the source files
-    unlearning.jsonl       ref.unlearning_data's schema: 200 harmful records, then 600 normal ones
+    unlearning.jsonl       ref.unlearning_data's schema: the harmful records, then 600 normal ones
+    unlearning_templated.jsonl                     the templated variant, the same normal records
+    unlearning_multimodal.jsonl                    unlearning.jsonl with every prompt drawn as an image (the
+                                                   multimodal baseline: train.py --mode multimodal)
+    safety_val.csv                                 `prompt` column: the validation instructions, --suite text:...
+    truthfulqa_questions_val.csv, ..._test.csv     `prompt` column: TruthfulQA's held-out questions, asked
     advbench_val.csv, advbench_test.csv            `goal` column: eval.py --suite text:...
     figstep_val.jsonl, figstep_test.jsonl          SafeBench (100 / 400) as FigStep images for the SmolLM2 tower
     advbench_image_val.jsonl, ..._test.jsonl       the AdvBench splits with the behaviour drawn in the image
@@ -27,7 +44,7 @@ written from templates (`refusal`); TruthfulQA's train rows as normal records. W
                                                    a pairs suite counts "not refused", which for the control is
                                                    100% minus its refusal rate)
     xstest_val.csv, xstest_test.csv                XSTest's columns and rows: --suite xstest:...
-    truthfulqa_heldout.csv                         TruthfulQA's columns: --normal truthfulqa:...
+    truthfulqa_val.csv, truthfulqa_test.csv        TruthfulQA's columns: --normal truthfulqa:...
 """
 
 from __future__ import annotations
@@ -42,10 +59,11 @@ from pathlib import Path
 import torch
 
 from evals.generation import Sampling, generate_responses
+from evals.judges import AnswerJudge
 from evals.suites import AttackSample
 from evals.typographic import FIGSTEP_PROMPT, IMAGE_PIECE_PROMPT
 from harness.console import Progress, add_debug_option, exit_on_user_error, positive_int
-from harness.readers import read_csv
+from harness.readers import ReadError, read_csv, read_json_file
 from ref.data import build_prompt, load_processor
 from harness.files import check_new_folder, new_folder
 from harness.unlearning_data import write_unlearning_jsonl
@@ -61,6 +79,9 @@ ADVBENCH_SIZES = {"train": 200, "val": 60}  # the rest (260) is the test split
 XSTEST_VAL = {"safe": 50, "unsafe": 40}
 FIGSTEP_VAL = 100  # of SafeBench's 500; the rest (400) is the test split
 TRUTHFULQA_TRAIN = 600
+TRUTHFULQA_VAL = 67  # of the 217 held out; the rest (150) is the test split
+SAFETY_FILE = "safety_only_instructions.json"
+SAFETY_SIZES = {"val": 100, "unlearn": 300}  # of its 2,483; the rest is not used
 HARMFUL_TOKENS = 96  # the base's answers are cut here: enough to carry the harmful content, cheap to train on
 
 # A refusal that names the request and redirects: what L_helpful teaches the model to say instead.
@@ -103,13 +124,37 @@ def make_split(data: Path, seed: int = SPLIT_SEED) -> dict:
     truthful_order = shuffled_rows(len(truthfulqa), seed + 2)
     _, safebench = read_csv(data / "figstep_safebench.csv")
     figstep_order = shuffled_rows(len(safebench), seed + 3)
+    safety_order = shuffled_rows(len(read_safety(data)), seed + 4)
+    n_safety_val, n_unlearn = SAFETY_SIZES["val"], SAFETY_SIZES["unlearn"]
+    heldout = truthful_order[TRUTHFULQA_TRAIN:]
     return {"seed": seed,
+            "safety": {"val": sorted(safety_order[:n_safety_val]),
+                       "unlearn": sorted(safety_order[n_safety_val:n_safety_val + n_unlearn]),
+                       "unused": sorted(safety_order[n_safety_val + n_unlearn:])},
             "figstep": {"val": sorted(figstep_order[:FIGSTEP_VAL]), "test": sorted(figstep_order[FIGSTEP_VAL:])},
             "advbench": {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
                          "test": sorted(order[n_train + n_val:])},
             "xstest": {part: sorted(rows) for part, rows in xstest.items()},
             "truthfulqa": {"train": sorted(truthful_order[:TRUTHFULQA_TRAIN]),
-                           "heldout": sorted(truthful_order[TRUTHFULQA_TRAIN:])}}
+                           "val": sorted(heldout[:TRUTHFULQA_VAL]), "test": sorted(heldout[TRUTHFULQA_VAL:])}}
+
+
+def read_safety(data: Path) -> list[dict]:
+    """safety_only_instructions.json: [{instruction, input, output}], the output a safe answer written for it."""
+    path = data / SAFETY_FILE
+    items = read_json_file(path, list, "instructions")
+    for number, item in enumerate(items):
+        if not (isinstance(item, dict) and isinstance(item.get("instruction"), str) and item["instruction"].strip()
+                and isinstance(item.get("output"), str) and item["output"].strip()):
+            raise ReadError(f"{path}: item {number}: expected non-empty string fields \"instruction\" and "
+                            f"\"output\"")
+    return items
+
+
+def safety_prompt(item: dict) -> str:
+    """The instruction, and its input (empty in every row of the file) after a blank line when there is one."""
+    extra = (item.get("input") or "").strip()
+    return f"{item['instruction']}\n\n{extra}" if extra else item["instruction"]
 
 
 def write_rows(path: Path, source: Path, rows: list[int]) -> None:
@@ -155,14 +200,14 @@ def write_image_suites(painter: CellPainter, data: Path, split: dict, folder: Pa
             (folder / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def base_answers(model_dir: Path, goals: list[str], batch_size: int, threads: int) -> list[str]:
-    """The base model's greedy answers to the goals, in the ChatML format, up to HARMFUL_TOKENS tokens."""
+def base_answers(model_dir: Path, prompts: list[str], batch_size: int, threads: int) -> list[str]:
+    """The base model's greedy answers to the prompts, in the ChatML format, up to HARMFUL_TOKENS tokens."""
     torch.set_num_threads(threads)
     processor = load_processor(model_dir)
     model = load_model(model_dir)
-    samples = [AttackSample(f"advbench-{i}", "advbench_train", goal) for i, goal in enumerate(goals)]
-    ids = [processor.tokenize_prompt(build_prompt(goal, prompt_format="chatml")) for goal in goals]
-    progress = Progress("[base answers]", len(goals), "prompts")
+    samples = [AttackSample(f"train-{i}", "train", prompt) for i, prompt in enumerate(prompts)]
+    ids = [processor.tokenize_prompt(build_prompt(prompt, prompt_format="chatml")) for prompt in prompts]
+    progress = Progress("[base answers]", len(prompts), "prompts")
     with torch.inference_mode():
         answers = generate_responses(model, processor, samples, ids, Sampling(max_new_tokens=HARMFUL_TOKENS),
                                      batch_size, progress)
@@ -170,27 +215,68 @@ def base_answers(model_dir: Path, goals: list[str], batch_size: int, threads: in
     return [a.response for a in answers]
 
 
+def harmful_records(prompts: list[str], answers: list[str], safe_responses: list[str], category: str
+                    ) -> list[HarmfulRecord]:
+    """One record per prompt whose base answer is not already a refusal (ascent on a refusal would unlearn it)."""
+    refused = AnswerJudge().is_refusal
+    return [HarmfulRecord(prompt, answer, safe, categories=(category,))
+            for prompt, answer, safe in zip(prompts, answers, safe_responses) if answer.strip() and not refused(answer)]
+
+
+def drawn(record: HarmfulRecord | NormalRecord, painter: CellPainter, images: Path, key: str):
+    """The record with its prompt drawn as an image (IMAGE_PIECE_PROMPT as the text): the multimodal baseline's."""
+    name = f"{key}.png"
+    painter.image(layout_text(record.prompt, painter)).save(images / name, format="PNG")
+    if isinstance(record, HarmfulRecord):
+        return HarmfulRecord(IMAGE_PIECE_PROMPT, record.harmful_response, record.helpful_response,
+                             image=f"images/{name}", categories=record.categories)
+    return NormalRecord(IMAGE_PIECE_PROMPT, record.response, image=f"images/{name}")
+
+
+def prompt_csv(path: Path, prompts: list[str]) -> None:
+    """A `prompt` column: eval.py --suite text:PATH reads it by name."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt"])
+        writer.writerows([p] for p in prompts)
+
+
 def build(model_dir: Path, data: Path, out: Path, batch_size: int = 16, threads: int = 2) -> dict:
     split = make_split(data)
     _, advbench = read_csv(data / "advbench_harmful_behaviors.csv")
     goals = [advbench[i]["goal"] for i in split["advbench"]["train"]]
+    safety = read_safety(data)
+    unlearn = [safety[i] for i in split["safety"]["unlearn"]]
+    instructions = [safety_prompt(item) for item in unlearn]
     _, truthful = read_csv(data / "truthfulqa.csv")
     normal = [NormalRecord(truthful[i]["Question"], truthful[i]["Best Answer"]) for i in split["truthfulqa"]["train"]
               if truthful[i]["Question"].strip() and truthful[i]["Best Answer"].strip()]
-    answers = base_answers(model_dir, goals, batch_size, threads)
-    harmful = [HarmfulRecord(goal, answer or None, refusal(goal, i), categories=("advbench",))
-               for i, (goal, answer) in enumerate(zip(goals, answers))]
+    answers = base_answers(model_dir, instructions + goals, batch_size, threads)
+    harmful = harmful_records(instructions, answers[:len(instructions)], [item["output"] for item in unlearn], "safety")
+    templated = [HarmfulRecord(goal, answer or None, refusal(goal, i), categories=("advbench",))  # as in round one
+                 for i, (goal, answer) in enumerate(zip(goals, answers[len(instructions):]))]
+    painter = painter_for(model_dir)
     with new_folder(out, [model_dir, data]) as folder:
         (folder / "split.json").write_text(json.dumps(split, indent=1) + "\n")
         write_unlearning_jsonl([*harmful, *normal], folder / "unlearning.jsonl")
+        write_unlearning_jsonl([*templated, *normal], folder / "unlearning_templated.jsonl")
+        write_image_suites(painter, data, split, folder)
+        records = [*harmful, *normal]
+        write_unlearning_jsonl([drawn(r, painter, folder / "images", f"train-{k}") for k, r in enumerate(records)],
+                               folder / "unlearning_multimodal.jsonl")
         for name, source, rows in (("advbench_val", "advbench_harmful_behaviors.csv", split["advbench"]["val"]),
                                    ("advbench_test", "advbench_harmful_behaviors.csv", split["advbench"]["test"]),
                                    ("xstest_val", "xstest_prompts.csv", split["xstest"]["val"]),
                                    ("xstest_test", "xstest_prompts.csv", split["xstest"]["test"]),
-                                   ("truthfulqa_heldout", "truthfulqa.csv", split["truthfulqa"]["heldout"])):
+                                   ("truthfulqa_val", "truthfulqa.csv", split["truthfulqa"]["val"]),
+                                   ("truthfulqa_test", "truthfulqa.csv", split["truthfulqa"]["test"])):
             write_rows(folder / f"{name}.csv", data / source, rows)
-        write_image_suites(painter_for(model_dir), data, split, folder)
-    return {"harmful": len(harmful), "normal": len(normal), "out": str(out)}
+        prompt_csv(folder / "safety_val.csv", [safety_prompt(safety[i]) for i in split["safety"]["val"]])
+        for part in ("val", "test"):
+            prompt_csv(folder / f"truthfulqa_questions_{part}.csv",
+                       [truthful[i]["Question"] for i in split["truthfulqa"][part]])
+    return {"harmful": len(harmful), "templated": len(templated), "normal": len(normal),
+            "dropped": len(instructions) - len(harmful), "out": str(out)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         # before the base model's answers (minutes): never into or around the model or the data sets
         check_new_folder(Path(args.out), [Path(args.model), Path(args.data)])
         counts = build(Path(args.model), Path(args.data), Path(args.out), args.batch_size, args.threads)
-    print(f"{counts['harmful']} harmful and {counts['normal']} normal records, suites and split.json in "
+    print(f"{counts['harmful']} harmful records ({counts['templated']} templated; {counts['dropped']} base answers "
+          f"already refused, dropped) and {counts['normal']} normal records, suites and split.json in "
           f"{counts['out']}", file=sys.stderr)
 
 
