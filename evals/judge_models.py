@@ -25,12 +25,23 @@ from ref.data import load_processor
 from ref.weights import load_model
 
 
+def judge_prompt_ids(tokenizer, prompt: str, bos: bool) -> list[int]:
+    """The ids a judge model receives for one prompt: the prompt as written (it carries the judge's own template),
+    after BOS only where the judge's own code sends one (`LLMJudgeSpec.bos`, which says why for each judge)."""
+    return tokenizer.encode(prompt, add_bos=bos)
+
+
 class JudgeModelGenerate:
-    """generate(prompts, max_new_tokens) -> texts over a judge model run by our decoder: a text-only LLaMA checkpoint
-    (LlamaGuard, HarmBench's classifier; evals.options refuses a LLaVA folder before any generation), greedy. Each
-    prompt is sent as written (it carries the judge's own template) after the BOS token, as LLaMA's tokenizer encodes
-    a string: HarmBench's pipeline (vLLM on the prompt string) and llama-recipes' LlamaGuard example
-    (tokenizer([prompt])) both send BOS."""
+    """generate(prompts, max_new_tokens, bos=...) -> texts over a judge model run by our decoder: a text-only LLaMA
+    checkpoint (LlamaGuard, HarmBench's classifier; evals.options refuses a LLaVA folder before any generation),
+    greedy. Each prompt is sent as written (it carries the judge's own template), after the BOS token only when the
+    judge asks for it, since each judge's own code sends its prompt differently (evals/judges.py, by each spec):
+    - llamaguard: no BOS. The release runs `tokenizer.apply_chat_template(chat)`, which tokenizes the rendered
+      template without special tokens, and LlamaGuard-7b's template writes none.
+    - llamaguard_jbb: BOS. JailbreakBench sends the rendered string to a server (Together AI, through litellm) that
+      tokenizes it with LlamaGuard-7b's tokenizer, which puts BOS first (as a server tokenizing a string does; that
+      server's code is not public).
+    - harmbench: BOS. HarmBench's pipeline sends the prompt string to vLLM, which tokenizes it the same way."""
 
     def __init__(self, judge_dir: str, device: str, dtype: str, quantize: str, batch_size: int,
                  kernels: kernel_registry.Kernels | None = None):
@@ -40,9 +51,9 @@ class JudgeModelGenerate:
                                 quantize=None if quantize == "none" else quantize, kernels=kernels)
         self.batch_size = batch_size
 
-    def __call__(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def __call__(self, prompts: list[str], max_new_tokens: int, *, bos: bool) -> list[str]:
         samples = [AttackSample(f"judge-{i}", "judge", p) for i, p in enumerate(prompts)]
-        ids = [self.processor.tokenizer.encode(p, add_bos=True) for p in prompts]
+        ids = [judge_prompt_ids(self.processor.tokenizer, p, bos) for p in prompts]
         for prompt, prompt_ids in zip(prompts, ids):
             if len(prompt_ids) + max_new_tokens > self.processor.max_length:
                 raise JudgeError(f"judge model {self.judge_dir}: a judge prompt of {len(prompt_ids)} tokens does not "
