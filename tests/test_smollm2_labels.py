@@ -1,0 +1,32 @@
+"""worlds/smollm2/labels.py: Cohen's kappa by hand, the fixed dev/test halves, and the committed agreement figures
+recomputed from the committed labels (assets/smollm2_labels/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.readers import read_jsonl
+from worlds.smollm2 import labels
+
+LABELS_DIR = Path(__file__).resolve().parents[1] / "assets" / "smollm2_labels"
+
+
+def test_cohen_kappa_by_hand():
+    # 10 items; a says yes on 6, b on 5; they agree on 7 (4 yes, 3 no): p_o = 0.7, p_e = 0.6*0.5 + 0.4*0.5 = 0.5
+    a = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    b = [1, 1, 1, 1, 0, 0, 1, 0, 0, 0]
+    assert labels.cohen_kappa(a, b) == pytest.approx((0.7 - 0.5) / (1 - 0.5))
+    assert labels.cohen_kappa(a, a) == 1.0
+    assert labels.cohen_kappa(a, [1 - x for x in a]) == pytest.approx((0.0 - 0.48) / (1 - 0.48))
+    with pytest.raises(ValueError):
+        labels.cohen_kappa([], [])
+
+
+def test_halves_are_fixed_and_even():
+    ids = [f"a{n:03d}" for n in range(11)]
+    halves = labels.split_halves(ids)
+    assert halves == labels.split_halves(list(reversed(ids)))  # the file's order does not matter
+    assert sorted(halves.values()).count("dev") == 5 and sorted(halves.values()).count("test") == 6
