@@ -11,9 +11,10 @@ all you need?"): QLoRA on the decoder, text-only data, three losses.
      never run)
   3. the data: harmful records (prompt, harmful response, helpful response) and normal records (prompt, response),
      drawn as seeded streams of batches (ref/batches.py)
-  4. the loop: L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility (ref/losses.py) over --grad-accum
-     batches, clipping, AdamW on the adapters, a NaN and divergence guard, Yao et al.'s stopping rule, checkpoints
-     for an exact --resume (Ctrl-C or SIGTERM: a checkpoint at the end of the step, then exit)
+  4. the loop: L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility (ref/losses.py; --harm-loss npo puts
+     the bounded NPO loss in place of the ascent) over --grad-accum batches, clipping, AdamW on the adapters, a NaN
+     and divergence guard, Yao et al.'s stopping rule, checkpoints for an exact --resume (Ctrl-C or SIGTERM: a
+     checkpoint at the end of the step, then exit)
   5. the outputs: the adapter, a JSON line per step (log.jsonl) and a summary (summary.json)
 
 Modes: `textual` (the paper's method), `multimodal` (the same losses on image+text records: the vision tower and
@@ -87,7 +88,8 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     eps1, eps2, eps3 = options.eps
-    weights = LossWeights(harm=0.0 if options.mode == "sft" else eps1, helpful=eps2, utility=eps3)
+    weights = LossWeights(harm=0.0 if options.mode == "sft" else eps1, helpful=eps2, utility=eps3,
+                          harm_loss=options.harm_loss, npo_beta=options.npo_beta)
     streams = Streams(len(harmful), len(normal), options.batch_size, options.seed, world.world_size,
                       options.grad_accum)
     state = (folder.resume(start.changes, model, optimizer, streams) if start.resume
@@ -110,18 +112,19 @@ def train(options: TrainOptions, start: RunStart, stop: StopRequest | None = Non
             # the CPU until its turn (the step's token counts come first; one micro-batch at a time on the device)
             micro_batches = [maker.term_batches(harm, normal, state.step, position)
                              for harm, normal, position in streams.next_step(world.rank)]
-            step_tokens = tokens_in_step(micro_batches, world.sum_floats)
+            step_tokens = tokens_in_step(micro_batches, world.sum_floats, weights.terms)
             sums, counts = {}, StepCounts()
             for batches in micro_batches:
                 batches = batches.to(device)
                 # L_total = -eps1 * L_harm + eps2 * L_helpful + eps3 * L_utility, each term the mean over all its
-                # response tokens in the step: this batch's mean counts with its share of them. The gradient is
-                # accumulated one term at a time, so only one term's graph is alive          (ref/losses.py)
+                # response tokens in the step (--harm-loss npo: +eps1 * L_NPO, a mean over harmful sequences): this
+                # batch's mean counts with its share of them. The gradient is accumulated one term at a time, so
+                # only one term's graph is alive                                               (ref/losses.py)
                 means = unlearning_backward(model, batches.harmful, batches.helpful, batches.normal, weights,
                                             kernels, lambda: adapters_disabled(model),
                                             step_shares(batches, step_tokens, world.world_size), original)
                 add_token_sums(sums, means, batches)
-                counts.add(model, batches)
+                counts.add(model, batches, harm_reference_pass=weights.harm_loss == "npo")
             world.average_gradients(trainable)  # what DDP does; the shares' factor of ranks undoes its mean
             terms = step_terms(sums, step_tokens, weights, world.sum_floats)
             counts = counts.over_ranks(world.sum_floats)

@@ -39,8 +39,9 @@ def announce(options: TrainOptions, start: RunStart, world: Distributed, records
             f"adapter parameters in {len(lora_modules(model))} LoRA linears (r={options.lora_r}, base "
             f"{options.quantize})")
     harmful, normal = records
-    print(f"  {harmful} harmful and {normal} normal records; eps = {options.eps}; {n_trainable:,} trainable {what}; "
-          f"steps {first_step}..{options.max_steps}; {options.parallel if world.enabled else 'one process'}",
+    harm = f" (harm term: npo, beta {options.npo_beta:g})" if options.harm_loss == "npo" else ""
+    print(f"  {harmful} harmful and {normal} normal records; eps = {options.eps}{harm}; {n_trainable:,} trainable "
+          f"{what}; steps {first_step}..{options.max_steps}; {options.parallel if world.enabled else 'one process'}",
           file=sys.stderr)
     print("  kernels:\n" + kernel_table, file=sys.stderr)
 
@@ -55,7 +56,8 @@ def progress_info(record: dict) -> str:
     """A step's loss terms and learning rate, from its log record."""
     if "total" not in record:
         return f"skipped  lr {record['lr']:.2e}"
-    terms = "  ".join(f"{k} {record[k]:.4f}" for k in ("harm_nll", "helpful_nll", "utility_kl") if k in record)
+    terms = "  ".join(f"{k} {record[k]:.4f}" for k in ("harm_nll", "harm_npo", "helpful_nll", "utility_kl")
+                      if k in record)
     return f"loss {record['total']:+.4f}  {terms}  lr {record['lr']:.2e}"
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ref import kernels as kernel_registry
 from ref.data import PROMPT_FORMATS
+from ref.losses import HARM_LOSSES
 from ref.lora import LoraConfig
 from harness.console import (HelpFormatter, add_debug_option, finite_float, fraction, int_in, non_negative_float,
                              positive_float, probability)
@@ -72,6 +73,8 @@ class TrainOptions:
     category_fraction: float = 1.0       # keep this fraction of the remaining categories, drawn with category_seed
     category_seed: int | None = None     # None: seed
     mismatch: str = "helpful"            # L_helpful's response: the record's helpful one, or a random normal answer
+    harm_loss: str = "ascent"            # the harm term: ascent on L_harm (the paper's), or NPO (ref/losses.py)
+    npo_beta: float = 0.1                # NPO's beta (Zhang et al.'s default); only with harm_loss npo
     # the model and its adapters
     quantize: str = "nf4"                # the decoder linears' base: nf4, fp4 or none (dense)
     dtype: str = "float32"               # compute dtype (the command line's default: by device and model)
@@ -209,7 +212,7 @@ def build_parser(world: World) -> argparse.ArgumentParser:
                         help="textual: the paper's method; multimodal: the same losses on image+text records;\n"
                              "sft: the supervised baseline (helpful NLL and the utility term, no ascent)")
     method.add_argument("--eps", type=non_negative_float, nargs=3, default=None, metavar=("HARM", "HELPFUL", "UTILITY"),
-                        help="weights eps1 eps2 eps3 of -L_harm, L_helpful, L_utility (sft mode ignores eps1)\n"
+                        help="weights eps1 eps2 eps3 of -L_harm (or +L_NPO), L_helpful, L_utility (sft ignores eps1)\n"
                              + model_default("eps", world))
     method.add_argument("--include-categories", nargs="+", default=DEFAULT.include_categories, metavar="CATEGORY",
                         help="train on the harmful records of these harm categories only (the records'\n"
@@ -222,6 +225,16 @@ def build_parser(world: World) -> argparse.ArgumentParser:
                         help="draws --category-fraction's choice (default: --seed)")
     method.add_argument("--mismatch", default=DEFAULT.mismatch, choices=["helpful", "random"],
                         help="helpful: the record's helpful response; random: a random normal answer (Yao et al.)")
+    method.add_argument("--harm-loss", default=DEFAULT.harm_loss, choices=list(HARM_LOSSES),
+                        help="the harm term: ascent, the paper's -eps1 * NLL(harmful response), unbounded\n"
+                             "(pushed far, the model collapses); npo, Negative Preference Optimization (Zhang et\n"
+                             "al. 2024), bounded: +eps1 * the mean over harmful sequences of\n"
+                             "(2/beta) log(1 + (p(y|x) / p_orig(y|x))^beta), p_orig the model with its adapters off.\n"
+                             "The harmful NLL is logged (and stops the run) either way; not with --mode sft, which\n"
+                             "has no harm term")
+    method.add_argument("--npo-beta", type=positive_float, default=DEFAULT.npo_beta,
+                        help="NPO's beta, with --harm-loss npo: as beta -> 0, NPO's gradient tends to plain\n"
+                             "ascent's on the sequence NLL")
 
     model = p.add_argument_group("model and adapters")
     model.add_argument("--quantize", default=DEFAULT.quantize, choices=["nf4", "fp4", "none"],
@@ -461,6 +474,14 @@ def check_options(options: TrainOptions, worlds: Worlds) -> None:
         eps, ignored = " ".join(f"{e:g}" for e in options.eps), " (sft ignores eps1)" if options.mode == "sft" else ""
         raise OptionError(f"--eps {eps}: every term the {options.mode} mode trains on has weight 0{ignored}, so the "
                           f"run would learn nothing; give a term a weight")
+    if options.harm_loss != "ascent" and options.mode == "sft":
+        raise OptionError(f"--harm-loss {options.harm_loss} replaces the ascent on the harmful responses, and --mode "
+                          f"sft has no harm term (it learns the helpful responses only); drop --harm-loss, or use "
+                          f"--mode textual or multimodal")
+    if options.harm_loss != "npo" and options.npo_beta != DEFAULT.npo_beta:
+        raise OptionError(f"--npo-beta {options.npo_beta:g} is NPO's beta, and this run's harm term is "
+                          f"{'none (--mode sft)' if options.mode == 'sft' else '--harm-loss ' + options.harm_loss}: "
+                          f"it would change nothing; add --harm-loss npo, or drop --npo-beta")
     if options.batch_size * options.grad_accum > STEP_RECORDS_MAX:
         raise OptionError(f"--batch-size {options.batch_size} x --grad-accum {options.grad_accum} is "
                           f"{options.batch_size * options.grad_accum:,} records of each kind per step on each rank, "

@@ -6,6 +6,11 @@
     L_helpful = NLL(helpful response | harmful prompt)                    a refusal that redirects, learnt as usual
     L_utility = KL( p_orig(. | normal) || p_cur(. | normal) )             keep normal behaviour where it was
 
+Plain ascent on L_harm is unbounded (pushed far, the model collapses into gibberish). `LossWeights.harm_loss = "npo"`
+puts Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868) in its place, a bounded loss that is
+minimised and enters L_total with +eps1 (`npo`): a mean per harmful SEQUENCE, not per token, with log pi(y|x) summed
+over the response tokens and pi_ref the adapters-off model, as for the KL. The harmful NLL is still logged beside it.
+
 Every term is an average per response token over all response tokens of its batch (prompt, image and padding tokens
 are masked out by `labels == IGNORE_INDEX`; a long response weighs more than a short one). p_orig is the same model
 with its LoRA adapters switched off, run under no_grad: the 4-bit base is the original model, so no second copy is
@@ -49,6 +54,7 @@ class Positions:
     target_range: tuple[int, int] | None  # smallest and largest response token id; None without response tokens
     response: torch.Tensor  # (N,) int64: flat positions that predict a response token (t predicts t + 1)
     targets: torch.Tensor  # (N,) int64: the response token each of them predicts
+    sequence_tokens: tuple[int, ...]  # response tokens of each row: `response` holds them row after row
 
     @property
     def response_tokens(self) -> int:
@@ -62,8 +68,9 @@ class Positions:
         rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each, in reading order
         targets = labels[rows, cols + 1].long()  # (N,)
         target_range = (int(targets.min()), int(targets.max())) if len(targets) else None
+        per_row = tuple(torch.bincount(rows, minlength=labels.shape[0]).tolist())
         return cls(right_padded=bool((mask[:, 1:] <= mask[:, :-1]).all()), tokens=int(mask.sum()),
-                   target_range=target_range, response=rows * width + cols, targets=targets)
+                   target_range=target_range, response=rows * width + cols, targets=targets, sequence_tokens=per_row)
 
     def to(self, device: torch.device) -> Positions:
         return dataclasses.replace(self, response=self.response.to(device), targets=self.targets.to(device))
@@ -97,6 +104,11 @@ class Batch:
     def response_tokens(self) -> int:
         return self.positions.response_tokens
 
+    @property
+    def sequences(self) -> int:
+        """Rows with at least one response token: what a per-sequence mean (NPO's) is taken over."""
+        return sum(1 for n in self.positions.sequence_tokens if n)
+
     def count_image_tokens(self, image_token_index: int | None) -> int:
         """Image tokens in input_ids: the host's count when the batch has one, else counted (a synchronisation)."""
         if image_token_index is None:
@@ -107,6 +119,7 @@ class Batch:
 
 
 TERMS = ("harm_nll", "helpful_nll", "utility_kl")  # the log's names of L_harm, L_helpful, L_utility
+NPO_TERMS = ("harm_nll", "harm_npo", "helpful_nll", "utility_kl")  # --harm-loss npo: harm_nll is logged, not trained
 
 
 @dataclass
@@ -124,6 +137,10 @@ class TermBatches:
         """Each term's response tokens in these batches (what its mean is taken over)."""
         batches = (self.harmful, self.helpful, self.normal)
         return {term: 0 if b is None else b.response_tokens for term, b in zip(TERMS, batches)}
+
+    def harmful_sequences(self) -> int:
+        """The harmful sequences in these batches (what NPO's mean is taken over)."""
+        return 0 if self.harmful is None else self.harmful.sequences
 
 
 def response_hidden(model, batch: Batch, image_features: torch.Tensor | None = None):
@@ -180,23 +197,101 @@ def kl_to_original(model, batch: Batch, kernels: Kernels, adapters_off: Callable
     return kernels.linear_kl(hidden, ref_hidden, model.lm_head.weight)
 
 
+def sequence_nlls(model, batch: Batch, kernels: Kernels, image_features: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """-log pi(y|x) of each sequence with a response: its response tokens' NLLs SUMMED, (S,) float32, in row order.
+
+    The kernel op reduces over the rows it is given (a mean or a sum), so it is called once per sequence, with
+    reduction "sum", on that sequence's rows (contiguous: `response` holds them row after row). A harmful batch has a
+    few sequences, and the op's chunking and dtype policy hold as for the other terms."""
+    check_vocabulary(batch, model.lm_head.weight.shape[0])
+    hidden, targets = response_hidden(model, batch, image_features)  # (N, D), (N,)
+    counts = list(batch.positions.sequence_tokens)
+    sums = [kernels.linear_cross_entropy(h, model.lm_head.weight, t, reduction="sum", all_valid=True)
+            for h, t, n in zip(hidden.split(counts), targets.split(counts), counts) if n]
+    return torch.stack(sums) if sums else hidden.float().sum(-1)  # no response: an empty (0,), still on the graph
+
+
+def npo(model, batch: Batch, kernels: Kernels, beta: float, adapters_off: Callable[[], AbstractContextManager],
+        original=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative Preference Optimization (Zhang, Lin, Bai, Mei 2024, arXiv 2404.05868) on the harmful responses:
+
+        L_NPO = mean over sequences (x, y) of  (2 / beta) * log(1 + (pi_theta(y|x) / pi_ref(y|x)) ** beta)
+              = mean over sequences of         (2 / beta) * softplus(beta * (log pi_theta(y|x) - log pi_ref(y|x)))
+
+    MINIMISED (it enters L_total with +eps1). log pi(y|x) is the sum of the response tokens' log-probs; pi_ref is
+    the original model, the adapters switched off (`original` without adapters), under no_grad, as for the KL. At
+    pi_theta = pi_ref (step 0) it is (2/beta) log 2 and its gradient that of mean log pi_theta(y|x): gradient ascent
+    on the sequence NLL; as pi_theta(y|x) -> 0 the weight sigmoid(beta * (log pi_theta - log pi_ref)) on that
+    gradient goes to 0, so the loss is bounded below by 0 where plain ascent is not bounded at all.
+
+    Returns the loss (with its graph) and the harmful NLL per token, detached (what the log and the stopping rule
+    read as harm_nll)."""
+    image_features = None
+    if batch.pixel_values is not None:  # shared by both passes, as in kl_to_original
+        image_features = frozen_image_features(model, batch.pixel_values)
+    with torch.no_grad(), adapters_off():
+        reference = sequence_nlls(original or model, batch, kernels, image_features)  # -log pi_ref(y|x), (S,)
+    current = sequence_nlls(model, batch, kernels, image_features)  # -log pi_theta(y|x), (S,)
+    per_sequence = (2.0 / beta) * torch.nn.functional.softplus(beta * (reference - current))  # (S,)
+    loss = per_sequence.sum() / max(batch.sequences, 1)  # the mean over the sequences (0 without any)
+    return loss, current.detach().sum() / max(batch.response_tokens, 1)
+
+
+HARM_LOSSES = ("ascent", "npo")
+
+
 @dataclass(frozen=True)
 class LossWeights:
+    """The weights of L_total's terms, and which loss its harm term is."""
+
     harm: float = 0.5  # eps1 (Yao et al.'s default)
     helpful: float = 1.0  # eps2
     utility: float = 1.0  # eps3
+    harm_loss: str = "ascent"  # "ascent": -eps1 * L_harm (the paper's); "npo": +eps1 * L_NPO (`npo`)
+    npo_beta: float = 0.1  # NPO's beta (Zhang et al.'s default)
+
+    def __post_init__(self):
+        if self.harm_loss not in HARM_LOSSES:
+            raise ValueError(f"harm_loss must be one of {HARM_LOSSES}, got {self.harm_loss!r}")
+        if not self.npo_beta > 0:
+            raise ValueError(f"npo_beta must be > 0, got {self.npo_beta}")
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The names a step logs, in order: with NPO, harm_npo beside the harmful NLL."""
+        return NPO_TERMS if self.harm_loss == "npo" else TERMS
+
+    @property
+    def signs(self) -> dict[str, float]:
+        """Each trained term's signed coefficient in L_total (harm_nll is only logged under NPO)."""
+        harm = {"harm_npo": self.harm} if self.harm_loss == "npo" else {"harm_nll": -self.harm}
+        return {**harm, "helpful_nll": self.helpful, "utility_kl": self.utility}
 
 
 def loss_terms(model, harmful: Batch | None, helpful: Batch | None, normal: Batch | None, weights: LossWeights,
                kernels: Kernels, adapters_off: Callable[[], AbstractContextManager], original=None
-               ) -> list[tuple[str, float, Callable[[], torch.Tensor]]]:
+               ) -> list[tuple[str, float, Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]]]:
     """The terms of L_total that run, as (name, coefficient, compute): coefficient is the term's signed eps
-    (-eps1 for the ascent on L_harm) and compute() builds the term's mean over its batch, with its graph. A term whose
-    batch is None or whose weight is 0 is left out."""
-    plan = [("harm_nll", -weights.harm, harmful, lambda: nll(model, harmful, kernels)),
-            ("helpful_nll", weights.helpful, helpful, lambda: nll(model, helpful, kernels)),
-            ("utility_kl", weights.utility, normal,
-             lambda: kl_to_original(model, normal, kernels, adapters_off, original))]
+    (-eps1 for the ascent on L_harm, +eps1 for NPO) and compute() builds the term's mean over its batch, with its
+    graph, and what is logged beside it (NPO: the harmful NLL, detached). A term whose batch is None or whose weight
+    is 0 is left out."""
+    def alone(mean: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return mean, {}
+
+    def harm_npo() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, harm_nll = npo(model, harmful, kernels, weights.npo_beta, adapters_off, original)
+        return loss, {"harm_nll": harm_nll}
+
+    if weights.harm_loss == "npo":
+        harm_name, harm_compute = "harm_npo", harm_npo
+    else:
+        harm_name, harm_compute = "harm_nll", lambda: alone(nll(model, harmful, kernels))
+    signs = weights.signs
+    plan = [(harm_name, signs[harm_name], harmful, harm_compute),
+            ("helpful_nll", signs["helpful_nll"], helpful, lambda: alone(nll(model, helpful, kernels))),
+            ("utility_kl", signs["utility_kl"], normal,
+             lambda: alone(kl_to_original(model, normal, kernels, adapters_off, original)))]
     return [(name, coefficient, compute) for name, coefficient, batch, compute in plan
             if batch is not None and coefficient]
 
@@ -205,12 +300,14 @@ def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal:
                     weights: LossWeights, kernels: Kernels, adapters_off: Callable[[], AbstractContextManager],
                     shares: dict[str, float] | None = None, original=None
                     ) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """L_total = -eps1 L_harm + eps2 L_helpful + eps3 L_utility; a term whose batch is None (or weight 0) is skipped.
+    """L_total = -eps1 L_harm + eps2 L_helpful + eps3 L_utility (with NPO: +eps1 L_NPO in place of -eps1 L_harm); a
+    term whose batch is None (or weight 0) is skipped.
 
     `shares[term]` multiplies the term's mean over this batch (default 1): a step made of several batches (gradient
-    accumulation, ranks) gives each batch's mean the share of the step's response tokens it holds, so that the step's
-    gradient is that of each term's mean over all its tokens (`step_shares` below). `original`: the frozen copy
-    the KL compares with when there are no adapters to switch off (full-parameter training).
+    accumulation, ranks) gives each batch's mean the share of the step's response tokens (NPO: harmful sequences) it
+    holds, so that the step's gradient is that of each term's mean over all of them (`step_shares` below).
+    `original`: the frozen copy the KL (and NPO) compares with when there are no adapters to switch off
+    (full-parameter training).
 
     Returns the total (a scalar to backpropagate) and each term's mean over this batch, for the log. With no term at
     all (a batch of harmful-only records in a run that only matches helpful responses, say) the total is None.
@@ -221,9 +318,10 @@ def unlearning_loss(model, harmful: Batch | None, helpful: Batch | None, normal:
     total, means = None, {}
     for name, coefficient, compute in loss_terms(model, harmful, helpful, normal, weights, kernels, adapters_off,
                                                  original):
-        mean = compute()
+        mean, beside = compute()
         term = coefficient * (mean * shares.get(name, 1.0))
         total = term if total is None else total + term
+        means.update(beside)
         means[name] = mean.detach()
     return total, read_means(means)
 
@@ -241,8 +339,9 @@ def unlearning_backward(model, harmful: Batch | None, helpful: Batch | None, nor
     means = {}
     for name, coefficient, compute in loss_terms(model, harmful, helpful, normal, weights, kernels, adapters_off,
                                                  original):
-        mean = compute()
+        mean, beside = compute()
         (coefficient * (mean * shares.get(name, 1.0))).backward()
+        means.update(beside)
         means[name] = mean.detach()
     return read_means(means)
 
@@ -256,8 +355,8 @@ def read_means(means: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def total_loss(terms: dict[str, float], weights: LossWeights) -> float:
-    """-eps1 L_harm + eps2 L_helpful + eps3 L_utility from the terms' values (those present)."""
-    signed = {"harm_nll": -weights.harm, "helpful_nll": weights.helpful, "utility_kl": weights.utility}
+    """-eps1 L_harm (or +eps1 L_NPO) + eps2 L_helpful + eps3 L_utility from the terms' values (those present)."""
+    signed = weights.signs
     return sum(signed[name] * value for name, value in terms.items() if name in signed)
 
 
@@ -269,8 +368,9 @@ def total_loss(terms: dict[str, float], weights: LossWeights) -> float:
 # with n_b the term's response tokens in batch b and N_step their sum. Each batch's backward therefore weighs its mean
 # by n_b / N_step (times the number of ranks, which the gradient all-reduce's mean divides out again), so that
 # --grad-accum 2 x batch 4, 2 ranks x batch 4 and one batch of 8 records give the same gradient, and a term missing
-# from one batch does not lose weight in the others. `sum_over_ranks` adds a few numbers over the ranks (the run's
-# all-reduce, ref.distributed.Distributed.sum_floats); one process adds nothing to them.
+# from one batch does not lose weight in the others. NPO (harm_npo) is a mean per harmful SEQUENCE: its n_b counts
+# the batch's harmful sequences, the same rule otherwise (`term_counts`). `sum_over_ranks` adds a few numbers over the
+# ranks (the run's all-reduce, ref.distributed.Distributed.sum_floats); one process adds nothing to them.
 
 SumOverRanks = Callable[[list[float]], list[float]]
 
@@ -279,30 +379,41 @@ def one_process(values: list[float]) -> list[float]:
     return list(values)
 
 
-def tokens_in_step(micro_batches: list[TermBatches], sum_over_ranks: SumOverRanks = one_process) -> dict[str, float]:
-    """N_step of each term: its response tokens in every batch of the step, on every rank."""
-    local = [sum(b.response_tokens()[term] for b in micro_batches) for term in TERMS]
-    return dict(zip(TERMS, sum_over_ranks(local)))
+def term_counts(batches: TermBatches, terms) -> dict[str, int]:
+    """n_b of each of `terms` in this batch: its response tokens; for harm_npo, the harmful sequences."""
+    counts = dict(batches.response_tokens())
+    if "harm_npo" in terms:
+        counts["harm_npo"] = batches.harmful_sequences()
+    return {term: counts[term] for term in terms}
+
+
+def tokens_in_step(micro_batches: list[TermBatches], sum_over_ranks: SumOverRanks = one_process,
+                   terms: tuple[str, ...] = TERMS) -> dict[str, float]:
+    """N_step of each term (`LossWeights.terms`): its response tokens (harm_npo: harmful sequences) in every batch of
+    the step, on every rank."""
+    local = [sum(term_counts(b, terms)[term] for b in micro_batches) for term in terms]
+    return dict(zip(terms, sum_over_ranks(local)))
 
 
 def step_shares(batches: TermBatches, step_tokens: dict[str, float], ranks: int = 1) -> dict[str, float]:
     """n_b / N_step of each term of this batch, times the ranks (the gradient all-reduce takes their mean)."""
-    return {term: ranks * n / step_tokens[term] for term, n in batches.response_tokens().items() if n}
+    return {term: ranks * n / step_tokens[term] for term, n in term_counts(batches, step_tokens).items() if n}
 
 
 def add_token_sums(sums: dict[str, float], means: dict[str, float], batches: TermBatches) -> None:
     """n_b * mean_b of each term this batch computed, added to the step's sums (for the log)."""
-    tokens = batches.response_tokens()
+    counts = term_counts(batches, means)
     for term, mean in means.items():
-        sums[term] = sums.get(term, 0.0) + mean * tokens[term]
+        sums[term] = sums.get(term, 0.0) + mean * counts[term]
 
 
 def step_terms(sums: dict[str, float], step_tokens: dict[str, float], weights: LossWeights,
                sum_over_ranks: SumOverRanks = one_process) -> dict[str, float]:
-    """L_term = sum_b n_b * mean_b / N_step of each term (what the log and the stopping rule read), and the total;
-    a term no batch of the step computed, on any rank, is absent."""
-    computed = sum_over_ranks([1.0 if term in sums else 0.0 for term in TERMS])
-    active = [term for term, flag in zip(TERMS, computed) if flag]
+    """L_term = sum_b n_b * mean_b / N_step of each term of `step_tokens` (what the log and the stopping rule read),
+    and the total; a term no batch of the step computed, on any rank, is absent."""
+    names = list(step_tokens)
+    computed = sum_over_ranks([1.0 if term in sums else 0.0 for term in names])
+    active = [term for term, flag in zip(names, computed) if flag]
     totals = sum_over_ranks([sums.get(term, 0.0) for term in active])
     terms = {term: total / step_tokens[term] for term, total in zip(active, totals)}
     if terms:
@@ -361,8 +472,10 @@ class StepCounts:
     image_tokens: int = 0
     flops: float = 0.0
 
-    def add(self, model, batches: TermBatches) -> None:
-        for batch, reference_pass in ((batches.harmful, False), (batches.helpful, False), (batches.normal, True)):
+    def add(self, model, batches: TermBatches, harm_reference_pass: bool = False) -> None:
+        """`harm_reference_pass`: the harm term also runs the original model (NPO's pi_ref), as the KL term does."""
+        for batch, reference_pass in ((batches.harmful, harm_reference_pass), (batches.helpful, False),
+                                      (batches.normal, True)):
             if batch is not None:
                 self.tokens += batch.positions.tokens
                 self.image_tokens += batch.count_image_tokens(model.config.image_token_index)

@@ -257,8 +257,21 @@ RECORDED_SUMMARY_KEYS = ["mode", "steps", "stopped_by", "tokens", "image_tokens"
                          "peak_memory_mb", "adapter", "kernels", "ranks", "provenance"]
 
 
-def recorded_args(world, out: Path) -> dict:
-    """args.json as bc86c2b's train.py wrote it for `run(world, out, *RECORDED_RUN)` (its provenance abridged)."""
+# Options added since bc86c2b, with the values a run folder without them resumes with (their defaults), after the
+# option they follow in args.json.
+LATER_OPTIONS = {"mismatch": {"harm_loss": "ascent", "npo_beta": 0.1}}
+
+
+def recorded_args(world, out: Path, with_later_options: bool = False) -> dict:
+    """args.json as bc86c2b's train.py wrote it for `run(world, out, *RECORDED_RUN)` (its provenance abridged); with
+    `with_later_options`, as this train.py writes it (LATER_OPTIONS in their places)."""
+    recorded = bc86c2b_args(world, out)
+    if not with_later_options:
+        return recorded
+    return {k: v for key, value in recorded.items() for k, v in {key: value, **LATER_OPTIONS.get(key, {})}.items()}
+
+
+def bc86c2b_args(world, out: Path) -> dict:
     return {"model": world["model"], "vision_dir": None, "data": world["data"], "out": str(out),
             "prompt_format": "llava-hf", "mode": "textual", "eps": [0.5, 1.0, 1.0], "include_categories": None,
             "exclude_categories": None, "category_fraction": 1.0, "category_seed": None, "mismatch": "random",
@@ -288,8 +301,9 @@ def test_a_run_folder_in_the_recorded_formats_resumes_bit_for_bit(world, tmp_pat
             "--lora-r", "4", *RECORDED_RUN]
     assert trained(argv, StopRequest(after_step=2))["interrupted_at"] == 2
     written, recorded = json.loads((out / "args.json").read_text()), recorded_args(world, out)
-    assert list(written) == list(recorded)
-    assert {k: v for k, v in written.items() if k != "provenance"} == {k: v for k, v in recorded.items()
+    expected = recorded_args(world, out, with_later_options=True)
+    assert list(written) == list(expected)
+    assert {k: v for k, v in written.items() if k != "provenance"} == {k: v for k, v in expected.items()
                                                                         if k != "provenance"}
     (out / "args.json").write_text(json.dumps(recorded, indent=1))
     with safe_open(str(out / "checkpoint" / "state.safetensors"), "pt") as f:
