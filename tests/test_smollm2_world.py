@@ -34,6 +34,9 @@ def test_split_is_fixed_disjoint_and_covers_the_files():
     assert (labels["test"].count("safe"), labels["test"].count("unsafe")) == (200, 160)
 
 
+LONG_QUESTION = "Which " + "very " * 70 + "long question does not fit in one image?"  # 64 cells: left out
+
+
 def synthetic_data(folder: Path) -> Path:
     """Files in the public data sets' columns, with enough rows for the split's sizes."""
     folder.mkdir()
@@ -44,7 +47,8 @@ def synthetic_data(folder: Path) -> Path:
                for i in range(400)])
     write_csv(folder / "truthfulqa.csv", ["Type", "Category", "Question", "Best Answer", "Correct Answers",
                                           "Incorrect Answers", "Source"],
-              [["Adversarial", "Misc", f"Question {i}?", f"Answer {i}.", "", "", ""] for i in range(700)])
+              [["Adversarial", "Misc", LONG_QUESTION if i == 0 else f"Question {i}?", f"Answer {i}.", "", "", ""]
+               for i in range(700)])
     write_csv(folder / "figstep_safebench.csv", ["dataset", "category_id", "task_id", "category_name", "question",
                                                  "instruction"],
               [["ForbidQI", "1", str(i), "Illegal Activity", f"How to do thing {i}?", f"Steps to do thing {i}."]
@@ -80,7 +84,8 @@ def test_build_writes_the_records_and_the_suites_of_the_split(tmp_path):
     drawn_harmful, drawn_normal = split_records(read_unlearning_jsonl(out / "unlearning_multimodal.jsonl"))
     assert [(r.harmful_response, r.helpful_response) for r in drawn_harmful] == [
         (r.harmful_response, r.helpful_response) for r in harmful]
-    assert [r.response for r in drawn_normal] == [r.response for r in normal]
+    assert [r.response for r in drawn_normal] == [r.response for r in normal if r.prompt != LONG_QUESTION]
+    assert counts["drawn"] == len(drawn_harmful) + len(drawn_normal) == len(harmful) + len(normal) - 1
     assert all(r.image and Path(r.image).is_file() for r in (*drawn_harmful, *drawn_normal))
     with open(out / "safety_val.csv", newline="") as f:
         assert [row[0] for row in csv.reader(f)] == ["prompt"] + [safety[i]["instruction"]

@@ -32,8 +32,8 @@ Written:
     split.json             the seed and every split as row numbers of the source files
     unlearning.jsonl       ref.unlearning_data's schema: the harmful records, then 600 normal ones
     unlearning_templated.jsonl                     the templated variant, the same normal records
-    unlearning_multimodal.jsonl                    unlearning.jsonl with every prompt drawn as an image (the
-                                                   multimodal baseline: train.py --mode multimodal)
+    unlearning_multimodal.jsonl                    unlearning.jsonl with every prompt that fits 8 x 8 cells drawn as
+                                                   an image (the multimodal baseline: train.py --mode multimodal)
     safety_val.csv                                 `prompt` column: the validation instructions, --suite text:...
     truthfulqa_questions_val.csv, ..._test.csv     `prompt` column: TruthfulQA's held-out questions, asked
     advbench_val.csv, advbench_test.csv            `goal` column: eval.py --suite text:...
@@ -223,6 +223,15 @@ def harmful_records(prompts: list[str], answers: list[str], safe_responses: list
             for prompt, answer, safe in zip(prompts, answers, safe_responses) if answer.strip() and not refused(answer)]
 
 
+def fits(text: str, painter: CellPainter) -> bool:
+    """Whether the text can be drawn in one image (8 rows of 8 cells): a long TruthfulQA question cannot."""
+    try:
+        layout_text(text, painter)
+    except ValueError:
+        return False
+    return True
+
+
 def drawn(record: HarmfulRecord | NormalRecord, painter: CellPainter, images: Path, key: str):
     """The record with its prompt drawn as an image (IMAGE_PIECE_PROMPT as the text): the multimodal baseline's."""
     name = f"{key}.png"
@@ -251,17 +260,18 @@ def build(model_dir: Path, data: Path, out: Path, batch_size: int = 16, threads:
     _, truthful = read_csv(data / "truthfulqa.csv")
     normal = [NormalRecord(truthful[i]["Question"], truthful[i]["Best Answer"]) for i in split["truthfulqa"]["train"]
               if truthful[i]["Question"].strip() and truthful[i]["Best Answer"].strip()]
-    answers = base_answers(model_dir, instructions + goals, batch_size, threads)
+    painter = painter_for(model_dir)
+    drawable = {text for text in [*instructions, *(r.prompt for r in normal)] if fits(text, painter)}  # before
+    answers = base_answers(model_dir, instructions + goals, batch_size, threads)  # minutes of generation
     harmful = harmful_records(instructions, answers[:len(instructions)], [item["output"] for item in unlearn], "safety")
     templated = [HarmfulRecord(goal, answer or None, refusal(goal, i), categories=("advbench",))  # as in round one
                  for i, (goal, answer) in enumerate(zip(goals, answers[len(instructions):]))]
-    painter = painter_for(model_dir)
     with new_folder(out, [model_dir, data]) as folder:
         (folder / "split.json").write_text(json.dumps(split, indent=1) + "\n")
         write_unlearning_jsonl([*harmful, *normal], folder / "unlearning.jsonl")
         write_unlearning_jsonl([*templated, *normal], folder / "unlearning_templated.jsonl")
         write_image_suites(painter, data, split, folder)
-        records = [*harmful, *normal]
+        records = [r for r in (*harmful, *normal) if r.prompt in drawable]
         write_unlearning_jsonl([drawn(r, painter, folder / "images", f"train-{k}") for k, r in enumerate(records)],
                                folder / "unlearning_multimodal.jsonl")
         for name, source, rows in (("advbench_val", "advbench_harmful_behaviors.csv", split["advbench"]["val"]),
@@ -276,7 +286,7 @@ def build(model_dir: Path, data: Path, out: Path, batch_size: int = 16, threads:
             prompt_csv(folder / f"truthfulqa_questions_{part}.csv",
                        [truthful[i]["Question"] for i in split["truthfulqa"][part]])
     return {"harmful": len(harmful), "templated": len(templated), "normal": len(normal),
-            "dropped": len(instructions) - len(harmful), "out": str(out)}
+            "dropped": len(instructions) - len(harmful), "drawn": len(records), "out": str(out)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         check_new_folder(Path(args.out), [Path(args.model), Path(args.data)])
         counts = build(Path(args.model), Path(args.data), Path(args.out), args.batch_size, args.threads)
     print(f"{counts['harmful']} harmful records ({counts['templated']} templated; {counts['dropped']} base answers "
-          f"already refused, dropped) and {counts['normal']} normal records, suites and split.json in "
+          f"already refused, dropped) and {counts['normal']} normal records ({counts['drawn']} of all "
+          f"that fit an image, drawn for the multimodal baseline), suites and split.json in "
           f"{counts['out']}", file=sys.stderr)
 
 
