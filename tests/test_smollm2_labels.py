@@ -30,3 +30,29 @@ def test_halves_are_fixed_and_even():
     halves = labels.split_halves(ids)
     assert halves == labels.split_halves(list(reversed(ids)))  # the file's order does not matter
     assert sorted(halves.values()).count("dev") == 5 and sorted(halves.values()).count("test") == 6
+
+
+def committed_labels() -> list[dict]:
+    path = LABELS_DIR / "labels.jsonl"
+    return labels.check_items(path, read_jsonl(path))
+
+
+def test_the_committed_agreement_figures_are_those_of_the_committed_labels():
+    items = committed_labels()
+    assert len(items) >= 300
+    assert {i["half"] for i in items} == {"dev", "test"}
+    assert labels.split_halves([i["id"] for i in items]) == {i["id"]: i["half"] for i in items}  # halves fixed
+    assert all(i["label"] == i["reader_1"] == i["reader_2"] or i["settled_by"] for i in items)
+    published = json.loads((LABELS_DIR / "agreement.json").read_text())
+    assert labels.agreement(items) == pytest.approx(published)
+
+
+def test_a_judges_accuracy_counted_by_hand():
+    """gcg's agreement on the test half's harmful requests, counted here without labels.agreement."""
+    from evals.judges import judge
+    gcg = judge("gcg")
+    test = [i for i in committed_labels() if i["half"] == "test" and i["suite"] in labels.HARM_SUITES]
+    hits = sum((not gcg.is_refusal(i["response"])) == (i["label"] == "harmful") for i in test)
+    published = json.loads((LABELS_DIR / "agreement.json").read_text())
+    row = next(r for r in published["test"] if r["judge"] == "gcg")
+    assert row["n"] == len(test) and row["accuracy"] == pytest.approx(hits / len(test))

@@ -120,15 +120,16 @@ def check_items(path: Path, items: list[tuple[int, dict]]) -> list[dict]:
 # Drawing the answers to label
 
 
-def sample(runs: list[Path], per_block: int, seed: int = SPLIT_SEED) -> tuple[list[dict], list[dict]]:
-    """`per_block` answers of every (run, model, suite), drawn with the seed: the items to label (model hidden, in a
-    shuffled order) and the key (which run and model wrote each)."""
+def sample(runs: list[Path], per_block: int, models: Sequence[str] | None = None, prefix: str = "a",
+           seed: int = SPLIT_SEED) -> tuple[list[dict], list[dict]]:
+    """`per_block` answers of every (run, model, suite) (of `models` only, if given), drawn with the seed: the items
+    to label (model hidden, in a shuffled order, ids `prefix`000, ...) and the key (which run and model wrote each)."""
     rng = random.Random(seed)
     items, key = [], []
     for run in runs:
         blocks: dict[tuple[str, str], list[dict]] = {}
         for _, row in read_jsonl(run / "responses.jsonl"):
-            if row["suite"] in (*HARM_SUITES, *BENIGN_SUITES):
+            if row["suite"] in (*HARM_SUITES, *BENIGN_SUITES) and (models is None or row["model"] in models):
                 blocks.setdefault((row["model"], row["suite"]), []).append(row)
         for (model, suite), rows in sorted(blocks.items()):
             for row in rng.sample(rows, min(per_block, len(rows))):
@@ -140,7 +141,7 @@ def sample(runs: list[Path], per_block: int, seed: int = SPLIT_SEED) -> tuple[li
     rng.shuffle(order)
     items, key = [items[k] for k in order], [key[k] for k in order]
     for n, (item, entry) in enumerate(zip(items, key)):
-        item["id"] = entry["id"] = f"a{n:03d}"
+        item["id"] = entry["id"] = f"{prefix}{n:03d}"
     return [{"id": i.pop("id"), **i} for i in items], key
 
 
@@ -150,12 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     draw = commands.add_parser("sample", help="draw answers to label from eval.py run folders")
     draw.add_argument("runs", nargs="+")
     draw.add_argument("--per-block", type=int, default=4, help="answers per (run, model, suite) (default 4)")
+    draw.add_argument("--models", nargs="+", help="only these models' answers (default: every model of the runs)")
+    draw.add_argument("--prefix", default="a", help="the items' id prefix, distinct for each draw (default a)")
     draw.add_argument("--out", required=True, help="a new folder: items.jsonl (to label) and key.jsonl")
     agree = commands.add_parser("agreement", help="the readers' and the judges' agreement with the labels")
     agree.add_argument("labels")
     args = parser.parse_args(argv)
     if args.command == "sample":
-        items, key = sample([Path(r) for r in args.runs], args.per_block)
+        items, key = sample([Path(r) for r in args.runs], args.per_block, args.models, args.prefix)
         out = Path(args.out)
         out.mkdir(parents=True)
         (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))

@@ -49,6 +49,7 @@ class ModelNumbers:
     folder: str
     suites: dict[str, SuiteNumbers]
     perplexity: float | None
+    train: dict | None = None  # the run's summary: steps, tokens, image_tokens, estimated_flops, wall_seconds
 
 
 def percent(flags: list[bool]) -> float:
@@ -77,7 +78,8 @@ def read_run(folder: Path, harm_judge) -> list[ModelNumbers]:
     for entry in report["models"]:
         suites = {suite: suite_numbers(suite, block, harm_judge)
                   for (model, suite), block in rows.items() if model == entry["name"]}
-        models.append(ModelNumbers(entry["name"], str(folder), suites, (entry.get("utility") or {}).get("perplexity")))
+        models.append(ModelNumbers(entry["name"], str(folder), suites, (entry.get("utility") or {}).get("perplexity"),
+                                   entry.get("train")))
     return models
 
 
@@ -114,12 +116,42 @@ def table(models: list[ModelNumbers], judge_name: str, base: ModelNumbers | None
     suites = [s for s in (*HARM_SUITES, OVER_REFUSAL, *ANSWER_SUITES) if any(s in m.suites for m in models)]
     heads = [f"{s} harmful [{judge_name}] / degenerate" if s in HARM_SUITES else
              f"{s} refused / degenerate" if s == OVER_REFUSAL else f"{s} answered / degenerate" for s in suites]
-    lines = ["| model | " + " | ".join(heads) + " | PPL | missed targets |", "|---" * (len(suites) + 3) + "|"]
+    lines = ["| model | " + " | ".join(heads) + " | PPL | train: steps, tokens (image), FLOPs, s | missed targets |",
+             "|---" * (len(suites) + 4) + "|"]
     for m in models:
         cells = [f"{m.suites[s].rate:.0f} / {m.suites[s].degenerate:.0f}" if s in m.suites else "-" for s in suites]
         missed = "; ".join(missed_targets(m, base)) if base is not None and m is not base else ""
         ppl = f"{m.perplexity:.1f}" if m.perplexity else "-"
-        lines.append(f"| {m.name} ({Path(m.folder).name}) | " + " | ".join(cells) + f" | {ppl} | {missed} |")
+        lines.append(f"| {m.name} ({Path(m.folder).name}) | " + " | ".join(cells) + f" | {ppl} | {compute(m)} | "
+                     f"{missed} |")
+    return "\n".join(lines)
+
+
+def compute(model: ModelNumbers) -> str:
+    t = model.train
+    if not t:
+        return "-"
+    return (f"{t['steps']}, {t['tokens']:,} ({t.get('image_tokens', 0):,}), {t['estimated_flops']:.1e}, "
+            f"{t['wall_seconds']:.0f}")
+
+
+def seed_summary(models: list[ModelNumbers], groups: dict[str, list[str]]) -> str:
+    """Mean (min-max) over the seeds of each group (name -> model names): one line per suite rate."""
+    lines = []
+    for group, names in groups.items():
+        members = [m for m in models if m.name in names]
+        if not members:
+            continue
+        cells = []
+        for suite in (*HARM_SUITES, OVER_REFUSAL, *ANSWER_SUITES):
+            rates = [m.suites[suite].rate for m in members if suite in m.suites]
+            degenerate = [m.suites[suite].degenerate for m in members if suite in m.suites]
+            if rates:
+                cells.append(f"{suite} {sum(rates) / len(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) / "
+                             f"{sum(degenerate) / len(degenerate):.0f}")
+        ppl = [m.perplexity for m in members if m.perplexity]
+        cells.append(f"PPL {sum(ppl) / len(ppl):.1f} ({min(ppl):.1f}-{max(ppl):.1f})" if ppl else "PPL -")
+        lines.append(f"{group} ({len(members)} seeds): " + "; ".join(cells))
     return "\n".join(lines)
 
 
@@ -128,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="eval.py run folders; the base is the model named 'base'")
     parser.add_argument("--judge", default="answered", help="the judge of the harm suites (default answered)")
     parser.add_argument("--choose", action="store_true", help="apply the rule and name the chosen setting")
+    parser.add_argument("--seeds", action="append", default=[], metavar="GROUP=NAME,NAME,...",
+                        help="print the mean (min-max) over these models, repeatable")
     args = parser.parse_args(argv)
     harm_judge = make_judge(args.judge)
     models = [m for run in args.runs for m in read_run(Path(run), harm_judge)]
@@ -135,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     base = bases[0] if bases else None
     models = ([base] if base else []) + [m for m in models if m.name != "base"]
     print(table(models, args.judge, base))
+    groups = {spec.split("=", 1)[0]: spec.split("=", 1)[1].split(",") for spec in args.seeds}
+    if groups:
+        print("\n" + seed_summary(models, groups))
     if args.choose and base is not None:
         chosen = choose(models, base)
         print(f"\nchosen: {chosen.name} ({chosen.folder}), missed: {missed_targets(chosen, base) or 'none'}")
