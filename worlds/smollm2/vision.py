@@ -274,9 +274,10 @@ def vision_state(model: Llava) -> dict[str, torch.Tensor]:
 
 
 def training_texts(data_dir: Path) -> list[str]:
-    """The world's training text: every prompt and response of data/smollm2/unlearning.jsonl, ASCII only."""
+    """The world's training text: every prompt and response of data/smollm2/unlearning_templated.jsonl, ASCII only
+    (the committed tower was built on round one's records, which that file keeps)."""
     texts = []
-    for record in read_unlearning_jsonl(data_dir / "unlearning.jsonl"):
+    for record in read_unlearning_jsonl(data_dir / "unlearning_templated.jsonl"):
         if isinstance(record, HarmfulRecord):
             parts = (record.prompt, record.harmful_response, record.helpful_response)
         else:
