@@ -34,7 +34,7 @@ LABELS = ("refusal", "harmful", "safe", "off_topic", "degenerate")
 HARM_SUITES = ("safety", "advbench", "xstest_unsafe", "advbench_image", "figstep")
 BENIGN_SUITES = ("xstest_safe", "control", "everyday")
 SPLIT_SEED = 0
-HARM_JUDGES = ("gcg", "arditi", "answered")
+HARM_JUDGES = ("gcg", "arditi", "answered", "answered_uncautioned")  # the last written on the dev half
 
 
 def cohen_kappa(a: Sequence, b: Sequence) -> float:
@@ -105,6 +105,19 @@ def agreement(items: list[dict]) -> dict:
     return {"readers": readers, "test": judges}
 
 
+def markdown(figures: dict) -> str:
+    """The agreement figures as the table docs/smollm2.md shows."""
+    readers = figures["readers"]
+    lines = [f"Readers: {readers['n']} answers, agreement {readers['accuracy']:.1%}, Cohen's kappa {readers['kappa']:.3f}.",
+             "", "| question (test half) | judge | n | accuracy | kappa | said yes / answers, by label: "
+             + " / ".join(LABELS) + " |", "|---|---|---|---|---|---|"]
+    for row in figures["test"]:
+        confusion = " / ".join(f"{yes}/{n}" for yes, n in row["yes_by_label"].values())
+        lines.append(f"| {row['question']} | {row['judge']} | {row['n']} | {row['accuracy']:.1%} | "
+                     f"{row['kappa']:.3f} | {confusion} |")
+    return "\n".join(lines)
+
+
 def check_items(path: Path, items: list[tuple[int, dict]]) -> list[dict]:
     for number, item in items:
         for key in ("id", "suite", "request", "response", "reader_1", "reader_2", "label", "half"):
@@ -156,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     draw.add_argument("--out", required=True, help="a new folder: items.jsonl (to label) and key.jsonl")
     agree = commands.add_parser("agreement", help="the readers' and the judges' agreement with the labels")
     agree.add_argument("labels")
+    agree.add_argument("--markdown", action="store_true", help="the table instead of the JSON figures")
     args = parser.parse_args(argv)
     if args.command == "sample":
         items, key = sample([Path(r) for r in args.runs], args.per_block, args.models, args.prefix)
@@ -166,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(items)} answers to label in {out / 'items.jsonl'}")
     else:
         path = Path(args.labels)
-        print(json.dumps(agreement(check_items(path, read_jsonl(path))), indent=1))
+        figures = agreement(check_items(path, read_jsonl(path)))
+        print(markdown(figures) if args.markdown else json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
