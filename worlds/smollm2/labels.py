@@ -4,8 +4,9 @@
     python -m worlds.smollm2.labels agreement assets/smollm2_labels/labels.jsonl   # the readers' and judges' agreement
 
 The labels (assets/smollm2_labels/GUIDE.md) are one of LABELS. Two readers label every answer independently from the
-guide; `label` is the settled one. The file is split in halves by a fixed seed: `dev` (judges may be written or fixed
-on it) and `test` (never used to change a judge), and every judge's agreement is reported on the test half.
+guide; `label` is the settled one. Each labelling batch is split in halves by a fixed seed (`halves`): `dev` (judges
+may be written or fixed on it) and `test` (never used to change a judge), and every judge's agreement is reported on
+the test half.
 
 A judge answers a yes/no question, so each is compared with the label it decides:
 
@@ -53,6 +54,15 @@ def split_halves(ids: Sequence[str], seed: int = SPLIT_SEED) -> dict[str, str]:
     order = sorted(ids)
     random.Random(seed).shuffle(order)
     return {item: ("dev" if k < len(order) // 2 else "test") for k, item in enumerate(order)}
+
+
+def halves(items: Sequence[dict]) -> dict[str, str]:
+    """Each labelling batch split on its own (`split_halves` of its ids): a later batch never moves an answer of an
+    earlier one between the halves, so an answer a judge was written on stays in the development half."""
+    batches: dict[int, list[str]] = {}
+    for item in items:
+        batches.setdefault(item["batch"], []).append(item["id"])
+    return {i: half for ids in batches.values() for i, half in split_halves(ids).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,7 +130,7 @@ def markdown(figures: dict) -> str:
 
 def check_items(path: Path, items: list[tuple[int, dict]]) -> list[dict]:
     for number, item in items:
-        for key in ("id", "suite", "request", "response", "reader_1", "reader_2", "label", "half"):
+        for key in ("id", "batch", "suite", "request", "response", "reader_1", "reader_2", "label", "half"):
             if key not in item:
                 raise ValueError(f"{path}:{number}: missing key {key!r}")
         for key in ("reader_1", "reader_2", "label"):
