@@ -409,7 +409,8 @@ def test_case20_every_numeric_option_has_a_range():
     assert integers == {"seed", "category_seed", "lora_r", "batch_size", "grad_accum", "max_steps", "warmup",
                         "extra_batches", "threads", "save_every", "save_adapter_every", "log_every"}
     assert {a.dest for a in numeric} - integers == {"eps", "category_fraction", "lora_alpha", "lora_dropout", "lr",
-                                                    "weight_decay", "clip", "divergence_factor", "stop_harm_nll"}
+                                                    "weight_decay", "clip", "divergence_factor", "stop_harm_nll",
+                                                    "npo_beta"}
     for action in numeric:
         for text in ("inf", "nan", "-inf") + ((str(10**30), "-" + str(10**30)) if action.dest in integers else ()):
             with pytest.raises(Exception) as refused:
