@@ -8,7 +8,6 @@ with log pi(y|x) summed over the response tokens and pi_ref the model with its a
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -23,7 +22,7 @@ from ref.losses import (Batch, LossWeights, StepCounts, TermBatches, add_token_s
 from ref.lora import adapters_disabled
 from harness.train_options import OptionError
 from test_host_syncs import build, state, syncs, term_batches  # noqa: F401 (state: the fixture build takes)
-from test_losses import lora_model, make_batch
+from test_losses import float64_response_logprobs, lora_model, make_batch
 from weights_tools.make_tiny import build_tokenizer, random_model, tiny_config
 
 KERNEL_PRESETS = ["reference", "chunked"]
@@ -37,14 +36,10 @@ def base_model():
 
 def float64_sequence_logprobs(model, batch: Batch) -> torch.Tensor:
     """log pi(y|x) of each row from the float64 model's full logits: the response tokens' log-probs summed, (B,)."""
-    model64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        logits = model64(batch.input_ids, attention_mask=batch.attention_mask)  # (B, T, V) float64
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
-    targets = batch.labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    token = logprobs.gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)  # (B, T - 1)
-    return torch.where(keep, token, torch.zeros_like(token)).sum(1)
+    logprobs, targets = float64_response_logprobs(model, batch)  # (N, V), (N,): the response positions, row-major
+    token = logprobs.gather(1, targets[:, None]).squeeze(1)  # (N,)
+    rows = (batch.labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # (N,) the row of each response position
+    return torch.zeros(batch.labels.shape[0], dtype=token.dtype).index_add(0, rows, token)
 
 
 def trainable_grads(model) -> dict[str, torch.Tensor]:
