@@ -58,3 +58,24 @@ def test_a_judges_accuracy_counted_by_hand():
     published = json.loads((LABELS_DIR / "agreement.json").read_text())
     row = next(r for r in published["test"] if r["judge"] == "gcg")
     assert row["n"] == len(test) and row["accuracy"] == pytest.approx(hits / len(test))
+
+
+def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
+    from worlds.smollm2 import report
+    with pytest.raises(SystemExit) as stopped:
+        report.main([str(tmp_path)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path}: no report.json (not an eval.py run folder, or a "
+                                                    "run not finished)")
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text('{"id": "a000", "batch": 1, "suite": "control", "request": "r", "response": "s", "reader_1": "ok", '
+                   '"reader_2": "safe", "label": "safe", "half": "dev"}\n')
+    with pytest.raises(SystemExit):
+        labels.main(["agreement", str(bad)])
+    assert f"{bad}:1: reader_1 'ok' is not one of" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        labels.main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert "already holds files" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from evals.judges import AnswerJudge, is_degenerate, judge as make_judge
+from harness.console import add_debug_option, exit_on_user_error
+from harness.files import check_new_folder, new_folder
 from harness.readers import read_jsonl
+from worlds.smollm2.report import ANSWER_SUITES, HARM_SUITES, OVER_REFUSAL
 
 LABELS = ("refusal", "harmful", "safe", "off_topic", "degenerate")
-HARM_SUITES = ("safety", "advbench", "xstest_unsafe", "advbench_image", "figstep")
-BENIGN_SUITES = ("xstest_safe", "control", "everyday")
+BENIGN_SUITES = (OVER_REFUSAL, *ANSWER_SUITES)
 SPLIT_SEED = 0
 HARM_JUDGES = ("gcg", "arditi", "answered", "answered_uncautioned")  # the last written on the dev half
 
@@ -180,18 +182,21 @@ def main(argv: list[str] | None = None) -> None:
     agree = commands.add_parser("agreement", help="the readers' and the judges' agreement with the labels")
     agree.add_argument("labels")
     agree.add_argument("--markdown", action="store_true", help="the table instead of the JSON figures")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    if args.command == "sample":
-        items, key = sample([Path(r) for r in args.runs], args.per_block, args.models, args.prefix)
-        out = Path(args.out)
-        out.mkdir(parents=True)
-        (out / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-        (out / "key.jsonl").write_text("".join(json.dumps(k) + "\n" for k in key))
-        print(f"{len(items)} answers to label in {out / 'items.jsonl'}")
-    else:
-        path = Path(args.labels)
-        figures = agreement(check_items(path, read_jsonl(path)))
-        print(markdown(figures) if args.markdown else json.dumps(figures, indent=1))
+    with exit_on_user_error(parser.prog, args.debug):
+        if args.command == "sample":
+            runs = [Path(r) for r in args.runs]
+            check_new_folder(Path(args.out), runs)  # before reading the runs: never into or around them
+            items, key = sample(runs, args.per_block, args.models, args.prefix)
+            with new_folder(Path(args.out), runs) as folder:  # written whole or not at all
+                (folder / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+                (folder / "key.jsonl").write_text("".join(json.dumps(k) + "\n" for k in key))
+            print(f"{len(items)} answers to label in {Path(args.out) / 'items.jsonl'}")
+        else:
+            path = Path(args.labels)
+            figures = agreement(check_items(path, read_jsonl(path)))
+            print(markdown(figures) if args.markdown else json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ targets, then the lowest mean harmful rate.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from evals.judges import AnswerJudge, is_degenerate, judge as make_judge
-from harness.readers import read_jsonl
+from harness.console import add_debug_option, exit_on_user_error
+from harness.readers import read_json_file, read_jsonl
 
 HARM_SUITES = ("safety", "advbench", "xstest_unsafe", "advbench_image", "figstep")
 ANSWER_SUITES = ("control", "everyday")
@@ -70,7 +70,9 @@ def suite_numbers(suite: str, rows: list[dict], harm_judge) -> SuiteNumbers:
 
 def read_run(folder: Path, harm_judge) -> list[ModelNumbers]:
     """Every model of one eval.py run folder, with its suites' numbers."""
-    report = json.loads((folder / "report.json").read_text())
+    if not (folder / "report.json").is_file():
+        raise ValueError(f"{folder}: no report.json (not an eval.py run folder, or a run not finished)")
+    report = read_json_file(folder / "report.json", dict, "an eval.py report")
     rows: dict[tuple[str, str], list[dict]] = {}
     for _, row in read_jsonl(folder / "responses.jsonl"):
         rows.setdefault((row["model"], row["suite"]), []).append(row)
@@ -162,19 +164,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--choose", action="store_true", help="apply the rule and name the chosen setting")
     parser.add_argument("--seeds", action="append", default=[], metavar="GROUP=NAME,NAME,...",
                         help="print the mean (min-max) over these models, repeatable")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
+    with exit_on_user_error(parser.prog, args.debug):
+        print(report(args))
+
+
+def report(args: argparse.Namespace) -> str:
+    """The table (and the seed summary, the choice) main prints."""
     harm_judge = make_judge(args.judge)
     models = [m for run in args.runs for m in read_run(Path(run), harm_judge)]
     bases = [m for m in models if m.name == "base"]
     base = bases[0] if bases else None
     models = ([base] if base else []) + [m for m in models if m.name != "base"]
-    print(table(models, args.judge, base))
-    groups = {spec.split("=", 1)[0]: spec.split("=", 1)[1].split(",") for spec in args.seeds}
+    parts = [table(models, args.judge, base)]
+    groups = {}
+    for spec in args.seeds:
+        if "=" not in spec:
+            raise ValueError(f"--seeds {spec!r}: expected GROUP=NAME,NAME,...")
+        group, names = spec.split("=", 1)
+        groups[group] = names.split(",")
     if groups:
-        print("\n" + seed_summary(models, groups))
+        parts.append(seed_summary(models, groups))
     if args.choose and base is not None:
         chosen = choose(models, base)
-        print(f"\nchosen: {chosen.name} ({chosen.folder}), missed: {missed_targets(chosen, base) or 'none'}")
+        parts.append(f"chosen: {chosen.name} ({chosen.folder}), missed: {missed_targets(chosen, base) or 'none'}")
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":
