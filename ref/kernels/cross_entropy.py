@@ -19,7 +19,7 @@ the optimizer state.
 Two implementations:
 - `reference`: builds the full (N, V) float32 logits and lets autograd differentiate. The one to audit.
 - `chunked`: a custom autograd function that walks over tokens in chunks of `chunk_size` rows and never holds more
-  than one (chunk, V) block. The gradient is computed in the forward pass (as Liger-Kernel's fused linear cross
+  than a few (chunk, V) blocks, allocated once per call and reused by every chunk (`ChunkBlocks`). The gradient is computed in the forward pass (as Liger-Kernel's fused linear cross
   entropy does), because for a scalar loss the only unknown in backward is the upstream scalar g:
       d loss / d logits_i = (softmax(logits_i) - onehot(t_i)) * s          s = 1/n_valid ("mean") or 1 ("sum")
       d loss / d hidden_i = (d loss / d logits_i) @ weight                 (D,)
@@ -123,18 +123,54 @@ def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def chunk_logits(xc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A chunk's logits (C, V) in float32, from a matmul in the operands' dtype (for float32, the product itself)."""
-    return (xc @ w.T).float()  # (C, V)
+class ChunkBlocks:
+    """The (C, V) blocks one call of a chunked op writes, allocated once for the call and reused by every chunk.
+
+    Why: a fresh block per chunk costs more than the arithmetic done in it. At V = 32064 a chunk's float32 block is
+    32 MiB, at glibc's largest mmap threshold, so a block allocated and freed per chunk comes back as fresh pages,
+    zero-filled by the kernel on first touch: measured on 2 cores (bfloat16, D = 512), one cross-entropy chunk took
+    100 ms with fresh blocks and 65 ms with reused ones, 49 of them its two matmuls. The ops write into the blocks
+    with `out=` and in place; the values are the same as with fresh tensors, bit for bit.
+
+        f32[i]  (rows, V) float32 blocks, as many as the op needs at once
+        low     (rows, V) in the matmul dtype when it is 16-bit (the logits before their upcast, the gradient after
+                its downcast), else None
+    """
+
+    def __init__(self, rows: int, w: torch.Tensor, count: int):
+        shape = (rows, w.shape[0])
+        self.f32 = [torch.empty(shape, dtype=torch.float32, device=w.device) for _ in range(count)]
+        self.low = None if w.dtype == torch.float32 else torch.empty(shape, dtype=w.dtype, device=w.device)
+
+    def logits(self, xc: torch.Tensor, w: torch.Tensor, i: int) -> torch.Tensor:
+        """A chunk's logits (C, V) in float32, in block i, from a matmul in the operands' dtype (for float32, the
+        product itself)."""
+        out = self.f32[i][:len(xc)]  # (C, V)
+        if self.low is None:
+            return torch.mm(xc, w.T, out=out)
+        return out.copy_(torch.mm(xc, w.T, out=self.low[:len(xc)]))  # 16-bit product, upcast
+
+    def in_matmul_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """d loss / d logits (C, V) cast to the matmul dtype (the same tensor for float32)."""
+        return grad_logits if self.low is None else self.low[:len(grad_logits)].copy_(grad_logits)
 
 
-def add_chunk_gradients(grad_logits: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, start: int,
-                        grad_x: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
+def logsumexp_rows(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """log sum_v exp(z_v) for each row of logits (C, V) -> (C,), shifted by the row's max as torch.logsumexp does,
+    with the same ops (bit for bit its result), its (C, V) temporary written into `scratch`."""
+    top = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+    top.masked_fill_(top.abs() == float("inf"), 0.0)  # as torch: an infinite max is not subtracted
+    total = torch.sub(logits, top, out=scratch).exp_().sum(dim=-1)  # (C,) sum_v exp(z_v - max)
+    return total.log_().add_(top.squeeze(1))
+
+
+def add_chunk_gradients(grad_logits: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, blocks: ChunkBlocks,
+                        start: int, grad_x: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
     """From one chunk's d loss / d logits (C, V), float32: its rows of d/d hidden = g W, and d/d weight += g^T x, the
     matmuls in the operands' dtype and d/d weight accumulated in float32."""
-    g = grad_logits.to(w.dtype)  # (C, V); the same tensor for float32
+    g = blocks.in_matmul_dtype(grad_logits)  # (C, V)
     if grad_x is not None:
-        grad_x[start:start + len(xc)] = g @ w  # (C, D)
+        torch.mm(g, w, out=grad_x[start:start + len(xc)])  # (C, D), written in place
     if grad_w is None:
         return
     if g.dtype == grad_w.dtype:
@@ -144,13 +180,14 @@ def add_chunk_gradients(grad_logits: torch.Tensor, xc: torch.Tensor, w: torch.Te
 
 
 def chunked_linear_loss(x: torch.Tensor, per_row: torch.Tensor, w: torch.Tensor, chunk_loss: Callable,
-                        chunk_size: int, reduction: str, need_x_grad: bool, need_w_grad: bool
+                        blocks_needed: int, chunk_size: int, reduction: str, need_x_grad: bool, need_w_grad: bool
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunk loop shared by the chunked loss ops: walk over the M rows of x (M, D) in chunks of `chunk_size`.
 
-    `chunk_loss(xc, pc, w, want_grad)` gets a chunk's rows of x (C, D) and of `per_row` (C, ...), the op's other
-    per-row input (targets, or the original model's hidden states), and returns the chunk's loss summed over its rows
-    (a float32 scalar) and, when want_grad, d (that sum) / d logits (C, V), or None. The loop scales the gradient by
+    `chunk_loss(xc, pc, w, want_grad, blocks)` gets a chunk's rows of x (C, D) and of `per_row` (C, ...), the op's
+    other per-row input (targets, or the original model's hidden states), and the call's `ChunkBlocks` (with
+    `blocks_needed` float32 blocks), and returns the chunk's loss summed over its rows (a float32 scalar) and, when
+    want_grad, d (that sum) / d logits (C, V) (in one of the blocks), or None. The loop scales the gradient by
     s = 1/M ("mean", 1 for M = 0) or 1 ("sum"), turns it into the chunk's rows of d/d x and its share of d/d w, and
     returns (s * total, grad_x (M, D) or None, grad_w (V, D) or None).
     """
@@ -158,13 +195,13 @@ def chunked_linear_loss(x: torch.Tensor, per_row: torch.Tensor, w: torch.Tensor,
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     grad_x = torch.zeros_like(x) if need_x_grad else None  # (M, D)
     grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w_grad else None  # (V, D)
+    blocks = ChunkBlocks(min(chunk_size, x.shape[0]), w, blocks_needed)
     for start in range(0, x.shape[0], chunk_size):
         xc, pc = x[start:start + chunk_size], per_row[start:start + chunk_size]  # (C, D), (C, ...)
-        loss_sum, grad_logits = chunk_loss(xc, pc, w, need_x_grad or need_w_grad)
+        loss_sum, grad_logits = chunk_loss(xc, pc, w, need_x_grad or need_w_grad, blocks)
         total += loss_sum
         if grad_logits is not None:
-            add_chunk_gradients(grad_logits.mul_(scale), xc, w, start, grad_x, grad_w)
-            del grad_logits  # free this chunk's (C, V) block before the next chunk builds its own
+            add_chunk_gradients(grad_logits.mul_(scale), xc, w, blocks, start, grad_x, grad_w)
     return total * scale, grad_x, grad_w
 
 
@@ -185,15 +222,15 @@ def scaled_by_upstream(saved: tuple, grad_loss: torch.Tensor) -> tuple[torch.Ten
     return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in saved)
 
 
-def cross_entropy_chunk(xc: torch.Tensor, tc: torch.Tensor, w: torch.Tensor, want_grad: bool
+def cross_entropy_chunk(xc: torch.Tensor, tc: torch.Tensor, w: torch.Tensor, want_grad: bool, blocks: ChunkBlocks
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk: sum_i (logsumexp(z_i) - z_i[t_i]) and, when asked, its gradient softmax(z_i) - onehot(t_i)."""
-    logits = chunk_logits(xc, w)  # (C, V) float32
-    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    logits = blocks.logits(xc, w, 0)  # (C, V) float32
+    lse = logsumexp_rows(logits, scratch=blocks.f32[1][:len(xc)])  # (C,)
     loss_sum = (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
     if not want_grad:
         return loss_sum, None
-    grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax, built in place in the logits buffer
+    grad_logits = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax, built in place in the logits block
     grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0
     return loss_sum, grad_logits
 
@@ -209,7 +246,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         x = hidden[valid_rows].to(dtype)  # (M, D) a copy of the valid rows only
         t = targets[valid_rows].long()  # (M,)
         w = weight.to(dtype)  # (V, D): the tensor itself, or a float32 copy for mixed dtypes
-        loss, grad_x, grad_w = chunked_linear_loss(x, t, w, cross_entropy_chunk, chunk_size, reduction,
+        loss, grad_x, grad_w = chunked_linear_loss(x, t, w, cross_entropy_chunk, 2, chunk_size, reduction,
                                                    need_hidden_grad, need_weight_grad)
         ctx.save_for_backward(*stored_gradients(hidden, weight, valid_rows, grad_x, grad_w))
         return loss

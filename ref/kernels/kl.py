@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ref.kernels.cross_entropy import (LossInputError, check_linear_inputs, chunk_logits, chunked_linear_loss,
+from ref.kernels.cross_entropy import (ChunkBlocks, LossInputError, check_linear_inputs, chunked_linear_loss,
                                        default_chunk_rows, matmul_dtype, scaled_by_upstream, stored_gradients)
 from ref.kernels.registry import register
 
@@ -67,13 +67,15 @@ def linear_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tens
     return total if reduction == "sum" else total / max(hidden.shape[0], 1)
 
 
-def kl_chunk(xc: torch.Tensor, rc: torch.Tensor, w: torch.Tensor, want_grad: bool
+def kl_chunk(xc: torch.Tensor, rc: torch.Tensor, w: torch.Tensor, want_grad: bool, blocks: ChunkBlocks
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk: sum_i KL(p_orig_i || p_cur_i) and, when asked, its gradient p_cur - p_orig."""
-    ref_logprobs = torch.log_softmax(chunk_logits(rc, w), dim=-1)  # (C, V) float32
-    cur_logprobs = torch.log_softmax(chunk_logits(xc, w), dim=-1)  # (C, V) float32
-    ref_probs = ref_logprobs.exp()  # (C, V)
-    # p_orig * (log p_orig - log p_cur), in place in the ref_logprobs buffer: no further (C, V) block
+    """One chunk: sum_i KL(p_orig_i || p_cur_i) and, when asked, its gradient p_cur - p_orig. Three float32 blocks:
+    the logits of one model at a time (0), then p_orig (0); log p_orig (1); log p_cur (2)."""
+    logits, ref_logprobs, cur_logprobs = (block[:len(xc)] for block in blocks.f32)  # (C, V) each
+    torch.log_softmax(blocks.logits(rc, w, 0), dim=-1, out=ref_logprobs)
+    torch.log_softmax(blocks.logits(xc, w, 0), dim=-1, out=cur_logprobs)
+    ref_probs = torch.exp(ref_logprobs, out=logits)  # (C, V), the logits are no longer needed
+    # p_orig * (log p_orig - log p_cur), in place in the ref_logprobs block: no further (C, V) block
     loss_sum = ref_logprobs.sub_(cur_logprobs).mul_(ref_probs).sum()
     if not want_grad:
         return loss_sum, None
@@ -91,7 +93,7 @@ class ChunkedLinearKL(torch.autograd.Function):
         x = hidden[rows].to(dtype)  # (M, D) current
         r = ref_hidden[rows].to(dtype)  # (M, D) original; a fresh copy like x, so both matmuls see alike operands
         w = weight.detach().to(dtype)  # (V, D)
-        loss, grad_x, grad_w = chunked_linear_loss(x, r, w, kl_chunk, chunk_size, reduction, need_hidden_grad,
+        loss, grad_x, grad_w = chunked_linear_loss(x, r, w, kl_chunk, 3, chunk_size, reduction, need_hidden_grad,
                                                    need_weight_grad)
         ctx.save_for_backward(*stored_gradients(hidden, weight, rows, grad_x, grad_w))
         return loss
