@@ -1,6 +1,6 @@
-"""The device policy of the programs: which --device this torch can use, the compute dtype when none is asked for,
-and whether this CPU computes bfloat16 natively (`cpu_has_native_bf16`; default_dtype does not consult it yet). The
-method itself (ref/) runs on whatever device and dtype it is given."""
+"""The device policy of the programs: which --device this torch can use, the compute dtype when none is asked for
+(train.py's `default_train_dtype`, eval.py's `default_dtype`), and whether this CPU computes bfloat16 natively
+(`cpu_has_native_bf16`). The method itself (ref/) runs on whatever device and dtype it is given."""
 
 from __future__ import annotations
 
@@ -15,11 +15,24 @@ class DeviceError(ValueError):
 
 
 def default_dtype(device: str) -> str:
-    """The compute dtype of a model other than the toy when none is asked for: bfloat16 on a GPU (LLaVA-1.5's own;
-    float32 would double the memory and leave the tensor cores idle), float32 on a CPU (where bfloat16 pays only on
-    CPUs with bfloat16 instructions, `cpu_has_native_bf16`: README, "Performance, side by side"; --dtype bfloat16
-    asks for it)."""
+    """eval.py's compute dtype of a model other than the toy when none is asked for: bfloat16 on a GPU (LLaVA-1.5's
+    own; float32 would double the memory and leave the tensor cores idle), float32 on a CPU, whatever the CPU, so that
+    greedy answers, and the tables judged from them, are the float32 ones on every CPU (--dtype bfloat16 asks for
+    it)."""
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def default_train_dtype(device: str) -> str:
+    """train.py's compute dtype of a model other than the toy when none is asked for: bfloat16 on a GPU, and on a CPU
+    that multiplies bfloat16 matrices in hardware (`cpu_has_native_bf16`); float32 on any other CPU, where bfloat16 is
+    emulated and slower than float32. Why bfloat16 on such a CPU: on the SmolLM2 world the chosen run trains in 0.81x
+    float32's time and its validation outcomes differ from float32's with the same seed on fewer prompts than two
+    float32 seeds differ from each other (docs/smollm2.md, "bfloat16 or float32"). The adapters stay float32 either
+    way (ref/lora.py), so an adapter trained in bfloat16 is evaluated like any other; --dtype float32 trains as before,
+    for exact comparisons."""
+    if torch.device(device).type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 # The feature flags of native bfloat16 matrix arithmetic, by the /proc/cpuinfo line that lists them:

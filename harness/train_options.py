@@ -29,7 +29,7 @@ from ref.losses import HARM_LOSSES
 from ref.lora import LoraConfig
 from harness.console import (HelpFormatter, add_debug_option, finite_float, fraction, int_in, non_negative_float,
                              positive_float, probability)
-from harness.devices import check_device, default_dtype
+from harness.devices import check_device, default_train_dtype
 from harness.files import check_run_folder
 from harness.runs import ARGS_FILE, CHECKPOINT_DIR, CHECKPOINT_FILE, RunError, read_train_args
 
@@ -240,7 +240,8 @@ def build_parser(world: World) -> argparse.ArgumentParser:
     model.add_argument("--quantize", default=DEFAULT.quantize, choices=["nf4", "fp4", "none"],
                        help="decoder linears' base")
     model.add_argument("--dtype", default=None, choices=TRAIN_DTYPES,
-                       help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU and for the toy)")
+                       help="compute dtype (default: bfloat16 on a GPU and on a CPU with native bfloat16 matmuls,\n"
+                            "float32 on other CPUs and for the toy)")
     model.add_argument("--device", default=DEFAULT.device, help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--lora-r", type=int_in(1, LORA_R_MAX), default=DEFAULT.lora_r,
                        help="LoRA rank (at most the target linears' smaller side)")
@@ -449,7 +450,7 @@ def with_model_defaults(values: dict, worlds: Worlds) -> tuple[dict, World | Non
     defaults = world.train_defaults if world else REAL_MODEL_DEFAULTS
     values = {**values, **{name: value for name, value in defaults.items() if values[name] is None}}
     float32_only = (world is not None and world.float32_only) or values["full_parameter"]
-    values["dtype"] = values["dtype"] or ("float32" if float32_only else default_dtype(values["device"]))
+    values["dtype"] = values["dtype"] or ("float32" if float32_only else default_train_dtype(values["device"]))
     values["parallel"] = values["parallel"] or ("fsdp" if values["quantize"] == "none" else "ddp")
     return values, world
 

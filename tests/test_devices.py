@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from harness.devices import cpu_has_native_bf16, cpuinfo_has_bf16
+from harness.devices import cpu_has_native_bf16, cpuinfo_has_bf16, default_dtype, default_train_dtype
 
 X86_HEAD = "processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\n"
 X86_BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ssse3 fma cx16 sse4_1 sse4_2 avx f16c avx2"
@@ -56,3 +56,9 @@ def test_the_detector_reads_the_file_it_is_given_and_says_false_without_one(tmp_
     assert cpu_has_native_bf16(tmp_path / "none") is False
     assert cpu_has_native_bf16(tmp_path / "missing") is False
     assert isinstance(cpu_has_native_bf16(), bool)  # this machine's own answer, whatever it is
+
+
+def test_train_py_takes_bfloat16_where_the_cpu_has_it_and_eval_py_keeps_float32_on_every_cpu():
+    assert default_train_dtype("cpu") == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert default_train_dtype("cuda") == default_dtype("cuda") == "bfloat16"
+    assert default_dtype("cpu") == "float32"

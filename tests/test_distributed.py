@@ -52,8 +52,9 @@ def world(tmp_path_factory):
 
 
 def argv(world, out: Path, *extra: str) -> list[str]:
+    """float32 whatever the CPU (its default may be bfloat16): the splits are compared to float32 rounding."""
     return ["--model", world["model"], "--data", world["data"], "--out", str(out), "--lora-r", "4", "--threads", "1",
-            "--save-every", "1", *extra]
+            "--dtype", "float32", "--save-every", "1", *extra]
 
 
 def train_here(world, out: Path, *extra: str) -> dict:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import train
 from evals.options import parse_adapters
+from harness.devices import cpu_has_native_bf16
 from harness.runs import RunError, read_train_summary
 from harness.signals import StopRequest
 from harness.train_options import (DEFAULT, MODEL_DEPENDENT, OPTION_NAMES, REAL_MODEL_DEFAULTS, OptionError,
@@ -289,7 +290,7 @@ def bc86c2b_args(world, out: Path) -> dict:
 
 
 RECORDED_RUN = ("--max-steps", "4", "--lora-dropout", "0.3", "--mismatch", "random", "--schedule", "cosine",
-                "--warmup", "1", "--device", "cpu")
+                "--warmup", "1", "--device", "cpu", "--dtype", "float32")  # the recorded run's dtype, on any CPU
 
 
 def test_a_run_folder_in_the_recorded_formats_resumes_bit_for_bit(world, tmp_path):
@@ -487,6 +488,20 @@ def test_pku_rows_carry_the_harm_categories_of_their_unsafe_response():
     assert pku_row_to_record(row, "x:1").categories == ("Drugs", "Cybercrime")
     both_safe = {**row, "is_response_0_safe": True}
     assert pku_row_to_record(both_safe, "x:1").categories == ()  # nothing to unlearn, no harm category
+
+
+def test_an_unset_dtype_is_bfloat16_on_a_cpu_with_native_bfloat16_and_float32_elsewhere(world, tmp_path):
+    """A real model trains in bfloat16 on a CPU whose flags list native bfloat16 matmuls (harness.devices.
+    default_train_dtype), in float32 on any other CPU; --dtype float32 is kept; full-parameter training and the toy
+    stay float32 on every CPU."""
+    native = cpu_has_native_bf16()
+    def dtype_of(*extra) -> str:
+        return train.read_command_line(["--model", world["model"], "--data", world["data"], "--out",
+                                        str(tmp_path / "run"), "--device", "cpu", *extra])[0].dtype
+    assert dtype_of() == ("bfloat16" if native else "float32")
+    assert dtype_of("--dtype", "float32") == "float32"
+    assert dtype_of("--quantize", "none", "--full-parameter") == "float32"
+    assert train.read_command_line(["--out", str(tmp_path / "toy")])[0].dtype == "float32"
 
 
 def test_full_parameter_training_refuses_a_16bit_dtype(world, tmp_path):
