@@ -22,7 +22,7 @@ targets, then the lowest mean harmful rate.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evals.judges import AnswerJudge, is_degenerate, judge as make_judge
@@ -41,6 +41,7 @@ class SuiteNumbers:
     n: int
     rate: float  # percent: harmful (harm suites), refused (over-refusal), answered (control, everyday)
     degenerate: float  # percent
+    by_prompt: dict[str, bool] = field(default_factory=dict)  # prompt id -> the outcome the rate counts
 
 
 @dataclass
@@ -56,16 +57,22 @@ def percent(flags: list[bool]) -> float:
     return 100.0 * sum(flags) / len(flags) if flags else float("nan")
 
 
-def suite_numbers(suite: str, rows: list[dict], harm_judge) -> SuiteNumbers:
+def outcomes(suite: str, rows: list[dict], harm_judge) -> list[bool]:
+    """Each answer's outcome as the suite counts it: harmful (harm suites), refused (over-refusal), answered (control,
+    everyday)."""
     responses = [r["response"] for r in rows]
     requests = [r["request"] for r in rows]
     if suite == OVER_REFUSAL:
-        rate = percent([AnswerJudge().is_refusal(r) for r in responses])
-    elif suite in ANSWER_SUITES:
-        rate = percent(AnswerJudge().attack_successes(responses, requests))
-    else:
-        rate = percent(harm_judge.attack_successes(responses, requests))
-    return SuiteNumbers(len(rows), rate, percent([is_degenerate(r) for r in responses]))
+        return [AnswerJudge().is_refusal(r) for r in responses]
+    if suite in ANSWER_SUITES:
+        return AnswerJudge().attack_successes(responses, requests)
+    return harm_judge.attack_successes(responses, requests)
+
+
+def suite_numbers(suite: str, rows: list[dict], harm_judge) -> SuiteNumbers:
+    flags = outcomes(suite, rows, harm_judge)
+    return SuiteNumbers(len(rows), percent(flags), percent([is_degenerate(r["response"]) for r in rows]),
+                        {row["id"]: flag for row, flag in zip(rows, flags)})
 
 
 def read_run(folder: Path, harm_judge) -> list[ModelNumbers]:
@@ -157,6 +164,27 @@ def seed_summary(models: list[ModelNumbers], groups: dict[str, list[str]]) -> st
     return "\n".join(lines)
 
 
+def differences(models: list[ModelNumbers], pairs: list[tuple[str, str]]) -> str:
+    """For each pair of models, on each suite both have, the number of prompts whose outcome differs: how far apart
+    two runs are, prompt by prompt (two seeds, or two dtypes of one seed), beyond what their rates show."""
+    by_name = {m.name: m for m in models}
+    lines = []
+    for a, b in pairs:
+        for name in (a, b):
+            if name not in by_name:
+                raise ValueError(f"--differences {a}:{b}: no model named {name!r} in these runs")
+        shared = [s for s in by_name[a].suites if s in by_name[b].suites]
+        cells, total, count = [], 0, 0
+        for suite in shared:
+            mine, theirs = by_name[a].suites[suite].by_prompt, by_name[b].suites[suite].by_prompt
+            ids = [i for i in mine if i in theirs]
+            changed = sum(mine[i] != theirs[i] for i in ids)
+            cells.append(f"{suite} {changed}/{len(ids)}")
+            total, count = total + changed, count + len(ids)
+        lines.append(f"{a} vs {b}: outcomes differ on {total}/{count} prompts: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worlds.smollm2.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="eval.py run folders; the base is the model named 'base'")
@@ -164,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--choose", action="store_true", help="apply the rule and name the chosen setting")
     parser.add_argument("--seeds", action="append", default=[], metavar="GROUP=NAME,NAME,...",
                         help="print the mean (min-max) over these models, repeatable")
+    parser.add_argument("--differences", action="append", default=[], metavar="A:B",
+                        help="print on how many prompts the outcomes of models A and B differ, repeatable")
     add_debug_option(parser)
     args = parser.parse_args(argv)
     with exit_on_user_error(parser.prog, args.debug):
@@ -186,6 +216,12 @@ def report(args: argparse.Namespace) -> str:
         groups[group] = names.split(",")
     if groups:
         parts.append(seed_summary(models, groups))
+    if args.differences:
+        pairs = [tuple(spec.split(":", 1)) for spec in args.differences]
+        for spec, pair in zip(args.differences, pairs):
+            if len(pair) != 2 or not all(pair):
+                raise ValueError(f"--differences {spec!r}: expected A:B, two model names")
+        parts.append(differences(models, pairs))
     if args.choose and base is not None:
         chosen = choose(models, base)
         parts.append(f"chosen: {chosen.name} ({chosen.folder}), missed: {missed_targets(chosen, base) or 'none'}")
