@@ -32,7 +32,7 @@ import train  # noqa: E402
 from benchmarks.bench_generate import write_checkpoint  # noqa: E402
 from benchmarks.bench_step_vs_peft import make_batches  # noqa: E402
 from benchmarks.host_syncs import HostSyncCounter  # noqa: E402
-from harness.devices import default_dtype  # noqa: E402
+from harness.devices import default_dtype, default_train_dtype  # noqa: E402
 from harness.signals import StopRequest  # noqa: E402
 from ref.kernels import resolve  # noqa: E402
 from ref.lora import LoraConfig, adapters_disabled, add_lora  # noqa: E402
@@ -182,9 +182,10 @@ def check_flash_attention(world: World):
 
 
 def check_default_dtype(world: World):
-    """train.py and eval.py compute in bfloat16 on a GPU by default (a real model), float32 on a CPU."""
-    ok = default_dtype("cuda") == "bfloat16" and default_dtype("cpu") == "float32"
-    return verdict(ok), {"cuda": default_dtype("cuda"), "cpu": default_dtype("cpu")}
+    """train.py and eval.py compute in bfloat16 on a GPU by default (a real model); eval.py in float32 on a CPU."""
+    ok = default_train_dtype("cuda") == default_dtype("cuda") == "bfloat16" and default_dtype("cpu") == "float32"
+    return verdict(ok), {"cuda": default_dtype("cuda"), "cuda_train": default_train_dtype("cuda"),
+                         "cpu": default_dtype("cpu")}
 
 
 def toy_train_args(out: Path, device: torch.device, *extra: str) -> list[str]:
