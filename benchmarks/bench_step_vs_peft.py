@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
           f"prompt {args.prompt_tokens}, NF4 + LoRA r=8, {args.dtype}, {args.threads} threads; peak = the step's "
           f"resident-set growth; GFLOP/s = the step's FLOPs (ref.losses.batch_flops) / its time, and its share of "
           f"the {args.dtype} matmul (mm) peak\n")
+    print("versions (the other side's speed moves with them): " + package_versions() + "\n")
     print(f"matmul peak, one ({args.peak_size} x {args.peak_size}) torch.mm, best of {args.peak_repeats}, "
           f"{args.threads} threads: " + ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in peaks.items())
           + "\n")
@@ -286,6 +287,19 @@ def main(argv: list[str] | None = None) -> None:
             parts = [f"{s} {r['seconds'] / anchor['seconds']:.2f}x, {r['peak_mib'] / anchor['peak_mib']:.2f}x"
                      for s, r in results.items() if s != "transformers" and "error" not in r and "error" not in anchor]
             print(f"  {n} tokens: " + "; ".join(parts))
+
+
+def package_versions() -> str:
+    """The installed versions of the libraries either side runs on, read from the package metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "bitsandbytes", "transformers", "peft", "accelerate", "kernels"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} -")
+    return ", ".join(found)
 
 
 def with_rate(result: dict, flops: float, peak: float) -> dict:
