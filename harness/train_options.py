@@ -164,7 +164,7 @@ class RunStart:
     resume: bool = False         # continue from the run's checkpoint
     restart: bool = False        # --out holds a run stopped before its first checkpoint: it starts again in place
     changes: dict = field(default_factory=dict)       # {option: [in the run, now]}: what a resume changes
-    defaults_taken: tuple[str, ...] = ()              # the MODEL_DEPENDENT options left to the model's default
+    defaults_taken: tuple[str, ...] = ()              # MODEL_DEPENDENT options and dtype left to the defaults
     defaults_of: str | None = None                    # whose defaults: an embedded world's name, None a real model's
 
 
@@ -241,7 +241,7 @@ def build_parser(world: World) -> argparse.ArgumentParser:
                        help="decoder linears' base")
     model.add_argument("--dtype", default=None, choices=TRAIN_DTYPES,
                        help="compute dtype (default: bfloat16 on a GPU and on a CPU with native bfloat16 matmuls,\n"
-                            "float32 on other CPUs and for the toy)")
+                            "float32 on other CPUs, for the toy and with --full-parameter)")
     model.add_argument("--device", default=DEFAULT.device, help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--lora-r", type=int_in(1, LORA_R_MAX), default=DEFAULT.lora_r,
                        help="LoRA rank (at most the target linears' smaller side)")
@@ -353,7 +353,8 @@ def resolve_command_line(command: CommandLine, worlds: Worlds) -> tuple[TrainOpt
     else:
         check_device(values["device"])  # before the dtype's default is chosen by it
         values, world = with_model_defaults(values, worlds)
-        start = RunStart(restart=has_args, defaults_taken=tuple(n for n in MODEL_DEPENDENT if n not in command.given),
+        taken = tuple(n for n in (*MODEL_DEPENDENT, "dtype") if n not in command.given)  # dtype: by machine
+        start = RunStart(restart=has_args, defaults_taken=taken,
                          defaults_of=world.name if world else None)
     options = TrainOptions(**values)
     check_options(options, worlds)

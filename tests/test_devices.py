@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from harness import devices
 from harness.devices import cpu_has_native_bf16, cpuinfo_has_bf16, default_dtype, default_train_dtype
 
 X86_HEAD = "processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\n"
@@ -58,7 +59,9 @@ def test_the_detector_reads_the_file_it_is_given_and_says_false_without_one(tmp_
     assert isinstance(cpu_has_native_bf16(), bool)  # this machine's own answer, whatever it is
 
 
-def test_train_py_takes_bfloat16_where_the_cpu_has_it_and_eval_py_keeps_float32_on_every_cpu():
-    assert default_train_dtype("cpu") == ("bfloat16" if cpu_has_native_bf16() else "float32")
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
+def test_train_py_takes_bfloat16_where_the_cpu_has_it_and_eval_py_keeps_float32_on_every_cpu(monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)  # both kinds of CPU, whatever this one is
+    assert default_train_dtype("cpu") == ("bfloat16" if native else "float32")
     assert default_train_dtype("cuda") == default_dtype("cuda") == "bfloat16"
     assert default_dtype("cpu") == "float32"

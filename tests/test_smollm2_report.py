@@ -50,3 +50,11 @@ def test_a_bad_pair_is_one_line(tmp_path, capsys, spec, error):
         report.main([str(run), "--differences", spec])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().endswith(error)
+
+
+def test_a_name_in_two_runs_is_refused_rather_than_one_taken_silently(tmp_path, capsys):
+    first, second = write_run(tmp_path / "first"), write_run(tmp_path / "second")
+    with pytest.raises(SystemExit):
+        report.main([str(first), str(second), "--differences", "A:B"])
+    assert capsys.readouterr().err.strip().endswith(f"--differences A:B: 'A' is a model of several runs ({first}, "
+                                                    f"{second})")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import train
 from evals.options import parse_adapters
-from harness.devices import cpu_has_native_bf16
+from harness import devices
 from harness.runs import RunError, read_train_summary
 from harness.signals import StopRequest
 from harness.train_options import (DEFAULT, MODEL_DEPENDENT, OPTION_NAMES, REAL_MODEL_DEFAULTS, OptionError,
@@ -408,7 +408,8 @@ def test_a_model_that_is_not_the_toy_gets_the_real_model_defaults(world, tmp_pat
     args = json.loads((tmp_path / "real" / "args.json").read_text())
     assert {k: args[k] for k in REAL_MODEL_DEFAULTS} == {**REAL_MODEL_DEFAULTS, "max_steps": 1}
     assert REAL_MODEL_DEFAULTS["eps"] == [0.5, 1.0, 1.0] and REAL_MODEL_DEFAULTS["stop_harm_nll"] == 100
-    assert "defaults, a real model's" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "defaults, a real model's" in err and f"--dtype {args['dtype']}" in err  # the machine's choice, shown
 
 
 def test_help_states_every_default():
@@ -490,11 +491,14 @@ def test_pku_rows_carry_the_harm_categories_of_their_unsafe_response():
     assert pku_row_to_record(both_safe, "x:1").categories == ()  # nothing to unlearn, no harm category
 
 
-def test_an_unset_dtype_is_bfloat16_on_a_cpu_with_native_bfloat16_and_float32_elsewhere(world, tmp_path):
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
+def test_an_unset_dtype_is_bfloat16_on_a_cpu_with_native_bfloat16_and_float32_elsewhere(world, tmp_path, monkeypatch,
+                                                                                        native):
     """A real model trains in bfloat16 on a CPU whose flags list native bfloat16 matmuls (harness.devices.
     default_train_dtype), in float32 on any other CPU; --dtype float32 is kept; full-parameter training and the toy
-    stay float32 on every CPU."""
-    native = cpu_has_native_bf16()
+    stay float32 on every CPU. Both kinds of CPU, whatever this one is: the detector's answer is set here."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+
     def dtype_of(*extra) -> str:
         return train.read_command_line(["--model", world["model"], "--data", world["data"], "--out",
                                         str(tmp_path / "run"), "--device", "cpu", *extra])[0].dtype

@@ -173,6 +173,9 @@ def differences(models: list[ModelNumbers], pairs: list[tuple[str, str]]) -> str
         for name in (a, b):
             if name not in by_name:
                 raise ValueError(f"--differences {a}:{b}: no model named {name!r} in these runs")
+            folders = [m.folder for m in models if m.name == name]
+            if len(folders) > 1:
+                raise ValueError(f"--differences {a}:{b}: {name!r} is a model of several runs ({', '.join(folders)})")
         shared = [s for s in by_name[a].suites if s in by_name[b].suites]
         cells, total, count = [], 0, 0
         for suite in shared:
