@@ -26,7 +26,7 @@ def default_train_dtype(device: str) -> str:
     """train.py's compute dtype of a model other than the toy when none is asked for: bfloat16 on a GPU, and on a CPU
     that multiplies bfloat16 matrices in hardware (`cpu_has_native_bf16`); float32 on any other CPU, where bfloat16 is
     emulated and slower than float32. Why bfloat16 on such a CPU: on the SmolLM2 world the chosen run trained in 0.83x
-    float32's time and its validation outcomes differ from float32's with the same seed on fewer prompts than two
+    float32's time and its validation outcomes differ from float32's with the same seed on no more prompts than two
     float32 seeds differ from each other (docs/smollm2.md, "bfloat16 or float32"). The adapters stay float32 either
     way (ref/lora.py), so an adapter trained in bfloat16 is evaluated like any other; --dtype float32 trains as before,
     for exact comparisons."""
