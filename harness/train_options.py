@@ -353,7 +353,8 @@ def resolve_command_line(command: CommandLine, worlds: Worlds) -> tuple[TrainOpt
     else:
         check_device(values["device"])  # before the dtype's default is chosen by it
         values, world = with_model_defaults(values, worlds)
-        taken = tuple(n for n in (*MODEL_DEPENDENT, "dtype") if n not in command.given)  # dtype: by machine
+        # the dtype is shown with them: a real model's may follow the CPU (harness.devices.default_train_dtype)
+        taken = tuple(n for n in (*MODEL_DEPENDENT, "dtype") if n not in command.given)
         start = RunStart(restart=has_args, defaults_taken=taken,
                          defaults_of=world.name if world else None)
     options = TrainOptions(**values)
